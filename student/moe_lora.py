@@ -1,0 +1,194 @@
+"""The MoE-LoRA layer: a frozen dense MLP plus a top-k routed mixture of LoRA experts.
+
+Expert e computes the base MLP with its own LoRA on every MLP projection. For a gated (Llama-like) MLP:
+
+    a_e = act(x W_g + s B_g A_g x) * (x W_u + s B_u A_u x)        E_e(x) = W_d a_e + s B_d A_d a_e
+
+and the layer returns sum_e w_e E_e(x) over the top-k experts (renormalised softmax weights, sum_e w_e = 1).
+Running k full experts per token would multiply the dense cost by k; instead we use, exactly by linearity,
+
+    sum_e w_e E_e(x) = W_d (a + sum_e w_e (a_e - a)) + sum_e w_e s B_d A_d a_e,     a = base activation
+
+so the frozen projections W_g, W_u, W_d run once per token and the per-expert work is only the rank-r LoRA
+products and the elementwise activation of routed tokens. Writing the mix as a correction to the base
+activation also makes the layer bit-identical to the base MLP while the B matrices are zero (the corrections are
+exact zeros), which is what "the student equals its base at init" needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model (or one of its modules) has a shape this package does not know how to convert."""
+
+
+@dataclass
+class RouterStats:
+    """Router outcome of the most recent forward of one layer (overwritten, never appended: a gradient
+    checkpointing recompute replaces it instead of counting a layer twice)."""
+
+    balance: torch.Tensor  # Switch/Mixtral load-balancing loss, 1.0 when perfectly balanced
+    z: torch.Tensor  # router z-loss: mean squared log-partition of the router logits
+    counts: torch.Tensor  # [E] routed (token, slot) assignments per expert, detached
+
+
+def _mlp_family(mlp: nn.Module) -> tuple[str, list[str], str, str]:
+    """(kind, input projection names, output projection name, activation attribute) of a dense MLP."""
+    if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return "gated", ["gate_proj", "up_proj"], "down_proj", "act_fn"
+    if all(hasattr(mlp, n) for n in ("c_fc", "c_proj", "act")):
+        return "gpt2", ["c_fc"], "c_proj", "act"
+    raise UnsupportedModelError(
+        f"cannot convert MLP of type {type(mlp).__name__}: supported are gated MLPs with gate_proj/up_proj/"
+        "down_proj/act_fn (Llama, Mistral, Qwen2, SmolLM2) and GPT-2 MLPs with c_fc/c_proj/act"
+    )
+
+
+def _in_out_features(proj: nn.Module) -> tuple[int, int]:
+    if isinstance(proj, nn.Linear):
+        return proj.in_features, proj.out_features
+    if type(proj).__name__ == "Conv1D":  # GPT-2's transposed linear: weight is [in, out]
+        return proj.weight.shape[0], proj.weight.shape[1]
+    raise UnsupportedModelError(f"MLP projection of type {type(proj).__name__} is not a Linear or GPT-2 Conv1D")
+
+
+def _segment_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int], offsets: torch.Tensor | None) -> torch.Tensor:
+    """Rows of x are grouped by expert (counts[e] rows for expert e); returns x_seg @ w[e].T for every group.
+
+    With `offsets` it is one grouped GEMM (torch._grouped_mm, the CUDA fast path); otherwise a loop of plain
+    matmuls, which is what a CPU wants and the reference the grouped path must match."""
+    if offsets is not None:
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
+    outs = [seg @ w[e].T for e, seg in enumerate(x.split(counts)) if counts[e] > 0]
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+class MoELoRAMLP(nn.Module):
+    """A dense MLP turned into a top-k mixture of LoRA experts that share its frozen weights.
+
+    Trainable: `router` (fp32 [E, H]) and the stacked expert LoRA factors
+    in_A [E, P*r, H], in_B [E, P, I, r] (P = 2 input projections gate/up, or 1 for GPT-2's c_fc),
+    out_A [E, r, I], out_B [E, H, r]. B starts at zero, so the layer starts equal to the base MLP.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        num_experts: int = 8,
+        top_k: int = 2,
+        rank: int = 16,
+        alpha: float = 32.0,
+        dropout: float = 0.0,
+        router_init_std: float = 0.02,
+        grouped_mm: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if grouped_mm not in ("auto", "always", "never"):
+            raise ValueError(f"grouped_mm must be 'auto', 'always' or 'never', got {grouped_mm!r}")
+        self.kind, self.in_names, self.out_name, self.act_name = _mlp_family(base)
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        hidden, inter = _in_out_features(getattr(base, self.in_names[0]))
+        self.hidden_size, self.intermediate_size = hidden, inter
+        self.num_experts, self.top_k, self.rank = num_experts, top_k, rank
+        self.alpha, self.scaling = alpha, alpha / rank
+        self.grouped_mm = grouped_mm
+        n_in = len(self.in_names)
+        self.router = nn.Linear(hidden, num_experts, bias=False, dtype=torch.float32)
+        self.in_A = nn.Parameter(torch.empty(num_experts, n_in * rank, hidden, dtype=torch.float32))
+        self.in_B = nn.Parameter(torch.zeros(num_experts, n_in, inter, rank, dtype=torch.float32))
+        self.out_A = nn.Parameter(torch.empty(num_experts, rank, inter, dtype=torch.float32))
+        self.out_B = nn.Parameter(torch.zeros(num_experts, hidden, rank, dtype=torch.float32))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters(router_init_std)
+        self.router_stats: RouterStats | None = None
+
+    @torch.no_grad()
+    def reset_parameters(self, router_init_std: float = 0.02) -> None:
+        """peft's LoRA init per expert (A Kaiming-uniform, B zero) and a small random router."""
+        nn.init.normal_(self.router.weight, std=router_init_std)
+        for e in range(self.num_experts):
+            nn.init.kaiming_uniform_(self.in_A[e], a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.out_A[e], a=math.sqrt(5))
+        self.in_B.zero_()
+        self.out_B.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind}, experts={self.num_experts}, top_k={self.top_k}, rank={self.rank}, "
+            f"alpha={self.alpha}, hidden={self.hidden_size}, intermediate={self.intermediate_size}"
+        )
+
+    def _activation(self, pre: list[torch.Tensor]) -> torch.Tensor:
+        act = getattr(self.base, self.act_name)
+        return act(pre[0]) * pre[1] if self.kind == "gated" else act(pre[0])
+
+    def route(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fp32 router: (logits [N, E], top-k renormalised weights [N, k], top-k expert ids [N, k])."""
+        logits = F.linear(x2.float(), self.router.weight.float())
+        probs = logits.softmax(dim=-1)
+        top_w, top_i = probs.topk(self.top_k, dim=-1)
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        counts = torch.bincount(top_i.reshape(-1), minlength=self.num_experts)
+        # Switch/Mixtral balance loss: E * sum_e f_e * P_e; f_e (routed fraction) carries no gradient.
+        frac = counts.to(probs.dtype) / top_i.numel()
+        balance = self.num_experts * (frac * probs.mean(dim=0)).sum()
+        z = torch.logsumexp(logits, dim=-1).square().mean()
+        self.router_stats = RouterStats(balance=balance, z=z, counts=counts.detach())
+        return logits, top_w, top_i
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        # Frozen base projections once per token, called exactly as the base MLP calls them (same shapes,
+        # same kernels), so that zero corrections leave the output bit-identical.
+        pre3 = [getattr(self.base, n)(x) for n in self.in_names]
+        a3 = self._activation(pre3)
+        x2 = x.reshape(-1, self.hidden_size)
+        pre = [p.reshape(-1, self.intermediate_size) for p in pre3]
+        a = a3.reshape(-1, self.intermediate_size)
+        _, top_w, top_i = self.route(x2)
+
+        # Group the N*k (token, expert) assignments by expert.
+        flat_e = top_i.reshape(-1)
+        order = torch.argsort(flat_e, stable=True)
+        tok = order // self.top_k
+        w = top_w.reshape(-1)[order].unsqueeze(-1)
+        count_t = torch.bincount(flat_e, minlength=self.num_experts)
+        counts = count_t.tolist()
+        offsets = None
+        if self.grouped_mm == "always" or (self.grouped_mm == "auto" and x.is_cuda):
+            offsets = torch.cumsum(count_t, 0).to(torch.int32)
+
+        r, s, n_in = self.rank, self.scaling, len(self.in_names)
+        lora_dtype = self.in_A.dtype
+        xs = self.lora_dropout(x2.index_select(0, tok).to(lora_dtype))
+        t = s * _segment_matmul(xs, self.in_A, counts, offsets)  # [M, P*r], scaled while it is small
+        a_e = self._activation(
+            [
+                pre[p].index_select(0, tok)
+                + _segment_matmul(t[:, p * r : (p + 1) * r].contiguous(), self.in_B[:, p], counts, offsets).to(x.dtype)
+                for p in range(n_in)
+            ]
+        )
+        # Mix activations as corrections to the base activation (exact zeros at init), then one frozen down-proj.
+        h = a.index_add(0, tok, (w * (a_e - a.index_select(0, tok))).to(a.dtype))
+        y = getattr(self.base, self.out_name)(h.reshape(*lead, self.intermediate_size))
+        # Per-expert LoRA on the down projection, applied to each expert's own activation.
+        u = (s * w) * _segment_matmul(self.lora_dropout(a_e.to(lora_dtype)), self.out_A, counts, offsets)
+        d = _segment_matmul(u, self.out_B, counts, offsets)
+        y = y.reshape(-1, self.hidden_size).index_add(0, tok, d.to(y.dtype)).reshape(*lead, -1)
+        if self.kind == "gpt2":
+            y = self.base.dropout(y)
+        return y

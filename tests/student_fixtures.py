@@ -1,0 +1,99 @@
+"""Tiny random causal LMs and a tiny BPE tokenizer, built offline, for the student tests.
+
+Sizes keep head_dim = 32 (vLLM's CPU attention needs >= 32) and everything well under a second to build.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+VOCAB = 320
+TEXT = (
+    "the quick brown fox jumps over the lazy dog. a student learns from a teacher; experts share the work. "
+    "sparse mixtures of low rank experts distil knowledge from large language models into small ones. "
+) * 20
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - 8,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([TEXT], trainer=trainer)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def llama_config(num_layers: int = 2, **kw) -> LlamaConfig:
+    base = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_hidden_layers=num_layers,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def gpt2_config(num_layers: int = 2, **kw) -> GPT2Config:
+    base = dict(n_embd=64, n_head=2, n_layer=num_layers, n_positions=256, vocab_size=VOCAB, bos_token_id=1,
+                eos_token_id=2)
+    base.update(kw)
+    return GPT2Config(**base)
+
+
+def save_tiny_model(out: Path, family: str = "llama", num_layers: int = 2, seed: int = 0, **kw) -> Path:
+    """A random tiny model + tokenizer saved as a normal HF directory (fp32 safetensors)."""
+    torch.manual_seed(seed)
+    if family == "llama":
+        model = LlamaForCausalLM(llama_config(num_layers, **kw))
+    elif family == "gpt2":
+        model = GPT2LMHeadModel(gpt2_config(num_layers, **kw))
+    else:
+        raise ValueError(family)
+    # Random init of tiny models is near-uniform; widen it so logit comparisons are meaningful.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(std=0.08)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tiny_tokenizer().save_pretrained(out)
+    return out
+
+
+def randomize_adapters(model: torch.nn.Module, std: float = 0.05, seed: int = 1) -> None:
+    """Stand-in for training: give every LoRA B (and the routers) non-zero values so the student differs from
+    its base."""
+    from student.moe_lora import MoELoRAMLP
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        for m in model.modules():
+            if isinstance(m, MoELoRAMLP):
+                for p in (m.in_B, m.out_B):
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+                m.router.weight.copy_(torch.randn(m.router.weight.shape, generator=g) * 0.5)
+
+
+def sample_ids(batch: int = 2, seq: int = 24, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, seq), generator=g)
