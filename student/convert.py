@@ -1,9 +1,10 @@
 """Turn a dense transformers causal LM into a MoE-LoRA student.
 
-`build_student(base_path, MoELoRAConfig(...))` loads the base (optionally keeping only some of its layers, to make a
-smaller student from a larger model of the same family), adds plain LoRA to attention through peft and replaces the
-chosen MLPs by `MoELoRAMLP`. Everything of the base is frozen; the router and LoRA factors are trainable. The spec
-needed to rebuild the same student (config, base path + fingerprint, kept layers) is attached as `model.kd_student`.
+`build_student(base_path, MoELoRAConfig(...))` loads the base (optionally keeping only some of its layers,
+to make a smaller student from a larger model of the same family), adds plain LoRA to attention through peft
+and replaces the chosen MLPs by `MoELoRAMLP`. Everything of the base is frozen; the router and LoRA factors
+are trainable. The spec needed to rebuild the same student (config, base path + fingerprint, kept layers) is
+attached as `model.kd_student`.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class MoELoRAConfig:
 
 @dataclass
 class StudentSpec:
-    """Everything needed to rebuild a student on top of its base: attached to the model as `model.kd_student`."""
+    """Everything needed to rebuild a student on top of its base; attached to the model as `kd_student`."""
 
     config: MoELoRAConfig
     moe_layers: list[int]
@@ -69,8 +70,8 @@ class StudentSpec:
 
 
 def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
-    """Layer indices from "all", "none", "top-half", "bottom-half", "every-other", a list "0,2,5", ranges "0-3",
-    or a Python slice "::2" / "1::2" / "-4:". "Top" means closer to the output."""
+    """Layer indices from "all", "none", "top-half", "bottom-half", "every-other", a list "0,2,5",
+    ranges "0-3" or a Python slice "::2" / "1::2" / "-4:". "Top" means closer to the output."""
     if spec is None:
         return list(range(num_layers))
     if isinstance(spec, (list, tuple)):
@@ -103,7 +104,9 @@ def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
     picked = [i + num_layers if i < 0 else i for i in picked]
     bad = [i for i in picked if not 0 <= i < num_layers]
     if bad:
-        raise ValueError(f"layer indices {bad} out of range for a model with {num_layers} layers (spec {spec!r})")
+        raise ValueError(
+            f"layer indices {bad} out of range for a model with {num_layers} layers (spec {spec!r})"
+        )
     return sorted(set(picked))
 
 
@@ -112,7 +115,9 @@ def parse_experts_per_layer(spec: str) -> dict[int, int]:
     out: dict[int, int] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         if ":" not in part:
-            raise ValueError(f"per-layer experts must look like 'LAYER:EXPERTS,...', got {part!r} in {spec!r}")
+            raise ValueError(
+                f"per-layer experts must look like 'LAYER:EXPERTS,...', got {part!r} in {spec!r}"
+            )
         layer, n = part.split(":", 1)
         out[int(layer)] = int(n)
     return out
@@ -127,12 +132,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if tr is not None and isinstance(getattr(tr, "h", None), nn.ModuleList):
         return tr.h
     raise UnsupportedModelError(
-        f"{type(model).__name__} has no model.layers or transformer.h; supported families: {SUPPORTED_FAMILIES}"
+        f"{type(model).__name__} has no model.layers or transformer.h; "
+        f"supported families: {SUPPORTED_FAMILIES}"
     )
 
 
 def attention_lora_targets(model: nn.Module) -> str:
-    """peft target regex for the attention projections of every layer (never the MLP's, which the MoE owns)."""
+    """peft target regex for the attention projections of every layer (not the MLP's: the MoE owns those)."""
     layer0 = decoder_layers(model)[0]
     if hasattr(layer0, "self_attn"):
         return r".*\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
@@ -172,7 +178,7 @@ def keep_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
 def load_base(
     path: str | os.PathLike, keep: str | list[int] | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, list[int] | None]:
-    """Load a dense causal LM from a local directory, keeping only the chosen layers. Returns (model, kept)."""
+    """Load a dense causal LM from a directory, keeping only the chosen layers. Returns (model, kept)."""
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     kept = None
     if keep is not None:
@@ -229,8 +235,8 @@ def build_student(
     dtype: torch.dtype = torch.float32,
     seed: int | None = 0,
 ) -> PreTrainedModel:
-    """Load the base from a directory and convert it; the base reference (path + fingerprint) is recorded so the
-    student can be saved and safely reloaded."""
+    """Load the base from a directory and convert it; the base reference (path + fingerprint) is
+    recorded so the student can be saved and safely reloaded."""
     from student.io import fingerprint_model_dir  # io depends on this module
 
     config = config or MoELoRAConfig()

@@ -1,8 +1,9 @@
 """Save and reload MoE-LoRA students.
 
-A saved student is a small directory: `student.json` (MoE-LoRA config, MoE layers, kept base layers, base path and
-fingerprint) and `adapters.safetensors` (router and expert LoRA factors, attention LoRA), never the frozen base.
-Reloading rebuilds the student on its base and refuses a base whose files differ from the one it was trained on.
+A saved student is a small directory: `student.json` (MoE-LoRA config, MoE layers, kept base layers, base
+path and fingerprint) and `adapters.safetensors` (router and expert LoRA factors, attention LoRA), never the
+frozen base. Reloading rebuilds the student on its base and refuses a base whose files differ from the one it
+was trained on.
 """
 
 from __future__ import annotations
@@ -67,16 +68,21 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def _spec(model: nn.Module) -> StudentSpec:
     spec = getattr(model, "kd_student", None)
     if spec is None:
-        raise ValueError("model is not a MoE-LoRA student (no kd_student spec): build it with build_student()")
+        raise ValueError(
+            "model is not a MoE-LoRA student (no kd_student spec): build it with build_student()"
+        )
     return spec
 
 
-def save_student(model: PreTrainedModel, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write student.json + adapters.safetensors to out_dir (created). `extra` is stored verbatim (e.g. step)."""
+def save_student(
+    model: PreTrainedModel, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write student.json + adapters.safetensors to out_dir (created); `extra` is stored verbatim."""
     spec = _spec(model)
     if not spec.base_path or not spec.base_fingerprint:
         raise ValueError(
-            "the student has no base reference (path + fingerprint), so it could not be reloaded: build it with "
+            "the student has no base reference (path + fingerprint), so it could not be reloaded: "
+            "build it with "
             "build_student(base_dir, ...) or set model.kd_student.base_path/base_fingerprint"
         )
     out = Path(out_dir)
@@ -108,13 +114,15 @@ def read_student_meta(student_dir: str | os.PathLike) -> dict[str, Any]:
     if meta.get("format") != STUDENT_FORMAT:
         raise ValueError(f"{path} is not a MoE-LoRA student config (format {meta.get('format')!r})")
     if meta.get("format_version", 0) > STUDENT_FORMAT_VERSION:
-        raise ValueError(f"{path} has format version {meta['format_version']}; this tool reads up to "
-                         f"{STUDENT_FORMAT_VERSION}: upgrade moekd")
+        raise ValueError(
+            f"{path} has format version {meta['format_version']}; this tool reads up to "
+            f"{STUDENT_FORMAT_VERSION}: upgrade moekd"
+        )
     return meta
 
 
 def resolve_student_dir(path: str | os.PathLike) -> Path:
-    """A student directory, or a training run holding one (run/student, run/final, newest run/checkpoint-N)."""
+    """A student directory, or a run holding one (run/student, run/final, newest run/checkpoint-N)."""
     root = Path(path)
     candidates = [root, root / "student", root / "final", root / "final" / "student"]
     ckpts = sorted(
@@ -128,7 +136,8 @@ def resolve_student_dir(path: str | os.PathLike) -> Path:
         if (c / CONFIG_NAME).is_file():
             return c
     raise FileNotFoundError(
-        f"no saved student under {root}: looked for {CONFIG_NAME} in it, in student/, final/ and checkpoint-N/"
+        f"no saved student under {root}: looked for {CONFIG_NAME} in it, in student/, final/ "
+        "and checkpoint-N/"
     )
 
 
@@ -138,22 +147,23 @@ def load_student(
     dtype: torch.dtype = torch.float32,
     check_fingerprint: bool = True,
 ) -> PreTrainedModel:
-    """Rebuild a saved student on its base (the recorded path unless `base_path` is given) and load its weights."""
+    """Rebuild a saved student on its base (the recorded path unless `base_path` is given)."""
     student_dir = resolve_student_dir(student_dir)
     meta = read_student_meta(student_dir)
     base = meta["base"]
     base_path = str(base_path or base["path"])
     if not Path(base_path, "config.json").is_file():
         raise FileNotFoundError(
-            f"base model of student {student_dir} not found at {base_path}: pass the directory of the base it "
-            f"was built on (fingerprint {base['fingerprint'][:16]}...) as base_path / --base"
+            f"base model of student {student_dir} not found at {base_path}: pass the directory of "
+            f"the base it was built on (fingerprint {base['fingerprint'][:16]}...) as base_path / --base"
         )
     fingerprint = fingerprint_model_dir(base_path) if check_fingerprint else base["fingerprint"]
     if fingerprint != base["fingerprint"]:
         raise BaseMismatchError(
-            f"student {student_dir} was built on base {base['path']} (fingerprint {base['fingerprint'][:16]}...), "
-            f"but {base_path} has fingerprint {fingerprint[:16]}...: its config or weights differ. Load it against "
-            "the original base model directory."
+            f"student {student_dir} was built on base {base['path']} "
+            f"(fingerprint {base['fingerprint'][:16]}...), but {base_path} has fingerprint "
+            f"{fingerprint[:16]}...: its config or weights differ. Load it against the original base "
+            "model directory (base_path / --base)."
         )
     config = MoELoRAConfig.from_dict(meta["config"])
     model, kept = load_base(base_path, keep=base["keep_layers"], dtype=dtype)
@@ -172,7 +182,9 @@ def load_student(
     with torch.no_grad():
         for name, t in tensors.items():
             if params[name].shape != t.shape:
-                raise ValueError(f"{name}: saved shape {tuple(t.shape)} != rebuilt {tuple(params[name].shape)}")
+                raise ValueError(
+                    f"{name}: saved shape {tuple(t.shape)} != rebuilt {tuple(params[name].shape)}"
+                )
             params[name].copy_(t)
     model.eval()
     return model

@@ -11,8 +11,8 @@ Running k full experts per token would multiply the dense cost by k; instead we 
 
 so the frozen projections W_g, W_u, W_d run once per token and the per-expert work is only the rank-r LoRA
 products and the elementwise activation of routed tokens. Writing the mix as a correction to the base
-activation also makes the layer bit-identical to the base MLP while the B matrices are zero (the corrections are
-exact zeros), which is what "the student equals its base at init" needs.
+activation also makes the layer bit-identical to the base MLP while the B matrices are zero (the
+corrections are exact zeros), which is what "the student equals its base at init" needs.
 """
 
 from __future__ import annotations
@@ -56,10 +56,14 @@ def _in_out_features(proj: nn.Module) -> tuple[int, int]:
         return proj.in_features, proj.out_features
     if type(proj).__name__ == "Conv1D":  # GPT-2's transposed linear: weight is [in, out]
         return proj.weight.shape[0], proj.weight.shape[1]
-    raise UnsupportedModelError(f"MLP projection of type {type(proj).__name__} is not a Linear or GPT-2 Conv1D")
+    raise UnsupportedModelError(
+        f"MLP projection of type {type(proj).__name__} is not a Linear or GPT-2 Conv1D"
+    )
 
 
-def _segment_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int], offsets: torch.Tensor | None) -> torch.Tensor:
+def _segment_matmul(
+    x: torch.Tensor, w: torch.Tensor, counts: list[int], offsets: torch.Tensor | None
+) -> torch.Tensor:
     """Rows of x are grouped by expert (counts[e] rows for expert e); returns x_seg @ w[e].T for every group.
 
     With `offsets` it is one grouped GEMM (torch._grouped_mm, the CUDA fast path); otherwise a loop of plain
@@ -178,11 +182,13 @@ class MoELoRAMLP(nn.Module):
         a_e = self._activation(
             [
                 pre[p].index_select(0, tok)
-                + _segment_matmul(t[:, p * r : (p + 1) * r].contiguous(), self.in_B[:, p], counts, offsets).to(x.dtype)
+                + _segment_matmul(
+                    t[:, p * r : (p + 1) * r].contiguous(), self.in_B[:, p], counts, offsets
+                ).to(x.dtype)
                 for p in range(n_in)
             ]
         )
-        # Mix activations as corrections to the base activation (exact zeros at init), then one frozen down-proj.
+        # Mix activations as corrections to the base one (exact zeros at init); one frozen down-proj.
         h = a.index_add(0, tok, (w * (a_e - a.index_select(0, tok))).to(a.dtype))
         y = getattr(self.base, self.out_name)(h.reshape(*lead, self.intermediate_size))
         # Per-expert LoRA on the down projection, applied to each expert's own activation.

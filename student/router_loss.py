@@ -1,8 +1,8 @@
 """Router auxiliary losses and expert-usage statistics, gathered from the MoE-LoRA layers after a forward.
 
-Each layer keeps only the stats of its latest forward (overwritten, not appended), so a gradient-checkpointing
-recompute during backward cannot count a layer twice. Call `router_losses(model)` after the forward and before the
-backward of the same step.
+Each layer keeps only the stats of its latest forward (overwritten, not appended), so a
+gradient-checkpointing recompute during backward cannot count a layer twice. Call `router_losses(model)` after
+the forward and before the backward of the same step.
 """
 
 from __future__ import annotations
@@ -17,12 +17,16 @@ from student.moe_lora import MoELoRAMLP
 
 @dataclass
 class RouterLosses:
-    balance: torch.Tensor  # mean over MoE layers of the Switch/Mixtral balance loss (1.0 = perfectly balanced)
+    balance: (
+        torch.Tensor
+    )  # mean over MoE layers of the Switch/Mixtral balance loss (1.0 = perfectly balanced)
     z: torch.Tensor  # mean over MoE layers of the router z-loss
     loss: torch.Tensor  # balance_coef * balance + z_coef * z: add this to the training loss
 
 
-def router_losses(model: nn.Module, balance_coef: float | None = None, z_coef: float | None = None) -> RouterLosses:
+def router_losses(
+    model: nn.Module, balance_coef: float | None = None, z_coef: float | None = None
+) -> RouterLosses:
     """Aux losses of the latest forward. Coefficients default to the student's MoELoRAConfig."""
     layers = [m for m in model.modules() if isinstance(m, MoELoRAMLP)]
     spec = getattr(model, "kd_student", None)
@@ -39,7 +43,8 @@ def router_losses(model: nn.Module, balance_coef: float | None = None, z_coef: f
     if torch.is_grad_enabled() and any(m.router.weight.requires_grad for m in layers):
         if not any(s.balance.requires_grad for s in stats):
             raise RuntimeError(
-                "router stats carry no gradient although the router is trainable: the forward ran under no_grad, "
+                "router stats carry no gradient although the router is trainable: the forward ran "
+                "under no_grad, "
                 "e.g. reentrant gradient checkpointing. Use model.gradient_checkpointing_enable("
                 "gradient_checkpointing_kwargs={'use_reentrant': False}) (the transformers 5 default)."
             )

@@ -51,8 +51,15 @@ def llama_config(num_layers: int = 2, **kw) -> LlamaConfig:
 
 
 def gpt2_config(num_layers: int = 2, **kw) -> GPT2Config:
-    base = dict(n_embd=64, n_head=2, n_layer=num_layers, n_positions=256, vocab_size=VOCAB, bos_token_id=1,
-                eos_token_id=2)
+    base = dict(
+        n_embd=64,
+        n_head=2,
+        n_layer=num_layers,
+        n_positions=256,
+        vocab_size=VOCAB,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     base.update(kw)
     return GPT2Config(**base)
 

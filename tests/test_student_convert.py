@@ -1,0 +1,175 @@
+"""Conversion of dense causal LMs into MoE-LoRA students: exact at init, correct math, right trainables."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from student_fixtures import randomize_adapters, sample_ids, save_tiny_model
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from student.convert import (
+    MoELoRAConfig,
+    build_student,
+    convert_to_moe_lora,
+    decoder_layers,
+    moe_modules,
+    parse_experts_per_layer,
+    parse_layers,
+)
+from student.moe_lora import MoELoRAMLP, UnsupportedModelError
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("llama"), "llama", num_layers=4)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("gpt2"), "gpt2", num_layers=2)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("moe_layers", ["all", "top-half"])
+def test_student_equals_base_bitwise_at_init(family, moe_layers, llama_dir, gpt2_dir):
+    path = llama_dir if family == "llama" else gpt2_dir
+    base = AutoModelForCausalLM.from_pretrained(path).eval()
+    last = len(decoder_layers(base)) - 1
+    cfg = MoELoRAConfig(num_experts=4, top_k=2, rank=8, moe_layers=moe_layers, experts_per_layer={last: 3})
+    student = build_student(path, cfg).eval()
+    ids = sample_ids()
+    assert torch.equal(_logits(base, ids), _logits(student, ids))
+    n_layers = len(decoder_layers(base))
+    assert [m.layer_index for m in moe_modules(student)] == parse_layers(moe_layers, n_layers)
+    if family == "llama":  # no dropout in Llama: training mode is the same computation
+        assert torch.equal(base.train()(ids).logits, student.train()(ids).logits)
+
+
+def test_only_router_and_lora_are_trainable(llama_dir):
+    student = build_student(llama_dir, MoELoRAConfig(num_experts=4, rank=4, attn_rank=4))
+    trainable = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert trainable, "student has no trainable parameters"
+    for n in trainable:
+        assert any(key in n for key in ("router", "in_A", "in_B", "out_A", "out_B", "lora_A", "lora_B")), n
+    assert not any(".mlp.base." in n for n in trainable)
+    assert any(".self_attn.q_proj.lora_A" in n for n in trainable)
+    layer = moe_modules(student)[0]
+    assert layer.router.weight.dtype == torch.float32
+
+
+def test_attention_lora_can_be_disabled(llama_dir):
+    student = build_student(llama_dir, MoELoRAConfig(num_experts=2, rank=4, attn_rank=0))
+    assert not any("lora_A" in n for n, _ in student.named_parameters())
+
+
+def _reference_moe(layer: MoELoRAMLP, x: torch.Tensor) -> torch.Tensor:
+    """Textbook MoE: run each token through each of its k experts as a full MLP with merged W + s*B@A."""
+    mlp, s, r = layer.base, layer.scaling, layer.rank
+    x2 = x.reshape(-1, x.shape[-1])
+    probs = (x2.float() @ layer.router.weight.T).softmax(-1)
+    w, idx = probs.topk(layer.top_k, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    out = torch.zeros_like(x2)
+    for t in range(x2.shape[0]):
+        for j in range(layer.top_k):
+            e = idx[t, j]
+            wg = mlp.gate_proj.weight + s * layer.in_B[e, 0] @ layer.in_A[e, :r]
+            wu = mlp.up_proj.weight + s * layer.in_B[e, 1] @ layer.in_A[e, r:]
+            wd = mlp.down_proj.weight + s * layer.out_B[e] @ layer.out_A[e]
+            a = mlp.act_fn(x2[t] @ wg.T) * (x2[t] @ wu.T)
+            out[t] += w[t, j] * (a @ wd.T)
+    return out.reshape(x.shape)
+
+
+def test_moe_layer_matches_textbook_mixture():
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=48))
+    layer = MoELoRAMLP(mlp, num_experts=5, top_k=2, rank=4, alpha=8)
+    randomize_adapters(layer)
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _reference_moe(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_matmul_path_matches_loop():
+    """The grouped-GEMM path (used on CUDA) must compute what the per-expert loop computes, grads included."""
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=64))
+    loop = MoELoRAMLP(mlp, num_experts=6, top_k=2, rank=4, grouped_mm="never")
+    randomize_adapters(loop)
+    grouped = MoELoRAMLP(mlp, num_experts=6, top_k=2, rank=4, grouped_mm="always")
+    grouped.load_state_dict(loop.state_dict())
+    x = torch.randn(3, 11, 32)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = loop(xa), grouped(xb)
+    torch.testing.assert_close(ya, yb)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+    for name in ("in_A", "in_B", "out_A", "out_B"):
+        torch.testing.assert_close(getattr(loop, name).grad, getattr(grouped, name).grad)
+    torch.testing.assert_close(loop.router.weight.grad, grouped.router.weight.grad)
+
+
+def test_gradients_reach_every_expert_parameter():
+    torch.manual_seed(0)
+    layer = MoELoRAMLP(LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=64)), num_experts=4, rank=4)
+    randomize_adapters(layer)
+    layer(torch.randn(4, 16, 32)).square().mean().backward()
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in layer.base.parameters())
+
+
+def test_keep_layers_builds_smaller_student_that_generates(llama_dir):
+    student = build_student(llama_dir, MoELoRAConfig(num_experts=2, rank=4), keep="::2").eval()
+    assert student.config.num_hidden_layers == 2
+    assert student.kd_student.keep_layers == [0, 2]
+    # The kept blocks are the teacher's blocks 0 and 2, and the KV cache is indexed consistently.
+    teacher = AutoModelForCausalLM.from_pretrained(llama_dir)
+    kept_q = decoder_layers(student)[1].self_attn.q_proj.base_layer.weight
+    assert torch.equal(kept_q, decoder_layers(teacher)[2].self_attn.q_proj.weight)
+    ids = sample_ids(batch=1, seq=8)
+    out = student.generate(ids, max_new_tokens=5, do_sample=False)
+    full = _logits(student, out[:, :-1])
+    assert torch.equal(full[0, ids.shape[1] - 1 :].argmax(-1), out[0, ids.shape[1] :])
+
+
+def test_parse_layer_specs():
+    assert parse_layers("all", 4) == [0, 1, 2, 3]
+    assert parse_layers("top-half", 6) == [3, 4, 5]
+    assert parse_layers("bottom-half", 6) == [0, 1, 2]
+    assert parse_layers("::2", 5) == [0, 2, 4]
+    assert parse_layers("1::2", 5) == [1, 3]
+    assert parse_layers("0,2-3,-1", 6) == [0, 2, 3, 5]
+    assert parse_layers("none", 3) == []
+    assert parse_experts_per_layer("0:4, 3:16") == {0: 4, 3: 16}
+    with pytest.raises(ValueError, match="out of range"):
+        parse_layers("7", 4)
+
+
+def test_unsupported_models_get_clear_errors(llama_dir):
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+    with pytest.raises(UnsupportedModelError, match="gate_proj"):
+        MoELoRAMLP(Odd())
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    with pytest.raises(ValueError, match="not MoE layers"):
+        convert_to_moe_lora(model, MoELoRAConfig(moe_layers="0", experts_per_layer={1: 4}))
+    with pytest.raises(ValueError, match="top_k"):
+        MoELoRAMLP(
+            LlamaMLP(LlamaConfig(hidden_size=8, intermediate_size=8, num_attention_heads=1)),
+            num_experts=2,
+            top_k=3,
+        )
