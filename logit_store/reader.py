@@ -281,7 +281,8 @@ class KDStream(IterableDataset):
         self.rank, self.world_size, self.drop_last, self.pad_id = rank, world_size, drop_last, pad_id
         self.num_workers = 0  # set by StoreLoader; part of the resumable state
         self.epoch = 0
-        self.rows_done: dict[int, int] = {}
+        self.rows_done: dict[int, int] = {}  # per slot (worker): rows already yielded this epoch
+        self.batches_done = 0  # this epoch, all slots together
         self._units = self.store.units()
 
     # ------------------------------------------------------------ plan (metadata only, no I/O)
@@ -319,7 +320,9 @@ class KDStream(IterableDataset):
     # ------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # DataLoader always starts polling at worker 0; after a resume the slot due next must be polled
+        # first, so DataLoader worker i plays slot (i + batches_done) % workers.
+        worker, workers = ((info.id + self.batches_done) % info.num_workers, info.num_workers) if info else (0, 1)
         unit_of, row_in = self._slot_rows(worker, workers)
         start = self.rows_done.get(worker, 0)
         last_use = {int(u): i for i, u in enumerate(unit_of)}  # evict a decoded unit after its last row
@@ -340,6 +343,7 @@ class KDStream(IterableDataset):
             batch = collate(rows, self.pad_id)
             if info is None:
                 self.rows_done[worker] = hi
+                self.batches_done += 1
             else:
                 batch["_position"] = torch.tensor([worker, hi])
             yield batch
@@ -349,13 +353,15 @@ class KDStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.rows_done = {}
+        self.batches_done = 0
 
     # ------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
         return dict(epoch=self.epoch, seed=self.seed, rank=self.rank, world_size=self.world_size,
                     num_workers=self.num_workers, batch_size=self.batch_size, shuffle=self.shuffle,
                     shuffle_buffer=self.shuffle_buffer, store=self.store.manifest.fingerprint(),
-                    rows=self.store.manifest.rows, rows_done={str(k): v for k, v in self.rows_done.items()})
+                    rows=self.store.manifest.rows, batches_done=self.batches_done,
+                    rows_done={str(k): v for k, v in self.rows_done.items()})
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
@@ -365,6 +371,7 @@ class KDStream(IterableDataset):
                 raise ValueError(f"cannot resume the reader exactly: {key} was {state[key]!r} when the "
                                  f"checkpoint was taken and is {mine[key]!r} now")
         self.epoch = state["epoch"]
+        self.batches_done = state["batches_done"]
         self.rows_done = {int(k): v for k, v in state["rows_done"].items()}
 
 
@@ -388,6 +395,7 @@ class StoreLoader:
         for batch in DataLoader(self.stream, **self.kwargs):
             worker, done = batch.pop("_position").tolist()
             self.stream.rows_done[worker] = done
+            self.stream.batches_done += 1
             yield batch
         self.stream.set_epoch(self.stream.epoch + 1)
 

@@ -1,0 +1,159 @@
+"""`kdstore`: inspect and check logit stores (and, from the build issue on, build them)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from logit_store import LogitStore, ManifestError, StoreError
+from logit_store.codecs import TargetError
+
+
+def _describe(store: LogitStore) -> dict:
+    m = store.manifest
+    t = m.target
+    target = f"topk k={t.k}" if t.kind == "topk" else (
+        f"sampled N={t.samples}" + (f" from top-{t.sampled_from_top_k}" if t.sampled_from_top_k else " (exact)"))
+    return {
+        "store": store.root,
+        "status": m.status,
+        "format_version": m.format_version,
+        "fingerprint": m.fingerprint(),
+        "teacher": m.teacher.get("name_or_path"),
+        "teacher_fingerprint": m.teacher.get("fingerprint"),
+        "backend": m.teacher.get("backend"),
+        "tokenizer": m.tokenizer.get("name_or_path"),
+        "tokenizer_fingerprint": m.tokenizer.get("fingerprint"),
+        "vocab_size": m.vocab_size,
+        "target": target,
+        "codec": f"{m.codec.name}, {m.codec.levels} levels, {m.codec.compression} {m.codec.compression_level}",
+        "rows": m.rows,
+        "tokens": m.tokens,
+        "target_positions": m.target_positions,
+        "bytes": m.bytes,
+        "bytes_per_token": round(m.bytes / m.tokens, 2) if m.tokens else None,
+        "shards": len(m.shards),
+        "created": m.created,
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    store = LogitStore.open(args.store)
+    d = _describe(store)
+    if args.json:
+        print(json.dumps({"summary": d, "manifest": store.manifest.to_dict()}, indent=1))
+        return 0
+    for key, value in d.items():
+        if isinstance(value, int) and not isinstance(value, bool) and key != "format_version":
+            value = f"{value:,}"
+        print(f"{key:22s} {value}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = LogitStore.open(args.store)
+    faults = store.verify(decode=not args.quick)
+    if store.manifest.status != "complete":
+        print(f"note: {args.store} is still being written (status {store.manifest.status}); "
+              "checked its complete shards", file=sys.stderr)
+    for fault in faults:
+        print(f"FAULT {fault}", file=sys.stderr)
+    if faults:
+        print(f"{args.store}: {len(faults)} fault(s) in {len(store.manifest.shards)} shards", file=sys.stderr)
+        return 1
+    m = store.manifest
+    print(f"OK {args.store}: {len(m.shards)} shards, {m.rows:,} rows, {m.tokens:,} tokens, checksums match"
+          + ("" if args.quick else ", every row decodes"))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    store = LogitStore.open(args.store)
+    row = store.row(args.row)
+    tok = _load_tokenizer(args.tokenizer or store.manifest.tokenizer.get("name_or_path"))
+
+    def show(i: int) -> str:
+        return repr(tok.decode([int(i)])) if tok is not None else str(int(i))
+
+    print(f"row {args.row} (source example {row.source_index}): {row.input_ids.size} tokens, "
+          f"{int(row.loss_mask.sum())} carry a loss")
+    target_of = {int(p): j for j, p in enumerate(row.positions)}
+    shown = 0
+    for t, token in enumerate(row.input_ids):
+        if shown >= args.max_positions:
+            print(f"... ({row.input_ids.size - t} more tokens; --max-positions to see more)")
+            break
+        shown += 1
+        if t not in target_of:
+            print(f"{t:5d}  {show(token):20s}  (context, no loss)")
+            continue
+        j = target_of[t]
+        order = [s for s in row.target_logprobs[j].argsort()[::-1] if row.target_mask[j, s]][: args.top]
+        cands = " | ".join(f"{show(row.target_ids[j, s])} {100 * float(np.exp(row.target_logprobs[j, s])):.1f}%"
+                           for s in order)
+        hit = "*" if token in row.target_ids[j][row.target_mask[j]] else " "
+        print(f"{t:5d}  {show(token):20s}{hit} {cands} | tail {100 * float(np.exp(row.target_tail[j])):.2f}%")
+    print("(* = the actual token is among the stored candidates; percentages are teacher probabilities)")
+    return 0
+
+
+def _load_tokenizer(path: str | None):
+    if not path:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        print(f"note: cannot load tokenizer {path!r} ({e}); showing token ids (--tokenizer PATH to decode)",
+              file=sys.stderr)
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdstore", description=(
+        "Logit stores: teacher next-token distributions captured once (kdstore build) and streamed by "
+        "many student trainings. STORE is a directory: a local path or a URL (file://, s3://, memory://, "
+        "any filesystem pyarrow or fsspec reaches)."))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("info", help="what a store holds: teacher, tokenizer, targets, rows, tokens, bytes",
+                       description="Summarise a store from its manifest (reads no shard).")
+    s.add_argument("store", help="store directory or URL")
+    s.add_argument("--json", action="store_true", help="print the summary and the whole manifest as JSON")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("verify", help="check checksums and schema, decode every row; exit 1 on any fault",
+                       description="Check every shard against the manifest (size, sha256, schema, record "
+                                   "batches, counts) and decode every row. Prints each fault with the shard "
+                                   "file it is in; exits 1 if there is any.")
+    s.add_argument("store", help="store directory or URL")
+    s.add_argument("--quick", action="store_true", help="checksums and schema only, skip decoding the rows")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("inspect", help="show one row: its tokens and the teacher's top candidates",
+                       description="Print a row's tokens as text, each with the teacher's most likely "
+                                   "candidates for that position and their probabilities.")
+    s.add_argument("store", help="store directory or URL")
+    s.add_argument("--row", type=int, default=0, help="row number in store order (default 0)")
+    s.add_argument("--top", type=int, default=5, help="candidates shown per position (default 5)")
+    s.add_argument("--max-positions", type=int, default=64, help="positions shown (default 64)")
+    s.add_argument("--tokenizer", help="tokenizer to decode ids with (default: the one in the manifest)")
+    s.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ManifestError, StoreError, TargetError, IndexError, FileNotFoundError) as e:
+        print(f"kdstore {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

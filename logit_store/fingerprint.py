@@ -1,0 +1,43 @@
+"""Fingerprints that say whether two stores (or a store and a student) mean the same thing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+_SAMPLE = 1 << 20
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of the id <-> token mapping and the special tokens: what makes token ids comparable."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = sorted(str(t) for t in getattr(tokenizer, "all_special_tokens", []))
+    blob = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def model_fingerprint(folder: str) -> str:
+    """Hash of a model folder's config and weight files.
+
+    Configs are hashed whole; weight files by name, size and their first and last MiB, which tells apart
+    any two checkpoints in practice without reading gigabytes on every build.
+    """
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        if name.endswith(".json") and "tokenizer" not in name:
+            h.update(name.encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+        elif name.endswith((".safetensors", ".bin", ".gguf", ".pt")):
+            size = os.path.getsize(path)
+            h.update(f"{name}:{size}".encode())
+            with open(path, "rb") as f:
+                h.update(f.read(_SAMPLE))
+                f.seek(max(size - _SAMPLE, 0))
+                h.update(f.read(_SAMPLE))
+    return h.hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Teacher backends: turn token sequences into next-token targets (vLLM for speed, transformers for exactness)."""

@@ -1,0 +1,31 @@
+"""Shared fixtures. Slow tests (marked `slow`) run only with KD_RUN_SLOW=1 (make test-all)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")  # in-process vLLM would otherwise leave torch at 1 thread
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("KD_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with KD_RUN_SLOW=1 (make test-all)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory) -> str:
+    """A tiny trained Llama teacher + BPE tokenizer saved to disk (transformers- and vLLM-loadable)."""
+    from logit_store.synthetic import make_tiny_teacher
+
+    folder = str(tmp_path_factory.mktemp("tiny_teacher"))
+    make_tiny_teacher(folder, n_docs=120, steps=30)
+    return folder
+
