@@ -40,7 +40,7 @@ class MoELoRAConfig:
     attn_alpha: float = 32.0
     balance_coef: float = 0.01  # load-balancing loss coefficient
     z_coef: float = 0.0  # router z-loss coefficient
-    grouped_mm: str = "auto"  # "auto" (grouped GEMM on CUDA), "always", "never"
+    expert_impl: str = "auto"  # "auto", "fused" (CPU SwiGLU), "loop" (autograd reference), "grouped" (CUDA)
 
     def __post_init__(self) -> None:
         self.experts_per_layer = {int(k): int(v) for k, v in self.experts_per_layer.items()}
@@ -104,9 +104,7 @@ def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
     picked = [i + num_layers if i < 0 else i for i in picked]
     bad = [i for i in picked if not 0 <= i < num_layers]
     if bad:
-        raise ValueError(
-            f"layer indices {bad} out of range for a model with {num_layers} layers (spec {spec!r})"
-        )
+        raise ValueError(f"layer indices {bad} out of range for a model with {num_layers} layers (spec {spec!r})")
     return sorted(set(picked))
 
 
@@ -115,9 +113,7 @@ def parse_experts_per_layer(spec: str) -> dict[int, int]:
     out: dict[int, int] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         if ":" not in part:
-            raise ValueError(
-                f"per-layer experts must look like 'LAYER:EXPERTS,...', got {part!r} in {spec!r}"
-            )
+            raise ValueError(f"per-layer experts must look like 'LAYER:EXPERTS,...', got {part!r} in {spec!r}")
         layer, n = part.split(":", 1)
         out[int(layer)] = int(n)
     return out
@@ -132,8 +128,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if tr is not None and isinstance(getattr(tr, "h", None), nn.ModuleList):
         return tr.h
     raise UnsupportedModelError(
-        f"{type(model).__name__} has no model.layers or transformer.h; "
-        f"supported families: {SUPPORTED_FAMILIES}"
+        f"{type(model).__name__} has no model.layers or transformer.h; supported families: {SUPPORTED_FAMILIES}"
     )
 
 
@@ -220,7 +215,7 @@ def convert_to_moe_lora(model: PreTrainedModel, config: MoELoRAConfig) -> PreTra
             alpha=config.alpha,
             dropout=config.dropout,
             router_init_std=config.router_init_std,
-            grouped_mm=config.grouped_mm,
+            impl=config.expert_impl,
         ).to(weight.device)
         moe.layer_index = i
         layers[i].mlp = moe

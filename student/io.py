@@ -68,15 +68,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def _spec(model: nn.Module) -> StudentSpec:
     spec = getattr(model, "kd_student", None)
     if spec is None:
-        raise ValueError(
-            "model is not a MoE-LoRA student (no kd_student spec): build it with build_student()"
-        )
+        raise ValueError("model is not a MoE-LoRA student (no kd_student spec): build it with build_student()")
     return spec
 
 
-def save_student(
-    model: PreTrainedModel, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None
-) -> Path:
+def save_student(model: PreTrainedModel, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     """Write student.json + adapters.safetensors to out_dir (created); `extra` is stored verbatim."""
     spec = _spec(model)
     if not spec.base_path or not spec.base_fingerprint:
@@ -136,8 +132,7 @@ def resolve_student_dir(path: str | os.PathLike) -> Path:
         if (c / CONFIG_NAME).is_file():
             return c
     raise FileNotFoundError(
-        f"no saved student under {root}: looked for {CONFIG_NAME} in it, in student/, final/ "
-        "and checkpoint-N/"
+        f"no saved student under {root}: looked for {CONFIG_NAME} in it, in student/, final/ and checkpoint-N/"
     )
 
 
@@ -182,9 +177,7 @@ def load_student(
     with torch.no_grad():
         for name, t in tensors.items():
             if params[name].shape != t.shape:
-                raise ValueError(
-                    f"{name}: saved shape {tuple(t.shape)} != rebuilt {tuple(params[name].shape)}"
-                )
+                raise ValueError(f"{name}: saved shape {tuple(t.shape)} != rebuilt {tuple(params[name].shape)}")
             params[name].copy_(t)
     model.eval()
     return model

@@ -24,6 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from student.fused_experts import RoutedSwiGLULoRA
+
+# "auto": grouped GEMM on CUDA, the fused SwiGLU kernel on CPU where it applies, else the autograd loop.
+IMPLS = ("auto", "fused", "loop", "grouped")
+
 
 class UnsupportedModelError(ValueError):
     """The model (or one of its modules) has a shape this package does not know how to convert."""
@@ -56,14 +61,10 @@ def _in_out_features(proj: nn.Module) -> tuple[int, int]:
         return proj.in_features, proj.out_features
     if type(proj).__name__ == "Conv1D":  # GPT-2's transposed linear: weight is [in, out]
         return proj.weight.shape[0], proj.weight.shape[1]
-    raise UnsupportedModelError(
-        f"MLP projection of type {type(proj).__name__} is not a Linear or GPT-2 Conv1D"
-    )
+    raise UnsupportedModelError(f"MLP projection of type {type(proj).__name__} is not a Linear or GPT-2 Conv1D")
 
 
-def _segment_matmul(
-    x: torch.Tensor, w: torch.Tensor, counts: list[int], offsets: torch.Tensor | None
-) -> torch.Tensor:
+def _segment_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int], offsets: torch.Tensor | None) -> torch.Tensor:
     """Rows of x are grouped by expert (counts[e] rows for expert e); returns x_seg @ w[e].T for every group.
 
     With `offsets` it is one grouped GEMM (torch._grouped_mm, the CUDA fast path); otherwise a loop of plain
@@ -91,15 +92,15 @@ class MoELoRAMLP(nn.Module):
         alpha: float = 32.0,
         dropout: float = 0.0,
         router_init_std: float = 0.02,
-        grouped_mm: str = "auto",
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        if grouped_mm not in ("auto", "always", "never"):
-            raise ValueError(f"grouped_mm must be 'auto', 'always' or 'never', got {grouped_mm!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.kind, self.in_names, self.out_name, self.act_name = _mlp_family(base)
         self.base = base
         for p in self.base.parameters():
@@ -108,7 +109,7 @@ class MoELoRAMLP(nn.Module):
         self.hidden_size, self.intermediate_size = hidden, inter
         self.num_experts, self.top_k, self.rank = num_experts, top_k, rank
         self.alpha, self.scaling = alpha, alpha / rank
-        self.grouped_mm = grouped_mm
+        self.impl = impl
         n_in = len(self.in_names)
         self.router = nn.Linear(hidden, num_experts, bias=False, dtype=torch.float32)
         self.in_A = nn.Parameter(torch.empty(num_experts, n_in * rank, hidden, dtype=torch.float32))
@@ -153,12 +154,28 @@ class MoELoRAMLP(nn.Module):
         self.router_stats = RouterStats(balance=balance, z=z, counts=counts.detach())
         return logits, top_w, top_i
 
+    def resolve_impl(self, x: torch.Tensor) -> str:
+        """Which expert implementation runs for this input (see `impl`)."""
+        if self.impl != "auto":
+            return self.impl
+        if x.is_cuda:
+            return "grouped"
+        fusable = (
+            self.kind == "gated"
+            and type(getattr(self.base, self.act_name)).__name__ in ("SiLU", "SiLUActivation")
+            and x.dtype == self.in_A.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+        return "fused" if fusable else "loop"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        impl = self.resolve_impl(x)
         # Frozen base projections once per token, called exactly as the base MLP calls them (same shapes,
         # same kernels), so that zero corrections leave the output bit-identical.
         pre3 = [getattr(self.base, n)(x) for n in self.in_names]
-        a3 = self._activation(pre3)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and impl != "fused"):
+            a3 = self._activation(pre3)
         x2 = x.reshape(-1, self.hidden_size)
         pre = [p.reshape(-1, self.intermediate_size) for p in pre3]
         a = a3.reshape(-1, self.intermediate_size)
@@ -168,29 +185,36 @@ class MoELoRAMLP(nn.Module):
         flat_e = top_i.reshape(-1)
         order = torch.argsort(flat_e, stable=True)
         tok = order // self.top_k
-        w = top_w.reshape(-1)[order].unsqueeze(-1)
+        w = top_w.reshape(-1)[order]
         count_t = torch.bincount(flat_e, minlength=self.num_experts)
         counts = count_t.tolist()
-        offsets = None
-        if self.grouped_mm == "always" or (self.grouped_mm == "auto" and x.is_cuda):
-            offsets = torch.cumsum(count_t, 0).to(torch.int32)
+        down = getattr(self.base, self.out_name)
 
+        if impl == "fused":
+            xs = self.lora_dropout(x2.index_select(0, tok))
+            p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) and self.training else 0.0
+            h, yd = RoutedSwiGLULoRA.apply(
+                xs, pre[0], pre[1], a, tok, w, self.in_A, self.in_B, self.out_A, self.out_B,
+                counts, self.scaling, p,
+            )  # fmt: skip
+            return down(h.reshape(*lead, -1)) + yd.reshape(*lead, -1)
+
+        offsets = torch.cumsum(count_t, 0).to(torch.int32) if impl == "grouped" else None
         r, s, n_in = self.rank, self.scaling, len(self.in_names)
+        w = w.unsqueeze(-1)
         lora_dtype = self.in_A.dtype
         xs = self.lora_dropout(x2.index_select(0, tok).to(lora_dtype))
         t = s * _segment_matmul(xs, self.in_A, counts, offsets)  # [M, P*r], scaled while it is small
         a_e = self._activation(
             [
                 pre[p].index_select(0, tok)
-                + _segment_matmul(
-                    t[:, p * r : (p + 1) * r].contiguous(), self.in_B[:, p], counts, offsets
-                ).to(x.dtype)
+                + _segment_matmul(t[:, p * r : (p + 1) * r].contiguous(), self.in_B[:, p], counts, offsets).to(x.dtype)
                 for p in range(n_in)
             ]
         )
         # Mix activations as corrections to the base one (exact zeros at init); one frozen down-proj.
         h = a.index_add(0, tok, (w * (a_e - a.index_select(0, tok))).to(a.dtype))
-        y = getattr(self.base, self.out_name)(h.reshape(*lead, self.intermediate_size))
+        y = down(h.reshape(*lead, self.intermediate_size))
         # Per-expert LoRA on the down projection, applied to each expert's own activation.
         u = (s * w) * _segment_matmul(self.lora_dropout(a_e.to(lora_dtype)), self.out_A, counts, offsets)
         d = _segment_matmul(u, self.out_B, counts, offsets)

@@ -17,16 +17,12 @@ from student.moe_lora import MoELoRAMLP
 
 @dataclass
 class RouterLosses:
-    balance: (
-        torch.Tensor
-    )  # mean over MoE layers of the Switch/Mixtral balance loss (1.0 = perfectly balanced)
+    balance: torch.Tensor  # mean over MoE layers of the Switch/Mixtral balance loss (1.0 = perfectly balanced)
     z: torch.Tensor  # mean over MoE layers of the router z-loss
     loss: torch.Tensor  # balance_coef * balance + z_coef * z: add this to the training loss
 
 
-def router_losses(
-    model: nn.Module, balance_coef: float | None = None, z_coef: float | None = None
-) -> RouterLosses:
+def router_losses(model: nn.Module, balance_coef: float | None = None, z_coef: float | None = None) -> RouterLosses:
     """Aux losses of the latest forward. Coefficients default to the student's MoELoRAConfig."""
     layers = [m for m in model.modules() if isinstance(m, MoELoRAMLP)]
     spec = getattr(model, "kd_student", None)

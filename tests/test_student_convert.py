@@ -36,13 +36,17 @@ def _logits(model, ids):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("moe_layers", ["all", "top-half"])
-def test_student_equals_base_bitwise_at_init(family, moe_layers, llama_dir, gpt2_dir):
+@pytest.mark.parametrize(
+    "family,moe_layers,impl",
+    [("llama", "all", "auto"), ("llama", "top-half", "loop"), ("gpt2", "all", "auto"), ("gpt2", "top-half", "auto")],
+)
+def test_student_equals_base_bitwise_at_init(family, moe_layers, impl, llama_dir, gpt2_dir):
     path = llama_dir if family == "llama" else gpt2_dir
     base = AutoModelForCausalLM.from_pretrained(path).eval()
     last = len(decoder_layers(base)) - 1
-    cfg = MoELoRAConfig(num_experts=4, top_k=2, rank=8, moe_layers=moe_layers, experts_per_layer={last: 3})
+    cfg = MoELoRAConfig(
+        num_experts=4, top_k=2, rank=8, moe_layers=moe_layers, experts_per_layer={last: 3}, expert_impl=impl
+    )
     student = build_student(path, cfg).eval()
     ids = sample_ids()
     assert torch.equal(_logits(base, ids), _logits(student, ids))
@@ -98,24 +102,41 @@ def test_moe_layer_matches_textbook_mixture():
         torch.testing.assert_close(layer(x), _reference_moe(layer, x), rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_matmul_path_matches_loop():
-    """The grouped-GEMM path (used on CUDA) must compute what the per-expert loop computes, grads included."""
+@pytest.mark.parametrize("impl", ["fused", "grouped"])
+def test_fast_paths_match_the_autograd_loop(impl):
+    """The fused CPU kernel and the grouped-GEMM path (used on CUDA) must compute what the autograd
+    per-expert loop computes, gradients included."""
     torch.manual_seed(0)
-    mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=64))
-    loop = MoELoRAMLP(mlp, num_experts=6, top_k=2, rank=4, grouped_mm="never")
+    mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=1))
+    loop = MoELoRAMLP(mlp, num_experts=6, top_k=2, rank=4, impl="loop")
     randomize_adapters(loop)
-    grouped = MoELoRAMLP(mlp, num_experts=6, top_k=2, rank=4, grouped_mm="always")
-    grouped.load_state_dict(loop.state_dict())
+    fast = MoELoRAMLP(mlp, num_experts=6, top_k=2, rank=4, impl=impl)
+    fast.load_state_dict(loop.state_dict())
     x = torch.randn(3, 11, 32)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = loop(xa), grouped(xb)
+    ya, yb = loop(xa), fast(xb)
     torch.testing.assert_close(ya, yb)
-    ya.square().sum().backward()
-    yb.square().sum().backward()
-    torch.testing.assert_close(xa.grad, xb.grad)
-    for name in ("in_A", "in_B", "out_A", "out_B"):
-        torch.testing.assert_close(getattr(loop, name).grad, getattr(grouped, name).grad)
-    torch.testing.assert_close(loop.router.weight.grad, grouped.router.weight.grad)
+    (ya.square().sum() + loop.router_stats.balance).backward()
+    (yb.square().sum() + fast.router_stats.balance).backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+    for name, p in loop.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(dict(fast.named_parameters())[name].grad, p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_path_with_lora_dropout_trains_and_is_exact_in_eval():
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=1))
+    loop = MoELoRAMLP(mlp, num_experts=4, rank=4, dropout=0.3, impl="loop")
+    randomize_adapters(loop)
+    fused = MoELoRAMLP(mlp, num_experts=4, rank=4, dropout=0.3, impl="fused")
+    fused.load_state_dict(loop.state_dict())
+    x = torch.randn(2, 9, 32)
+    y = fused.train()(x.requires_grad_())
+    y.square().sum().backward()
+    assert torch.isfinite(fused.out_A.grad).all() and fused.out_A.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x), loop.eval()(x))
 
 
 def test_gradients_reach_every_expert_parameter():

@@ -19,7 +19,7 @@ def llama_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("llama"), "llama", num_layers=2)
 
 
-def _skewed_toy(balance_coef: float, steps: int = 80) -> tuple[float, float, list[float]]:
+def _skewed_toy(balance_coef: float, steps: int = 60) -> tuple[float, float, list[float]]:
     """Fit a random target MLP with a router that starts sending most tokens to expert 0.
     Returns (imbalance before, imbalance after, balance-loss trace)."""
     torch.manual_seed(0)
@@ -29,7 +29,7 @@ def _skewed_toy(balance_coef: float, steps: int = 80) -> tuple[float, float, lis
     target = MoELoRAMLP(mlp, num_experts=n_exp, top_k=2, rank=4)
     randomize_adapters(target, std=0.3, seed=5)
     direction = torch.randn(hidden)
-    x = torch.randn(512, hidden) + 1.5 * direction / direction.norm()
+    x = torch.randn(256, hidden) + 1.5 * direction / direction.norm()
     with torch.no_grad():
         layer.router.weight[0] = 2.0 * direction / direction.norm()
         layer.router.weight[1] = 1.0 * direction / direction.norm()

@@ -1,0 +1,183 @@
+"""Export a Llama-family MoE-LoRA student as a standard Mixtral checkpoint that transformers and vLLM serve.
+
+A MoE-LoRA layer with renormalised top-k routing *is* a Mixtral sparse MoE block: expert e's weights are the
+frozen projections plus its merged LoRA (W + s B A), the router is Mixtral's gate. Attention LoRA is merged into
+q/k/v/o. Layers the student left dense become MoE blocks whose experts are all the base MLP (any mix of
+identical experts is that MLP). Everything else (embeddings, norms, rotary settings, head) is copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM, PreTrainedModel
+
+from student.convert import decoder_layers
+from student.io import load_student, resolve_student_dir
+from student.moe_lora import MoELoRAMLP
+
+EXPORT_TARGETS = ("mixtral",)
+MIXTRAL_BASES = ("llama", "mistral")
+_COPIED_CONFIG_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "tie_word_embeddings",
+    "sliding_window",
+    "attention_dropout",
+    "rope_parameters",
+)
+
+
+class UnsupportedExportError(ValueError):
+    """The student's base family (or one of its options) has no exact equivalent in the export target."""
+
+
+def _check_exportable(model: PreTrainedModel) -> list[MoELoRAMLP]:
+    cfg = model.config
+    if cfg.model_type not in MIXTRAL_BASES:
+        why = " (its q/k/v projections have biases, which Mixtral lacks)" if cfg.model_type == "qwen2" else ""
+        raise UnsupportedExportError(
+            f"export to mixtral is not supported for {cfg.model_type!r} bases{why}; supported base families: "
+            f"{', '.join(MIXTRAL_BASES)} (SmolLM2 is llama). The student itself still saves/loads with "
+            "student.io.save_student."
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(cfg, flag, False):
+            raise UnsupportedExportError(f"export to mixtral needs a base without {flag}; this one has it")
+    if getattr(cfg, "pretraining_tp", 1) not in (1, None):
+        raise UnsupportedExportError("export to mixtral needs pretraining_tp == 1")
+    moes = [m for m in model.modules() if isinstance(m, MoELoRAMLP)]
+    if not moes:
+        raise UnsupportedExportError("the model has no MoE-LoRA layers: nothing to export as a MoE")
+    if len({m.num_experts for m in moes}) > 1:
+        raise UnsupportedExportError(
+            "Mixtral has one expert count for all layers, but this student has per-layer counts "
+            f"{ {m.layer_index: m.num_experts for m in moes} }; export needs a uniform expert count"
+        )
+    return moes
+
+
+def _merged_linear_weight(module: nn.Module) -> torch.Tensor:
+    """Weight of a (possibly peft-LoRA-wrapped) Linear with its active adapters merged."""
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        return module.weight.detach().float()
+    w = base.weight.detach().float().clone()
+    for name in module.active_adapters:
+        if name in module.lora_A:
+            w += module.get_delta_weight(name).float()
+    return w
+
+
+@torch.no_grad()
+def expert_weights(moe: MoELoRAMLP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merged per-expert weights of a gated MoE-LoRA layer: gate_up [E, 2I, H] (gate rows first), down [E, H, I]."""
+    r, s = moe.rank, moe.scaling
+    w_g = moe.base.gate_proj.weight.float()
+    w_u = moe.base.up_proj.weight.float()
+    w_d = moe.base.down_proj.weight.float()
+    gate = w_g + s * moe.in_B[:, 0].float() @ moe.in_A[:, :r].float()
+    up = w_u + s * moe.in_B[:, 1].float() @ moe.in_A[:, r:].float()
+    down = w_d + s * moe.out_B.float() @ moe.out_A.float()
+    return torch.cat([gate, up], dim=1), down
+
+
+def mixtral_config(model: PreTrainedModel, num_experts: int, top_k: int, balance_coef: float) -> MixtralConfig:
+    src = model.config.to_dict()
+    kw = {k: src[k] for k in _COPIED_CONFIG_KEYS if src.get(k) is not None}
+    kw["num_hidden_layers"] = len(decoder_layers(model))
+    return MixtralConfig(
+        **kw,
+        num_local_experts=num_experts,
+        num_experts_per_tok=top_k,
+        router_aux_loss_coef=balance_coef,
+        architectures=["MixtralForCausalLM"],
+    )
+
+
+@torch.no_grad()
+def to_mixtral(student: PreTrainedModel, dtype: torch.dtype = torch.float32) -> MixtralForCausalLM:
+    """An in-memory MixtralForCausalLM computing what the student computes."""
+    moes = _check_exportable(student)
+    spec = student.kd_student
+    n_exp, top_k = moes[0].num_experts, spec.config.top_k
+    cfg = mixtral_config(student, n_exp, top_k, spec.config.balance_coef)
+    out = MixtralForCausalLM(cfg).to(torch.float32).eval()
+    src_inner, dst_inner = student.model, out.model
+    dst_inner.embed_tokens.weight.copy_(src_inner.embed_tokens.weight)
+    dst_inner.norm.weight.copy_(src_inner.norm.weight)
+    out.lm_head.weight.copy_(student.lm_head.weight)
+    for src, dst in zip(decoder_layers(student), dst_inner.layers, strict=True):
+        dst.input_layernorm.weight.copy_(src.input_layernorm.weight)
+        dst.post_attention_layernorm.weight.copy_(src.post_attention_layernorm.weight)
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            getattr(dst.self_attn, proj).weight.copy_(_merged_linear_weight(getattr(src.self_attn, proj)))
+        experts = dst.mlp.experts
+        if isinstance(src.mlp, MoELoRAMLP):
+            gate_up, down = expert_weights(src.mlp)
+            dst.mlp.gate.weight.copy_(src.mlp.router.weight)
+        else:  # a dense layer: every expert is the base MLP, the router is irrelevant
+            gate_up = torch.cat([src.mlp.gate_proj.weight, src.mlp.up_proj.weight]).expand(n_exp, -1, -1)
+            down = src.mlp.down_proj.weight.expand(n_exp, -1, -1)
+            dst.mlp.gate.weight.zero_()
+        experts.gate_up_proj.copy_(gate_up)
+        experts.down_proj.copy_(down)
+    return out.to(dtype)
+
+
+def export_student(
+    student: PreTrainedModel | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    to: str = "mixtral",
+    base_path: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a standard checkpoint (config, safetensors, tokenizer) for a student or a saved student / run dir.
+
+    `dtype` defaults to the base model's saved dtype (fp32 if it has none)."""
+    if to not in EXPORT_TARGETS:
+        raise UnsupportedExportError(f"unknown export target {to!r}; supported: {', '.join(EXPORT_TARGETS)}")
+    source = None
+    if not isinstance(student, nn.Module):
+        source = str(resolve_student_dir(student))
+        student = load_student(source, base_path=base_path)
+    spec = student.kd_student
+    if dtype is None:
+        saved = getattr(student.config, "dtype", None)
+        dtype = getattr(torch, saved) if isinstance(saved, str) else (saved or torch.float32)
+    mixtral = to_mixtral(student, dtype=dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mixtral.save_pretrained(out)
+    try:
+        AutoTokenizer.from_pretrained(spec.base_path).save_pretrained(out)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"exported weights to {out}, but the base {spec.base_path} has no loadable tokenizer ({err}); "
+            "copy the tokenizer files into the export directory before serving it"
+        ) from err
+    info = {
+        "exported_from": source,
+        "base": {"path": spec.base_path, "fingerprint": spec.base_fingerprint, "keep_layers": spec.keep_layers},
+        "moe_lora": spec.config.to_dict(),
+        "target": to,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    (out / "moekd_export.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out
