@@ -1,4 +1,4 @@
-"""`kdstore`: inspect and check logit stores (and, from the build issue on, build them)."""
+"""`kdstore`: build logit stores from a teacher, merge parallel builds, inspect and check them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ import numpy as np
 
 from logit_store import LogitStore, ManifestError, StoreError
 from logit_store.codecs import TargetError
+from logit_store.inputs import InputError
+from logit_store.teachers import TeacherError
+
+ERRORS = (ManifestError, StoreError, TargetError, InputError, TeacherError, IndexError, FileNotFoundError)
 
 
 def _describe(store: LogitStore) -> dict:
@@ -113,12 +117,52 @@ def _load_tokenizer(path: str | None):
         return None
 
 
+def cmd_build(argv: list[str]) -> int:
+    """Parsed by transformers' HfArgumentParser: flags, or one YAML/JSON file holding them."""
+    from transformers import HfArgumentParser
+
+    from logit_store.build import BuildConfig, build
+
+    parser = HfArgumentParser(BuildConfig, prog="kdstore build", description=(
+        "Capture a teacher's next-token distributions for a dataset into a store. Give the options as flags or "
+        "as one YAML/JSON file (kdstore build config.yaml). Example: kdstore build --teacher DIR --data "
+        "FILE.jsonl --text-field text --out STORE --top-k 64"))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        (cfg,) = (parser.parse_yaml_file if argv[0].endswith(("yaml", "yml")) else parser.parse_json_file)(argv[0])
+    else:
+        (cfg,) = parser.parse_args_into_dataclasses(argv)
+    summary = build(cfg)
+    print(summary.format())
+    if cfg.num_workers > 1:
+        print(f"worker {cfg.worker_index} of {cfg.num_workers} done; when all are, run: kdstore merge {cfg.out}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from logit_store.build import merge_workers
+
+    m = merge_workers(args.store, allow_incomplete=args.allow_incomplete)
+    print(f"merged {len(m.shards)} shards, {m.rows:,} rows, {m.tokens:,} tokens into {args.store}/manifest.json "
+          f"(status {m.status})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdstore", description=(
         "Logit stores: teacher next-token distributions captured once (kdstore build) and streamed by "
         "many student trainings. STORE is a directory: a local path or a URL (file://, s3://, memory://, "
         "any filesystem pyarrow or fsspec reaches)."))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("build", add_help=False, help="capture teacher targets for a dataset into a store "
+                                                  "(kdstore build --help for its options)")
+    s = sub.add_parser("merge", help="combine the manifests of a multi-worker build into manifest.json",
+                       description="After all `kdstore build --num-workers N --worker-index I` runs finished, "
+                                   "write the store's combined manifest.json.")
+    s.add_argument("store", help="store directory or URL")
+    s.add_argument("--allow-incomplete", action="store_true",
+                   help="merge the complete shards even if some workers have not finished")
+    s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("info", help="what a store holds: teacher, tokenizer, targets, rows, tokens, bytes",
                        description="Summarise a store from its manifest (reads no shard).")
@@ -147,11 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["build"]:
+            return cmd_build(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except (ManifestError, StoreError, TargetError, IndexError, FileNotFoundError) as e:
-        print(f"kdstore {args.command}: error: {e}", file=sys.stderr)
+    except ERRORS as e:
+        print(f"kdstore {argv[0]}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -73,7 +73,7 @@ class ShardWriter:
         filesystem: pafs.FileSystem | None = None,
     ):
         self.fs, self.root = storefs.resolve(store, filesystem)
-        self.shard_tokens, self.batch_tokens = shard_tokens, batch_tokens
+        self.shard_tokens, self.batch_tokens = shard_tokens, min(batch_tokens, shard_tokens)
         self.prefix, self.manifest_name = prefix, manifest_name
         self.codec = make_codec(manifest)
         self.fs.create_dir(self.root, recursive=True)

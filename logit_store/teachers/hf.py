@@ -1,56 +1,111 @@
-"""Exact teacher targets from a transformers causal LM, with the LM head applied over chunks of positions."""
+"""`hf` backend: exact targets from a transformers causal LM, the LM head applied over chunks of positions.
+
+The reference backend: it sees the full vocabulary, so its tails are exact and its `sampled` draws come from
+the whole distribution (unbiased). Also the CPU fallback.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ..codecs import TopKTargets
+from ..codecs import SampledTargets, TopKTargets, sampled_from_draws
+from . import Row, Teacher, TeacherError, draws_from_topk
+
+_DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class HFTeacher:
-    """Full-vocabulary forward of a transformers model; never holds [batch, seq, vocab] logits at once."""
+class HFTeacher(Teacher):
+    """Never holds [batch, seq, vocab] logits: hidden states once, then the head over `chunk_positions`."""
 
-    def __init__(self, model, chunk_positions: int = 1024):
+    backend = "hf"
+
+    def __init__(self, model, name_or_path: str = "", dtype: str = "float32", chunk_positions: int = 1024,
+                 batch_tokens: int = 16384):
         cfg = model.config
         if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-            raise NotImplementedError(f"{type(model).__name__} post-processes its logits; not supported yet")
+            raise TeacherError(f"{type(model).__name__} post-processes its logits; use the vllm backend")
         self.model = model.eval()
         self.body = model.base_model
         self.head = model.get_output_embeddings()
-        self.chunk = chunk_positions
+        self.chunk, self.batch_tokens = chunk_positions, batch_tokens
+        self.name_or_path = name_or_path or getattr(cfg, "_name_or_path", "")
+        self.dtype = dtype
+        self.vocab_size = int(self.head.weight.shape[0])
 
-    @property
-    def vocab_size(self) -> int:
-        return int(self.head.weight.shape[0])
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: str = "float32", device: str | None = None, **kw) -> HFTeacher:
+        from transformers import AutoModelForCausalLM
+
+        if dtype not in _DTYPES:
+            raise TeacherError(f"dtype {dtype!r}: choose one of {sorted(_DTYPES)}")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+        except OSError as e:
+            raise TeacherError(f"cannot load teacher {path!r} with transformers: {e}") from e
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(model.to(device), path, str(model.dtype).removeprefix("torch."), **kw)
+
+    # ------------------------------------------------------------ forward
+    @torch.no_grad()
+    def _logit_chunks(self, rows: list[Row]):
+        """Yields (row index, [n, V] fp32 logits of that row's loss positions), a chunk at a time."""
+        device = self.head.weight.device
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+        groups, group, longest = [], [], 0
+        for i in order:  # similar lengths together, at most batch_tokens padded tokens per forward
+            longest = max(longest, len(rows[i][0]))
+            if group and longest * (len(group) + 1) > self.batch_tokens:
+                groups.append(group)
+                group, longest = [], len(rows[i][0])
+            group.append(i)
+        groups.append(group)
+        for group in groups:
+            seq = max(len(rows[i][0]) for i in group)
+            ids = torch.zeros(len(group), seq, dtype=torch.long)
+            attn = torch.zeros(len(group), seq, dtype=torch.long)
+            for b, i in enumerate(group):
+                ids[b, : len(rows[i][0])] = torch.as_tensor(rows[i][0])
+                attn[b, : len(rows[i][0])] = 1
+            hidden = self.body(input_ids=ids.to(device), attention_mask=attn.to(device)).last_hidden_state
+            for b, i in enumerate(group):
+                pos = torch.as_tensor(np.flatnonzero(rows[i][1]) - 1, device=device)  # logits at t predict t + 1
+                h = hidden[b, pos]
+                for lo in range(0, h.shape[0], self.chunk):
+                    yield i, self.head(h[lo : lo + self.chunk]).float()
+
+    def topk(self, rows: list[Row], k: int) -> list[TopKTargets]:
+        parts: list[list] = [[] for _ in rows]
+        for i, logits in self._logit_chunks(rows):
+            lse = logits.logsumexp(-1, keepdim=True)
+            v, idx = logits.topk(k, dim=-1)
+            rest = logits.scatter(-1, idx, float("-inf")).logsumexp(-1)  # exact tail, even when tiny
+            parts[i].append((idx.cpu(), (v - lse).cpu(), (rest - lse[:, 0]).double().cpu()))
+        return [TopKTargets(*(torch.cat(c).numpy() for c in zip(*p, strict=True))) for p in parts]
+
+    def sample(self, rows: list[Row], n: int, seeds: list[int], from_top_k: int | None) -> list[SampledTargets]:
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        rngs = [np.random.default_rng(int(s)) for s in seeds]
+        draws: list[list] = [[] for _ in rows]
+        for i, logits in self._logit_chunks(rows):
+            if from_top_k:  # the vllm backend's procedure (same draws for the same candidates), for comparisons
+                v, idx = logits.log_softmax(-1).topk(from_top_k, dim=-1)
+                draws[i].append(draws_from_topk(idx.cpu().numpy(), v.cpu().numpy(), n, rngs[i]))
+            else:
+                probs = logits.softmax(-1).cpu()
+                draws[i].append(torch.multinomial(probs, n, replacement=True, generator=gens[i]).numpy())
+        return [sampled_from_draws(np.concatenate(d)) for d in draws]
 
     @torch.no_grad()
-    def topk(self, rows: list[tuple[np.ndarray, np.ndarray]], k: int) -> list[TopKTargets]:
-        """For each (input_ids [T], loss_mask [T]): top-k of the distribution predicting each masked token.
-
-        The tail is exact: the log of the probability mass of all ids outside the top-k.
-        """
+    def generate(self, prompts: list[np.ndarray], max_new_tokens: int, temperature: float,
+                 seeds: list[int]) -> list[np.ndarray]:
         device = self.head.weight.device
-        seq = max(len(ids) for ids, _ in rows)
-        ids = torch.zeros(len(rows), seq, dtype=torch.long)
-        attn = torch.zeros(len(rows), seq, dtype=torch.long)
-        for b, (x, _) in enumerate(rows):
-            ids[b, : len(x)] = torch.as_tensor(x)
-            attn[b, : len(x)] = 1
-        hidden = self.body(input_ids=ids.to(device), attention_mask=attn.to(device)).last_hidden_state
         out = []
-        for b, (_, mask) in enumerate(rows):
-            pos = torch.as_tensor(np.flatnonzero(mask) - 1, device=device)  # logits at t predict token t + 1
-            h = hidden[b, pos]
-            top_ids, top_lp, tails = [], [], []
-            for lo in range(0, h.shape[0], self.chunk):
-                logits = self.head(h[lo : lo + self.chunk]).float()
-                lse = logits.logsumexp(-1, keepdim=True)
-                v, i = logits.topk(k, dim=-1)
-                rest = logits.scatter(-1, i, float("-inf")).logsumexp(-1, keepdim=True)
-                top_ids.append(i)
-                top_lp.append(v - lse)
-                tails.append((rest - lse).squeeze(-1))
-            out.append(TopKTargets(torch.cat(top_ids).cpu().numpy(), torch.cat(top_lp).cpu().numpy(),
-                                   torch.cat(tails).double().cpu().numpy()))
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            torch.manual_seed(int(seed))
+            ids = torch.as_tensor(prompt, device=device)[None]
+            gen = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                      do_sample=temperature > 0, temperature=temperature or None, top_k=None,
+                                      top_p=None)
+            out.append(gen[0, ids.shape[1]:].cpu().numpy())
         return out

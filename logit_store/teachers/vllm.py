@@ -1,0 +1,103 @@
+"""`vllm` backend: prompt log-probs from a vLLM engine (the default; on GPUs it is much faster).
+
+vLLM returns, for every prompt position, the top-k candidates (+ the actual token when it is outside them),
+so `sampled` targets are drawn from its top-K plus a tail bucket: unbiased within the K, and the manifest
+records that K. Prefix caching stays off (prompt log-probs bypass it and have had stale-value bugs with it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..codecs import SampledTargets, TopKTargets, sampled_from_draws, tail_logmass
+from . import Row, Teacher, TeacherError, draws_from_topk
+
+
+class VLLMTeacher(Teacher):
+    backend = "vllm"
+
+    def __init__(self, path: str, dtype: str = "auto", max_logprobs: int = 128, tensor_parallel_size: int = 1,
+                 max_model_len: int | None = None, max_num_batched_tokens: int | None = None,
+                 gpu_memory_utilization: float | None = None, kv_cache_memory_bytes: int | None = None,
+                 seed: int = 0, engine_args: dict | None = None):
+        import torch
+
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:  # in-process engine: quick to start, no spawn guard needed
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from transformers import AutoConfig
+        from vllm import LLM
+
+        try:
+            self.vocab_size = int(AutoConfig.from_pretrained(path).vocab_size)
+        except OSError as e:
+            raise TeacherError(f"cannot read the teacher's config at {path!r}: {e}") from e
+        args = dict(model=path, dtype=dtype, max_logprobs=max_logprobs, tensor_parallel_size=tensor_parallel_size,
+                    enable_prefix_caching=False, seed=seed)
+        if max_model_len:
+            args["max_model_len"] = max_model_len
+        if max_num_batched_tokens:
+            args["max_num_batched_tokens"] = max_num_batched_tokens
+        if gpu_memory_utilization:
+            args["gpu_memory_utilization"] = gpu_memory_utilization
+        if kv_cache_memory_bytes:
+            args["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        elif on_cpu and not gpu_memory_utilization:
+            args["kv_cache_memory_bytes"] = 256 * 2**20  # vLLM would otherwise reserve 92 % of RAM
+        if on_cpu and tensor_parallel_size == 1:
+            args["distributed_executor_backend"] = "uni"
+        args.update(engine_args or {})
+        self.llm = LLM(**args)
+        self.name_or_path = path
+        self.dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+        self.max_logprobs = max_logprobs
+
+    def _prompt_logprobs(self, rows: list[Row], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per row: ([P, k] ids, [P, k] log-probs) ordered by rank, for the loss positions."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if k > self.max_logprobs:
+            raise TeacherError(f"k = {k} exceeds the engine's max_logprobs = {self.max_logprobs}")
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in ids]) for ids, _ in rows],
+                                 params, use_tqdm=False)
+        result = []
+        for (ids, mask), out in zip(rows, outs, strict=True):
+            pos = np.flatnonzero(mask)
+            top_ids = np.empty((pos.size, k), np.int64)
+            top_lp = np.empty((pos.size, k), np.float32)
+            for j, t in enumerate(pos):
+                ranked = sorted((lp.rank, tid, lp.logprob) for tid, lp in out.prompt_logprobs[t].items()
+                                if lp.rank <= k)
+                if len(ranked) != k:
+                    raise TeacherError(f"vLLM returned {len(ranked)} candidates of rank <= {k} at position {t}")
+                top_ids[j] = [r[1] for r in ranked]
+                top_lp[j] = [r[2] for r in ranked]
+            result.append((top_ids, top_lp))
+        return result
+
+    def topk(self, rows: list[Row], k: int) -> list[TopKTargets]:
+        return [TopKTargets(i, lp, tail_logmass(lp)) for i, lp in self._prompt_logprobs(rows, k)]
+
+    def sample(self, rows: list[Row], n: int, seeds: list[int], from_top_k: int | None) -> list[SampledTargets]:
+        if not from_top_k:
+            raise TeacherError("the vllm backend samples from its top-K: set --sample-from-top-k (or use --backend "
+                               "hf for exact draws from the full distribution)")
+        out = []
+        for (ids, lp), seed in zip(self._prompt_logprobs(rows, from_top_k), seeds, strict=True):
+            out.append(sampled_from_draws(draws_from_topk(ids, lp, n, np.random.default_rng(int(seed)))))
+        return out
+
+    def generate(self, prompts: list[np.ndarray], max_new_tokens: int, temperature: float,
+                 seeds: list[int]) -> list[np.ndarray]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=int(s), detokenize=False)
+                  for s in seeds]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts], params,
+                                 use_tqdm=False)
+        return [np.asarray(o.outputs[0].token_ids, dtype=np.int64) for o in outs]
