@@ -1,0 +1,207 @@
+"""Forward+backward cost of a MoE-LoRA MLP layer against the dense MLP it wraps, same process, same inputs.
+
+Variants (all with the frozen base weights, trainable router + expert LoRA, input requiring grad as inside a
+network whose earlier layers train):
+  dense          the base LlamaMLP alone (the 1.0x reference)
+  naive-k-full   per expert, its routed tokens run a full MLP (W x + s B A x on every projection): k x the base
+  mixlora-style  base gate/up once per token, per-expert LoRA + a full down projection per routed token
+  moe-loop       this package, autograd path: base projections once, only LoRA deltas per expert
+  moe-fused      this package, hand-written SwiGLU expert kernel (the CPU default)
+  moe-grouped    this package with torch._grouped_mm (the CUDA path; on CPU for reference only)
+
+    python -m benchmarks.moe_bench [--quick] [--json out.json]
+
+Measures and reports; never asserts. Timings interleave the variants round-robin so that a noisy neighbour
+affects them alike; the median is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from student.moe_lora import MoELoRAMLP
+
+
+def _route(moe: MoELoRAMLP, x2: torch.Tensor):
+    _, w, idx = moe.route(x2)
+    return w, idx
+
+
+class NaiveKFull(nn.Module):
+    """Each routed token runs through k complete experts (base weights recomputed per expert)."""
+
+    def __init__(self, moe: MoELoRAMLP):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, r, s = self.moe, self.moe.rank, self.moe.scaling
+        x2 = x.reshape(-1, x.shape[-1])
+        w, idx = _route(m, x2)
+        out = torch.zeros_like(x2)
+        for e in range(m.num_experts):
+            tok, slot = torch.where(idx == e)
+            if tok.numel() == 0:
+                continue
+            xe = x2[tok]
+            g = m.base.gate_proj(xe) + s * (xe @ m.in_A[e, :r].T) @ m.in_B[e, 0].T
+            u = m.base.up_proj(xe) + s * (xe @ m.in_A[e, r:].T) @ m.in_B[e, 1].T
+            a = F.silu(g) * u
+            y = m.base.down_proj(a) + s * (a @ m.out_A[e].T) @ m.out_B[e].T
+            out = out.index_add(0, tok, w[tok, slot].unsqueeze(1) * y)
+        return out.reshape(x.shape)
+
+
+class MixLoRAStyle(nn.Module):
+    """Base gate/up once per token; per expert its LoRA deltas and its own full down projection."""
+
+    def __init__(self, moe: MoELoRAMLP):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, r, s = self.moe, self.moe.rank, self.moe.scaling
+        x2 = x.reshape(-1, x.shape[-1])
+        g_all, u_all = m.base.gate_proj(x2), m.base.up_proj(x2)
+        w, idx = _route(m, x2)
+        out = torch.zeros_like(x2)
+        for e in range(m.num_experts):
+            tok, slot = torch.where(idx == e)
+            if tok.numel() == 0:
+                continue
+            xe = x2[tok]
+            g = g_all[tok] + s * (xe @ m.in_A[e, :r].T) @ m.in_B[e, 0].T
+            u = u_all[tok] + s * (xe @ m.in_A[e, r:].T) @ m.in_B[e, 1].T
+            a = F.silu(g) * u
+            y = m.base.down_proj(a) + s * (a @ m.out_A[e].T) @ m.out_B[e].T
+            out = out.index_add(0, tok, w[tok, slot].unsqueeze(1) * y)
+        return out.reshape(x.shape)
+
+
+def _fwd_bwd(module: nn.Module, x: torch.Tensor) -> None:
+    xi = x.detach().requires_grad_()
+    module(xi).float().square().mean().backward()
+    for p in module.parameters():
+        p.grad = None
+
+
+def _fwd(module: nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        module(x)
+
+
+def run(
+    hidden: int, inter: int, tokens: int, experts: int, top_k: int, rank: int, reps: int, warmup: int, seed: int = 0
+) -> dict:
+    torch.manual_seed(seed)
+    base = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=1)).requires_grad_(
+        False
+    )
+    moe = {
+        impl: MoELoRAMLP(base, experts, top_k, rank, alpha=2 * rank, impl=impl) for impl in ("loop", "fused", "grouped")
+    }
+    with torch.no_grad():  # trained-looking adapters and router, so routing is not degenerate
+        ref = moe["loop"]
+        ref.in_B.normal_(std=0.01)
+        ref.out_B.normal_(std=0.01)
+        ref.router.weight.normal_(std=0.5)
+    for m in moe.values():
+        m.load_state_dict(ref.state_dict())
+    variants: dict[str, nn.Module] = {
+        "dense": base,
+        "naive-k-full": NaiveKFull(moe["loop"]),
+        "mixlora-style": MixLoRAStyle(moe["loop"]),
+        "moe-loop": moe["loop"],
+        "moe-fused": moe["fused"],
+        "moe-grouped": moe["grouped"],
+    }
+    seq = 512 if tokens % 512 == 0 else tokens
+    x = torch.randn(tokens // seq, seq, hidden)
+    with torch.no_grad():  # sanity: every MoE variant computes the same function
+        y0 = variants["moe-loop"](x)
+        max_diff = {n: (variants[n](x) - y0).abs().max().item() for n in variants if n != "dense"}
+    times: dict[str, dict[str, list[float]]] = {n: {"fwd_bwd": [], "fwd": []} for n in variants}
+    for i in range(warmup + reps):
+        for name, mod in variants.items():
+            for kind, fn in (("fwd_bwd", _fwd_bwd), ("fwd", _fwd)):
+                t0 = time.perf_counter()
+                fn(mod, x)
+                if i >= warmup:
+                    times[name][kind].append(time.perf_counter() - t0)
+    dense = {k: statistics.median(times["dense"][k]) for k in ("fwd_bwd", "fwd")}
+    results = {}
+    for name in variants:
+        med = {k: statistics.median(times[name][k]) for k in ("fwd_bwd", "fwd")}
+        results[name] = {
+            "fwd_bwd_ms": med["fwd_bwd"] * 1e3,
+            "fwd_ms": med["fwd"] * 1e3,
+            "fwd_bwd_ratio": med["fwd_bwd"] / dense["fwd_bwd"],
+            "fwd_ratio": med["fwd"] / dense["fwd"],
+            "max_abs_diff_vs_moe_loop": max_diff.get(name),
+        }
+    usage = ref.router_stats.counts.tolist() if ref.router_stats is not None else None
+    return {
+        "config": dict(hidden=hidden, intermediate=inter, tokens=tokens, experts=experts, top_k=top_k, rank=rank),
+        "reps": reps,
+        "expert_load": usage,
+        "results": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes, few repetitions (a smoke run)")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--hidden", type=int, default=576, help="SmolLM2-135M: 576")
+    ap.add_argument("--intermediate", type=int, default=1536, help="SmolLM2-135M: 1536")
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=15)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.tokens, args.reps = 512, 5
+    load_before = os.getloadavg()
+    out = run(args.hidden, args.intermediate, args.tokens, args.experts, args.top_k, args.rank, args.reps, warmup=3)
+    out["env"] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+    }
+    c = out["config"]
+    print(
+        f"MoE-LoRA MLP fwd+bwd, hidden {c['hidden']}, intermediate {c['intermediate']}, {c['tokens']} tokens, "
+        f"{c['experts']} experts, top-{c['top_k']}, rank {c['rank']}, {torch.get_num_threads()} threads "
+        f"(load avg before {load_before[0]:.2f})"
+    )
+    print(f"{'variant':<15}{'fwd+bwd ms':>12}{'x dense':>9}{'fwd ms':>10}{'x dense':>9}{'max|diff|':>11}")
+    for name, r in out["results"].items():
+        diff = "" if r["max_abs_diff_vs_moe_loop"] is None else f"{r['max_abs_diff_vs_moe_loop']:.1e}"
+        print(
+            f"{name:<15}{r['fwd_bwd_ms']:>12.1f}{r['fwd_bwd_ratio']:>9.2f}{r['fwd_ms']:>10.1f}{r['fwd_ratio']:>9.2f}"
+            f"{diff:>11}"
+        )
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+        print(f"wrote {args.json}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

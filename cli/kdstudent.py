@@ -1,0 +1,148 @@
+"""kdstudent: build, inspect and export MoE-LoRA students. Parses arguments and calls `student`, nothing else.
+
+kdstudent convert BASE_DIR --out STUDENT_DIR [--experts 8 --top-k 2 --rank 16 --moe-layers all ...]
+kdstudent params BASE_DIR [MoE options]          trainable counts: MoE-LoRA, matched dense LoRA, full FT
+kdstudent info STUDENT_OR_RUN_DIR
+kdstudent export STUDENT_OR_RUN_DIR --to mixtral --out DIR [--base BASE_DIR] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_moe_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("MoE-LoRA student")
+    g.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default 8)")
+    g.add_argument("--layer-experts", default="", help="per-layer overrides, e.g. '0:4,11:16'")
+    g.add_argument("--top-k", type=int, default=2)
+    g.add_argument("--rank", type=int, default=16, help="expert LoRA rank")
+    g.add_argument("--alpha", type=float, default=32.0, help="expert LoRA alpha (scale = alpha / rank)")
+    g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    g.add_argument(
+        "--moe-layers", default="all", help="all | none | top-half | bottom-half | every-other | '0,2,5' | '::2'"
+    )
+    g.add_argument("--attn-rank", type=int, default=16, help="attention LoRA rank (0: attention frozen)")
+    g.add_argument("--attn-alpha", type=float, default=32.0)
+    g.add_argument("--router-init-std", type=float, default=0.02)
+    g.add_argument("--balance-coef", type=float, default=0.01, help="load-balancing loss coefficient")
+    g.add_argument("--z-coef", type=float, default=0.0, help="router z-loss coefficient")
+    g.add_argument("--keep-layers", default=None, help="keep only these base layers, e.g. '::2' (every other)")
+
+
+def moe_config(args: argparse.Namespace):
+    from student.convert import MoELoRAConfig, parse_experts_per_layer
+
+    return MoELoRAConfig(
+        num_experts=args.experts,
+        top_k=args.top_k,
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        moe_layers=args.moe_layers,
+        experts_per_layer=parse_experts_per_layer(args.layer_experts),
+        router_init_std=args.router_init_std,
+        attn_rank=args.attn_rank,
+        attn_alpha=args.attn_alpha,
+        balance_coef=args.balance_coef,
+        z_coef=args.z_coef,
+    )
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from student.baselines import count_parameters
+    from student.convert import build_student
+    from student.io import save_student
+
+    model = build_student(args.base, moe_config(args), keep=args.keep_layers, seed=args.seed)
+    out = save_student(model, args.out)
+    print(f"MoE-LoRA student of {args.base}: {count_parameters(model)}")
+    print(f"saved to {out}")
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from student.baselines import count_parameters, matching_dense_lora_rank
+    from student.convert import load_base
+
+    base, _ = load_base(args.base, keep=args.keep_layers)
+    total = count_parameters(base).total
+    rank, dense, moe = matching_dense_lora_rank(base, moe_config(args))
+    rows = {
+        "moe_lora": moe,
+        f"dense_lora_rank_{rank}": dense,
+        "full_finetune": total,
+    }
+    for name, n in rows.items():
+        print(f"{name:<22} trainable {n:>14,}  ({100 * n / total:.3f}% of {total:,})")
+    print(f"parameter-matched dense-LoRA rank: {rank}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from student.io import read_student_meta, resolve_student_dir
+
+    path = resolve_student_dir(args.student)
+    meta = read_student_meta(path)
+    print(f"student: {path}")
+    print(json.dumps({k: meta[k] for k in ("base", "config", "moe_layers", "experts", "num_adapter_params")}, indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from student.export import export_student
+
+    out = export_student(args.student, args.out, to=args.to, base_path=args.base, dtype=DTYPES.get(args.dtype))
+    print(f"exported {args.student} as {args.to} to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="kdstudent", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="build a MoE-LoRA student from a dense base and save it (exact at init)")
+    p.add_argument("base", help="directory of a transformers causal LM (Llama family or GPT-2)")
+    p.add_argument("--out", required=True, help="student directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    add_moe_options(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("params", help="trainable parameter counts for MoE-LoRA, matched dense LoRA, full FT")
+    p.add_argument("base")
+    add_moe_options(p)
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("info", help="show a saved student's config and base reference")
+    p.add_argument("student", help="student directory or a training run holding one")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("export", help="write a standard checkpoint (Mixtral) that transformers and vLLM serve")
+    p.add_argument("student", metavar="RUN_OR_DIR", help="student directory or a training run holding one")
+    p.add_argument("--to", default="mixtral", choices=["mixtral"], help="target architecture")
+    p.add_argument("--out", required=True)
+    p.add_argument("--base", default=None, help="base model directory, if it moved since training")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the base model's dtype")
+    p.set_defaults(func=cmd_export)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:  # our errors say what is wrong and what to do
+        print(f"kdstudent {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Baseline students for parameter-matched comparisons: dense LoRA (attention + MLP) and full fine-tuning.
+
+`matching_dense_lora_rank` picks the dense-LoRA rank whose trainable count is closest to a MoE-LoRA config's,
+so "MoE-LoRA beats dense LoRA" is a claim about architecture, not about parameter budget.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+from transformers import PreTrainedModel
+
+from student.convert import MoELoRAConfig, decoder_layers, load_base, parse_layers
+from student.moe_lora import _in_out_features, _mlp_family
+
+
+@dataclass
+class ParamCount:
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        return f"trainable {self.trainable:,} / total {self.total:,} ({100 * self.trainable / self.total:.3f}%)"
+
+
+def count_parameters(model: nn.Module) -> ParamCount:
+    params = list(model.parameters())
+    return ParamCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+
+def _projection_names(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(attention, MLP) projection module names of one decoder layer."""
+    layer = decoder_layers(model)[0]
+    _, ins, out, _ = _mlp_family(layer.mlp)
+    attn = ["q_proj", "k_proj", "v_proj", "o_proj"] if hasattr(layer, "self_attn") else ["c_attn", "c_proj"]
+    return attn, ins + [out]
+
+
+def dense_lora_targets(model: nn.Module) -> str:
+    """peft regex: every attention and MLP projection of every layer."""
+    attn, mlp = _projection_names(model)
+    attn_mod = "self_attn" if attn[0] == "q_proj" else "attn"
+    return rf".*\.({attn_mod}\.({'|'.join(attn)})|mlp\.({'|'.join(mlp)}))"
+
+
+def build_dense_lora(
+    base: str | os.PathLike | PreTrainedModel,
+    rank: int,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    keep: str | list[int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """Base model with plain LoRA (B = 0, so exact at init) on all attention and MLP projections."""
+    model = base if isinstance(base, nn.Module) else load_base(base, keep=keep, dtype=dtype)[0]
+    model.requires_grad_(False)
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else 2 * rank,
+        lora_dropout=dropout,
+        target_modules=dense_lora_targets(model),
+        fan_in_fan_out=model.config.model_type == "gpt2",
+    )
+    return inject_adapter_in_model(cfg, model)
+
+
+def build_full_finetune(
+    base: str | os.PathLike | PreTrainedModel,
+    keep: str | list[int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """The base with every parameter trainable."""
+    model = base if isinstance(base, nn.Module) else load_base(base, keep=keep, dtype=dtype)[0]
+    return model.requires_grad_(True)
+
+
+def moe_lora_trainable(model: nn.Module, config: MoELoRAConfig) -> int:
+    """Trainable parameter count of the MoE-LoRA student `config` would build on this (dense) model."""
+    layers = decoder_layers(model)
+    attn, _ = _projection_names(model)
+    count = 0
+    if config.attn_rank > 0:
+        count += config.attn_rank * _attn_params_per_rank(model, attn)
+    for i in parse_layers(config.moe_layers, len(layers)):
+        mlp = layers[i].mlp
+        _, ins, _, _ = _mlp_family(mlp)
+        hidden, inter = _in_out_features(getattr(mlp, ins[0]))
+        n_exp = config.experts_per_layer.get(i, config.num_experts)
+        per_expert = config.rank * (len(ins) * (hidden + inter) + inter + hidden)
+        count += n_exp * per_expert + n_exp * hidden  # LoRA factors + router
+    return count
+
+
+def _attn_params_per_rank(model: nn.Module, attn: list[str]) -> int:
+    total = 0
+    for layer in decoder_layers(model):
+        parent = layer.self_attn if hasattr(layer, "self_attn") else layer.attn
+        for name in attn:
+            mod = getattr(parent, name)
+            fin, fout = _in_out_features(getattr(mod, "base_layer", mod))
+            total += fin + fout
+    return total
+
+
+def dense_lora_params_per_rank(model: nn.Module) -> int:
+    attn, mlp = _projection_names(model)
+    total = _attn_params_per_rank(model, attn)
+    for layer in decoder_layers(model):
+        for name in mlp:
+            mod = getattr(layer.mlp, name)
+            fin, fout = _in_out_features(getattr(mod, "base_layer", mod))
+            total += fin + fout
+    return total
+
+
+def matching_dense_lora_rank(model: nn.Module, config: MoELoRAConfig) -> tuple[int, int, int]:
+    """(rank, its trainable count, the MoE-LoRA trainable count): the dense-LoRA rank (attention + MLP) whose
+    trainable parameter count is closest to the MoE-LoRA student's."""
+    target = moe_lora_trainable(model, config)
+    per_rank = dense_lora_params_per_rank(model)
+    rank = max(1, round(target / per_rank))
+    return rank, rank * per_rank, target

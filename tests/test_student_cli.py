@@ -1,0 +1,46 @@
+"""kdstudent CLI end to end on a tiny model: convert, params, info, export (and its refusal for GPT-2)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from student_fixtures import sample_ids, save_tiny_model
+from transformers import AutoModelForCausalLM
+
+from cli.kdstudent import main
+from student.io import load_student
+
+
+def test_convert_info_params_export(tmp_path, capsys):
+    base = save_tiny_model(tmp_path / "base", "llama", num_layers=4)
+    student_dir = tmp_path / "student"
+    args = ["--experts", "4", "--rank", "4", "--attn-rank", "4", "--moe-layers", "top-half", "--keep-layers", "::2"]
+    assert main(["convert", str(base), "--out", str(student_dir), *args]) == 0
+    assert "trainable" in capsys.readouterr().out
+    student = load_student(student_dir).eval()
+    assert student.config.num_hidden_layers == 2
+    assert [m.layer_index for m in student.modules() if hasattr(m, "layer_index")] == [1]
+
+    assert main(["params", str(base), *args]) == 0
+    out = capsys.readouterr().out
+    assert "moe_lora" in out and "parameter-matched dense-LoRA rank" in out
+
+    assert main(["info", str(student_dir)]) == 0
+    info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert info["base"]["keep_layers"] == [0, 2] and info["config"]["num_experts"] == 4
+
+    assert main(["export", str(student_dir), "--to", "mixtral", "--out", str(tmp_path / "mx")]) == 0
+    ids = sample_ids()
+    with torch.no_grad():
+        want = student(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "mx").eval()(ids).logits
+    assert (want - got).abs().max().item() < 1e-4
+
+
+def test_export_of_gpt2_student_fails_with_message(tmp_path, capsys):
+    base = save_tiny_model(tmp_path / "gpt2", "gpt2")
+    assert main(["convert", str(base), "--out", str(tmp_path / "s"), "--experts", "2", "--rank", "4"]) == 0
+    assert main(["export", str(tmp_path / "s"), "--to", "mixtral", "--out", str(tmp_path / "mx")]) == 2
+    err = capsys.readouterr().err
+    assert "not supported for 'gpt2'" in err and "llama" in err
