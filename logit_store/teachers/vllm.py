@@ -65,7 +65,7 @@ class VLLMTeacher(Teacher):
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in ids]) for ids, _ in rows],
                                  params, use_tqdm=False)
         result = []
-        for (ids, mask), out in zip(rows, outs, strict=True):
+        for (_, mask), out in zip(rows, outs, strict=True):
             pos = np.flatnonzero(mask)
             top_ids = np.empty((pos.size, k), np.int64)
             top_lp = np.empty((pos.size, k), np.float32)
