@@ -119,7 +119,12 @@ class BuildSummary:
     skipped: dict = field(default_factory=dict)
     first_errors: list = field(default_factory=list)
     seconds: float = 0.0
+    load_seconds: float = 0.0  # loading the input, tokenizer and teacher
     new_tokens: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / max(self.seconds - self.load_seconds, 1e-9)
 
     def format(self) -> str:
         lines = [f"store           {self.store}",
@@ -130,7 +135,8 @@ class BuildSummary:
                  f"{self.shards} shards",
                  f"input examples  {self.examples:,} read, {self.truncated:,} truncated, "
                  f"{sum(self.skipped.values()):,} skipped",
-                 f"time            {self.seconds:.1f} s, {self.new_tokens / max(self.seconds, 1e-9):,.0f} tokens/s"]
+                 f"time            {self.seconds:.1f} s ({self.load_seconds:.1f} s loading), "
+                 f"{self.tokens_per_s:,.0f} tokens/s"]
         lines += [f"  skipped: {n:,} x {reason}" for reason, n in sorted(self.skipped.items())]
         lines += [f"  e.g. {e}" for e in self.first_errors]
         return "\n".join(lines)
@@ -168,7 +174,7 @@ def build(cfg: BuildConfig, teacher: Teacher | None = None) -> BuildSummary:
                          manifest_name=manifest_name, resume=cfg.resume)
     stats = InputStats()
     done = writer.manifest.rows
-    summary = BuildSummary(store=cfg.out, resumed_rows=done)
+    summary = BuildSummary(store=cfg.out, resumed_rows=done, load_seconds=time.time() - start)
 
     examples = iter_examples(dataset, ExampleTokenizer(tokenizer, fields, cfg.max_seq_len, cfg.generate,
                                                        cfg.add_eos),
@@ -275,7 +281,8 @@ def _progress(cfg: BuildConfig, total: int):
 def _update(bar, stats: InputStats, summary: BuildSummary, start: float) -> None:
     if bar is not None:
         bar.update(stats.examples - bar.n)
-        bar.set_postfix(tok_s=f"{summary.new_tokens / max(time.time() - start, 1e-9):,.0f}",
+        rate = summary.new_tokens / max(time.time() - start - summary.load_seconds, 1e-9)
+        bar.set_postfix(tok_s=f"{rate:,.0f}",
                         skipped=sum(stats.skipped.values()), refresh=False)
 
 
