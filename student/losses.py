@@ -1,0 +1,358 @@
+"""Sparse knowledge-distillation losses on the stored teacher support plus a tail bucket, memory-bounded.
+
+At every loss position the store gives S teacher candidates (top-k ids, or unique sampled ids) with log-probs
+and the log of the teacher mass outside them (the tail). Both distributions are compared over the same S + 1
+buckets: the candidates and "everything else". The student's bucket masses come from its full softmax, so the
+student keeps its real tail instead of being renormalised onto the candidates (which would teach over-confidence).
+
+The student's log-partition needs all V logits. `distill_loss` never builds [B, T, V]: it gathers the loss
+positions, applies the LM head chunk by chunk keeping only the log-partition, the tail log-partition and the
+gathered candidate / label logits, and recomputes each chunk's logits in backward (`_ChunkedHead`). Peak memory
+is O(chunk_size * V), independent of batch and sequence length.
+
+`dense_distill_loss` is the slow reference (full [B, T, V] logits, probability space); tests and the benchmark
+compare against it. The math and the options are documented in docs/LOSSES.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+KINDS = ("fkl", "rkl", "skl", "srkl", "jsd")
+# Finite stand-in for log 0: exp(NEG) == 0 exactly in every float dtype, and NEG keeps -inf (and the NaN
+# gradients of -inf - -inf) out of the bucket math. Masked slots and empty tails are set to it.
+NEG = -1.0e4
+
+
+@dataclass
+class DistillLossConfig:
+    """How the KD loss is formed. loss = kd_weight * KD + ce_weight * CE, each a mean over loss tokens.
+
+    kind: fkl = KL(p||q), rkl = KL(q||p), skl = KL(p || a p + (1-a) q), srkl = KL(q || a q + (1-a) p),
+          jsd = b KL(p||m) + (1-b) KL(q||m) with m = b p + (1-b) q.  (p teacher, q student, over S+1 buckets)
+    alpha: skew of skl / srkl (the MoE-KD paper: srkl, alpha 0.1, ce_weight 0.1).
+    beta: generalised JSD mixture weight, in (0, 1).
+    temperature: student logits / tau; teacher p^(1/tau) renormalised over the buckets (approximate for tau != 1:
+        the tail bucket is tempered as one token). CE always uses the student at tau = 1.
+    logp_floor: rkl only: log p used for teacher buckets with zero mass (a sampled store's empty tail), where
+        KL(q||p) would be infinite.
+    chunk_size: loss positions per LM-head chunk; peak memory ~ 2-3 x chunk_size x V floats.
+    reduction: "mean" over this batch's loss tokens, or "sum" (divide by a global token count yourself, e.g. DDP).
+    """
+
+    kind: str = "fkl"
+    alpha: float = 0.1
+    beta: float = 0.5
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    logp_floor: float = -20.0
+    chunk_size: int = 1024
+    reduction: str = "mean"
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind {self.kind!r} not in {KINDS}")
+        if not 0.0 <= self.alpha < 1.0:
+            raise ValueError(f"alpha must be in [0, 1), got {self.alpha}")
+        if not 0.0 < self.beta < 1.0:
+            raise ValueError(f"beta must be in (0, 1), got {self.beta}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {self.reduction!r}")
+
+
+# ================================================================ the public entry point
+def distill_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    config: DistillLossConfig | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KD (+ CE) loss from the student's final hidden states [B, T, H] (after the final norm) and its LM head.
+
+    `batch` is a `logit_store.reader.collate` batch: position t's targets describe token t + 1, like the logits.
+    Returns (loss, metrics); metrics are detached tensors (kd, ce, loss, tokens, student/teacher tail mass).
+    """
+    cfg = config or DistillLossConfig()
+    mask = batch["loss_mask"].to(hidden.device, torch.bool)
+    if mask.shape != hidden.shape[:2]:
+        raise ValueError(f"loss_mask {tuple(mask.shape)} does not match hidden {tuple(hidden.shape[:2])}")
+    t = _targets_at(batch, mask)
+    h = hidden[mask]  # [N, H]: only the positions that carry a loss ever meet the LM head
+
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        compute_dtype = torch.get_autocast_dtype(device)
+    else:
+        compute_dtype = torch.promote_types(hidden.dtype, lm_head_weight.dtype)
+    plain_lse = cfg.temperature != 1.0  # CE needs the tau = 1 log-partition too
+    # Gather the candidates and, in the last column, the label (its raw logit feeds CE).
+    ids = torch.cat([t["ids"], t["labels"].clamp(min=0)[:, None]], 1)
+    raw, lse, tail_lse, lse1 = _ChunkedHead.apply(h, lm_head_weight, lm_head_bias, ids, t["mask"],
+                                                  1.0 / cfg.temperature, plain_lse, cfg.chunk_size, compute_dtype)
+    inv_t = 1.0 / cfg.temperature
+    lq = _student_buckets(raw[:, :-1] * inv_t, lse, tail_lse, t["mask"])
+    lp = _teacher_buckets(t["logprobs"].to(lq.dtype), t["tail"].to(lq.dtype), t["mask"], cfg.temperature)
+    kd_tok = kd_per_token(lq, lp, cfg)
+    ce_tok = (lse1 if plain_lse else lse) - raw[:, -1]
+    return _reduce(kd_tok, ce_tok, t["has_label"], lq, lp, cfg)
+
+
+def _targets_at(batch: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The batch's targets at the loss positions, flattened to [N, ...] (masked slots get id 0)."""
+    dev = mask.device
+    tmask = batch["target_mask"].to(dev, torch.bool)[mask]
+    labels = batch["labels"].to(dev)[mask]
+    return dict(
+        ids=torch.where(tmask, batch["target_ids"].to(dev)[mask], 0),
+        mask=tmask,
+        logprobs=batch["target_logprobs"].to(dev)[mask],
+        tail=batch["target_tail"].to(dev)[mask],
+        labels=labels,
+        has_label=labels != -100,
+    )
+
+
+# ================================================================ the memory-bounded LM head
+class _ChunkedHead(torch.autograd.Function):
+    """LM head over chunks of positions, returning only what the losses need; logits recomputed in backward.
+
+    Outputs for hidden [N, H]: raw logits at `ids` [N, G]; lse [N] of logits * inv_temp; tail_lse [N], the
+    logsumexp of logits * inv_temp over the tokens that are not valid candidates (ids[:, :S] where cand_mask);
+    and lse1 [N] of the raw logits if `plain_lse` (else empty). The tail is a masked logsumexp rather than
+    log(1 - sum q): exact, with no cancellation when the candidates hold almost all the mass.
+    Matmuls run in `compute_dtype` (bf16 under autocast), everything else in fp32 (fp64 for fp64 inputs).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, cand_mask, inv_temp, plain_lse, chunk_size, compute_dtype):
+        acc = _acc_dtype(compute_dtype)
+        n, s = hidden.shape[0], cand_mask.shape[1]
+        raw = hidden.new_empty((n, ids.shape[1]), dtype=acc)
+        lse, tail_lse = hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc)
+        lse1 = hidden.new_empty(n if plain_lse else 0, dtype=acc)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(compute_dtype)
+            for lo in range(0, n, chunk_size):
+                sl = slice(lo, lo + chunk_size)
+                z = _logits(hidden[sl], w, bias, acc)
+                raw[sl] = z.gather(1, ids[sl])
+                if plain_lse:
+                    lse1[sl] = torch.logsumexp(z, 1)
+                if inv_temp != 1.0:
+                    z.mul_(inv_temp)
+                lse[sl] = torch.logsumexp(z, 1)
+                z[_valid_index(ids[sl, :s], cand_mask[sl])] = -math.inf
+                tail_lse[sl] = torch.logsumexp(z, 1)
+                del z
+        ctx.save_for_backward(hidden, weight, bias, ids, cand_mask, lse, tail_lse, lse1)
+        ctx.cfg = (inv_temp, plain_lse, chunk_size, compute_dtype)
+        ctx.set_materialize_grads(False)  # an unused output (e.g. lse1 kept as a metric) costs nothing in backward
+        return raw, lse, tail_lse, lse1
+
+    @staticmethod
+    def backward(ctx, g_raw, g_lse, g_tail, g_lse1):
+        hidden, weight, bias, ids, cand_mask, lse, tail_lse, lse1 = ctx.saved_tensors
+        inv_temp, plain_lse, chunk_size, compute_dtype = ctx.cfg
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = _acc_dtype(compute_dtype)
+        n, s = hidden.shape[0], cand_mask.shape[1]
+        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        # softmax(z * inv_temp) over the tail set; set to 0 where the set is empty (tail_lse = -inf)
+        tail_ok = torch.isfinite(tail_lse)
+        tail_c = torch.where(tail_ok, tail_lse, 0)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(compute_dtype)
+            for lo in range(0, n, chunk_size):
+                sl = slice(lo, lo + chunk_size)
+                z = _logits(hidden[sl], w, bias, acc)
+                # d loss / d raw logits, built in place: sum of softmax-shaped terms + the gathered entries
+                dz = torch.zeros_like(z)
+                if plain_lse and g_lse1 is not None:
+                    dz.add_((z - lse1[sl, None]).exp_().mul_(g_lse1[sl, None]))
+                if inv_temp != 1.0:
+                    z.mul_(inv_temp)
+                if g_lse is not None:
+                    dz.add_((z - lse[sl, None]).exp_().mul_(g_lse[sl, None] * inv_temp))
+                if g_tail is not None:
+                    z.sub_(tail_c[sl, None]).exp_()
+                    z[_valid_index(ids[sl, :s], cand_mask[sl])] = 0
+                    dz.addcmul_(z, (torch.where(tail_ok[sl], g_tail[sl], 0) * inv_temp)[:, None])
+                del z
+                if g_raw is not None:
+                    dz.scatter_add_(1, ids[sl], g_raw[sl])
+                if need_b:
+                    grad_b += dz.sum(0)
+                dzc, hc = dz.to(compute_dtype), hidden[sl].to(compute_dtype)
+                if need_h:
+                    grad_h[sl] = (dzc @ w).to(acc)
+                if need_w:
+                    if compute_dtype == acc:
+                        grad_w.addmm_(dzc.T, hc)
+                    else:
+                        grad_w += (dzc.T @ hc).to(acc)
+                del dz, dzc
+        return (
+            grad_h.to(hidden.dtype) if need_h else None,
+            grad_w.to(weight.dtype) if need_w else None,
+            grad_b.to(bias.dtype) if need_b else None,
+            None, None, None, None, None, None,
+        )
+
+
+def _acc_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if compute_dtype == torch.float64 else torch.float32
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
+    z = (h.to(w.dtype) @ w.T).to(acc)
+    return z.add_(bias.to(acc)) if bias is not None else z
+
+
+def _valid_index(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, id) of every valid candidate, to index a [rows, V] tensor."""
+    rows, slots = mask.nonzero(as_tuple=True)
+    return rows, ids[rows, slots]
+
+
+# ================================================================ the loss on S + 1 buckets
+def _student_buckets(cand_logits: torch.Tensor, lse: torch.Tensor, tail_lse: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """[N, S+1] student log-probs: the candidates' (tempered) log-softmax, then the log of the tail mass."""
+    lq = torch.cat([cand_logits - lse[:, None], (tail_lse - lse)[:, None]], 1)
+    return _with_slots(lq, mask).clamp(min=NEG)
+
+
+@torch.no_grad()
+def _teacher_buckets(logprobs: torch.Tensor, tail: torch.Tensor, mask: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """[N, S+1] teacher log-probs; for tau != 1, p^(1/tau) renormalised over the S + 1 buckets."""
+    lp = _with_slots(torch.cat([logprobs, tail[:, None]], 1), mask, fill=-math.inf)
+    if temperature != 1.0:
+        lp = lp / temperature
+        lp = lp - torch.logsumexp(lp, 1, keepdim=True)
+    return lp.clamp(min=NEG)
+
+
+def _with_slots(x: torch.Tensor, mask: torch.Tensor, fill: float = NEG) -> torch.Tensor:
+    """Set the empty candidate slots of an [N, S+1] bucket tensor (the tail, last, always counts)."""
+    valid = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+    return x.masked_fill(~valid, fill)
+
+
+def kd_per_token(lq: torch.Tensor, lp: torch.Tensor, cfg: DistillLossConfig) -> torch.Tensor:
+    """Per-position KD loss from bucket log-probs [N, S+1] of the student (lq) and teacher (lp).
+
+    Log-probs must be finite (NEG stands for log 0); then 0 log 0 terms vanish with zero gradient.
+    """
+    if cfg.kind == "fkl":
+        return _kl(lp, lq)
+    if cfg.kind == "rkl" or (cfg.kind == "srkl" and cfg.alpha == 0.0):
+        return _kl(lq, lp.clamp(min=cfg.logp_floor))
+    if cfg.kind == "skl":
+        return _kl(lp, _log_mix(lp, lq, cfg.alpha))
+    if cfg.kind == "srkl":
+        return _kl(lq, _log_mix(lq, lp, cfg.alpha))
+    lm = _log_mix(lp, lq, cfg.beta)  # jsd
+    return cfg.beta * _kl(lp, lm) + (1.0 - cfg.beta) * _kl(lq, lm)
+
+
+def _kl(la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) = sum_j a_j (log a_j - log b_j) over the last dim, from log-probs."""
+    return (la.exp() * (la - lb)).sum(-1)
+
+
+def _log_mix(la: torch.Tensor, lb: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w a + (1 - w) b) for 0 <= w < 1."""
+    if w == 0.0:
+        return lb
+    return torch.logaddexp(la + math.log(w), lb + math.log1p(-w))
+
+
+def _reduce(kd_tok: torch.Tensor, ce_tok: torch.Tensor, has_label: torch.Tensor, lq: torch.Tensor,
+            lp: torch.Tensor, cfg: DistillLossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    n, n_ce = kd_tok.shape[0], has_label.sum()
+    ce_tok = torch.where(has_label, ce_tok, 0)
+    kd, ce = kd_tok.sum(), ce_tok.sum()
+    if cfg.reduction == "mean":
+        kd, ce = kd / max(n, 1), ce / n_ce.clamp(min=1)
+    loss = cfg.kd_weight * kd + cfg.ce_weight * ce
+    with torch.no_grad():
+        metrics = dict(
+            loss=loss.detach(), kd=kd.detach(), ce=ce.detach(),
+            tokens=torch.tensor(n), ce_tokens=n_ce,
+            student_tail_mass=lq[:, -1].exp().sum() / max(n, 1),
+            teacher_tail_mass=lp[:, -1].exp().sum() / max(n, 1),
+        )
+    return loss, metrics
+
+
+# ================================================================ the dense reference (slow, [B, T, V])
+def dense_distill_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    config: DistillLossConfig | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Same loss the obvious way: full [B, T, V] logits, bucket masses as probability sums. For tests/benchmarks.
+
+    Written independently of the chunked path (probability space, a dense candidate mask, xlogy) so that the
+    two check each other.
+    """
+    cfg = config or DistillLossConfig()
+    logits = F.linear(hidden, lm_head_weight, lm_head_bias)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    probs = torch.softmax(logits / cfg.temperature, -1)  # [B, T, V]
+    ids, tmask = batch["target_ids"], batch["target_mask"].bool()
+    valid = torch.cat([tmask, torch.ones_like(tmask[..., :1])], -1)
+    is_cand = _dense_candidate_mask(ids, tmask, probs.shape[-1])
+    q_cand = probs.gather(-1, ids)
+    q_tail = (probs * ~is_cand).sum(-1, keepdim=True)  # 1 - sum q_i, summed the slow way
+    q = torch.cat([q_cand, q_tail], -1).masked_fill(~valid, 0)
+
+    p = torch.cat([batch["target_logprobs"], batch["target_tail"][..., None]], -1).to(q.dtype).exp()
+    p = p.masked_fill(~valid, 0)
+    if cfg.temperature != 1.0:
+        p = p ** (1.0 / cfg.temperature)
+        p = p / p.sum(-1, keepdim=True)
+
+    def kl(a, b):
+        return (torch.xlogy(a, a) - torch.xlogy(a, b)).sum(-1)
+
+    if cfg.kind == "fkl":
+        kd_tok = kl(p, q)
+    elif cfg.kind == "rkl" or (cfg.kind == "srkl" and cfg.alpha == 0.0):
+        kd_tok = kl(q, p.clamp(min=math.exp(cfg.logp_floor)))
+    elif cfg.kind == "skl":
+        kd_tok = kl(p, cfg.alpha * p + (1 - cfg.alpha) * q)
+    elif cfg.kind == "srkl":
+        kd_tok = kl(q, cfg.alpha * q + (1 - cfg.alpha) * p)
+    else:
+        m = cfg.beta * p + (1 - cfg.beta) * q
+        kd_tok = cfg.beta * kl(p, m) + (1 - cfg.beta) * kl(q, m)
+
+    labels = batch["labels"]
+    ce_all = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    mask = batch["loss_mask"].bool()
+    lq = torch.log(q.clamp(min=1e-300))[mask]
+    lp = torch.log(p.clamp(min=1e-300))[mask]
+    return _reduce(kd_tok[mask], ce_all.view_as(labels)[mask], labels[mask] != -100, lq, lp, cfg)
+
+
+def _dense_candidate_mask(ids: torch.Tensor, tmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, T, V] bool: which vocabulary entries are valid candidates at each position."""
+    counts = torch.zeros((*ids.shape[:-1], vocab), dtype=torch.int32, device=ids.device)
+    counts.scatter_add_(-1, ids, tmask.to(torch.int32))
+    return counts > 0
