@@ -6,7 +6,8 @@ network whose earlier layers train):
   naive-k-full   per expert, its routed tokens run a full MLP (W x + s B A x on every projection): k x the base
   mixlora-style  base gate/up once per token, per-expert LoRA + a full down projection per routed token
   moe-loop       this package, autograd path: base projections once, only LoRA deltas per expert
-  moe-fused      this package, hand-written SwiGLU expert kernel (the CPU default)
+  moe-fused      this package, hand-written SwiGLU expert autograd function, elementwise parts eager
+  moe-compiled   the same with its two elementwise functions fused by torch.compile (the CPU default)
   moe-grouped    this package with torch._grouped_mm (the CUDA path; on CPU for reference only)
 
     python -m benchmarks.moe_bench [--quick] [--json out.json]
@@ -109,7 +110,8 @@ def run(
         False
     )
     moe = {
-        impl: MoELoRAMLP(base, experts, top_k, rank, alpha=2 * rank, impl=impl) for impl in ("loop", "fused", "grouped")
+        impl: MoELoRAMLP(base, experts, top_k, rank, alpha=2 * rank, impl=impl)
+        for impl in ("loop", "fused", "compiled", "grouped")
     }
     with torch.no_grad():  # trained-looking adapters and router, so routing is not degenerate
         ref = moe["loop"]
@@ -124,6 +126,7 @@ def run(
         "mixlora-style": MixLoRAStyle(moe["loop"]),
         "moe-loop": moe["loop"],
         "moe-fused": moe["fused"],
+        "moe-compiled": moe["compiled"],
         "moe-grouped": moe["grouped"],
     }
     seq = 512 if tokens % 512 == 0 else tokens

@@ -1,24 +1,85 @@
 """Hand-written forward/backward of the routed LoRA experts of a SwiGLU (Llama-family) MoE-LoRA layer.
 
-The experts are memory-bound on CPU: per routed (token, expert) row they touch a few intermediate-size vectors
-and do rank-r matmuls. Autograd would allocate and save a fresh tensor per elementwise op; this function does
-the same math with in-place updates, fused `addmm_` for "base + LoRA delta", and saves only what backward
-needs, which is what brings the layer close to the dense MLP's cost. `MoELoRAMLP`'s autograd path
-(`impl="loop"`) is the reference it is tested against.
+The experts are memory-bound: per routed (token, expert) row they touch a few intermediate-size vectors and do
+rank-r matmuls. Autograd would write and save a fresh [rows, intermediate] tensor for every elementwise op.
+Here the rank-r matmuls run per expert on contiguous row groups, and everything elementwise is two functions
+(`mix_forward`, `mix_backward`) that torch.compile turns into one fused loop each (impl "compiled"; impl
+"fused" runs the same functions eagerly). `MoELoRAMLP`'s autograd path (impl "loop") is the reference both
+are tested against.
 
 Rows are grouped by expert: rows [start_e, start_e + counts[e]) are routed to expert e. Inputs:
   xs [M, H]   routed tokens' inputs (LoRA dropout already applied)
   g, u [N, I] base gate / up pre-activations of all tokens (one frozen matmul each)
-  a [N, I]    base activation silu(g) * u, detached: h depends on it only through (1 - sum_e w_e) a = 0
+  a [N, I]    base activation silu(g) * u
   tok [M]     token of each row; w [M] its renormalised routing weight
-Outputs: h [N, I] = a + sum_rows w (a_e - a[tok]) (input of the shared frozen down projection) and
-yd [N, H] = sum_rows w * s * B_d A_d a_e (the experts' LoRA on the down projection).
+Outputs: h [N, I] = a + sum_rows w (a_e - silu(g)u[tok]), the input of the shared frozen down projection, and
+yd [N, H] = sum_rows w s B_d A_d a_e, the experts' LoRA on the down projection.
+
+The base activation is recomputed inside the same kernel as a_e, so with zero LoRA deltas the correction is an
+exact zero whatever the kernel's rounding. h depends on the base path only through (1 - sum_rows w) = 0, so
+neither `a` nor the subtracted term is differentiated (autograd would add two terms that cancel).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
+
+
+def mix_forward(g, u, tok, dg, du, w):
+    """a_e = silu(g[tok] + dg) * (u[tok] + du) and the weighted correction w * (a_e - silu(g[tok]) * u[tok])."""
+    g_t, u_t = g[tok], u[tok]
+    a_e = F.silu(g_t + dg) * (u_t + du)
+    wdiff = w.unsqueeze(1) * (a_e - F.silu(g_t) * u_t)
+    return a_e, wdiff
+
+
+def mix_backward(gh, g, u, tok, dg, du, w, extra):
+    """Gradients of the pre-activations (d/d(g_t + dg), d/d(u_t + du)) and of w, given dL/dh = gh and the
+    down-LoRA's dL/da_e = extra."""
+    g_t, u_t, gh_t = g[tok], u[tok], gh[tok]
+    gg, uu = g_t + dg, u_t + du
+    sig = torch.sigmoid(gg)
+    sil = gg * sig
+    d_w = (gh_t * (sil * uu - F.silu(g_t) * u_t)).sum(1)
+    da = w.unsqueeze(1) * gh_t + extra
+    d_uu = da * sil
+    d_gg = da * uu * sig * (1 + gg * (1 - sig))
+    return d_gg, d_uu, d_w
+
+
+class _Kernels:
+    """The elementwise functions, eager or compiled (compiled once per process, falling back to eager with a
+    warning if torch.compile is unavailable, e.g. no C++ compiler)."""
+
+    def __init__(self) -> None:
+        self.compiled = None
+        self.failed = False
+
+    def get(self, compiled: bool):
+        if not compiled or self.failed:
+            return mix_forward, mix_backward
+        if self.compiled is None:
+            self.compiled = (torch.compile(mix_forward, dynamic=True), torch.compile(mix_backward, dynamic=True))
+        return self.compiled
+
+    def call(self, which: int, compiled: bool, *args):
+        fns = self.get(compiled)
+        try:
+            return fns[which](*args)
+        except Exception as err:  # compile errors surface at the first call
+            if not compiled or self.failed:
+                raise
+            self.failed = True
+            warnings.warn(
+                f"torch.compile of the MoE-LoRA expert kernels failed ({err}); using eager kernels", stacklevel=2
+            )
+            return (mix_forward, mix_backward)[which](*args)
+
+
+KERNELS = _Kernels()
 
 
 def _segments(counts: list[int]):
@@ -31,53 +92,51 @@ def _segments(counts: list[int]):
 
 class RoutedSwiGLULoRA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xs, g, u, a, tok, w, a_in, b_in, a_down, b_down, counts, scaling, dropout_p):
+    def forward(ctx, xs, g, u, a, tok, w, a_in, b_in, a_down, b_down, counts, scaling, dropout_p, compiled):
         n_tok, inter = g.shape
         rows, hidden = xs.shape
-        r = a_down.shape[1]
-        s = scaling
-        t = torch.empty(rows, 2 * r, dtype=xs.dtype, device=xs.device)
-        g_hat = g.index_select(0, tok)
-        u_hat = u.index_select(0, tok)
+        r, s = a_down.shape[1], scaling
+        new = dict(dtype=xs.dtype, device=xs.device)
+        # Input-side LoRA deltas per expert: t = s xs A_in^T, (dg, du) = t B_in^T.
+        t = torch.empty(rows, 2 * r, **new)
+        dg = torch.empty(rows, inter, **new)
+        du = torch.empty(rows, inter, **new)
         for e, sl in _segments(counts):
             torch.mm(xs[sl], a_in[e].T, out=t[sl])
         t.mul_(s)
         for e, sl in _segments(counts):
-            g_hat[sl].addmm_(t[sl, :r], b_in[e, 0].T)
-            u_hat[sl].addmm_(t[sl, r:], b_in[e, 1].T)
-        sil = F.silu(g_hat)
-        a_e = sil * u_hat
-        # Corrections to the base activation: exact zeros while every B is zero.
-        diff = a.index_select(0, tok)
-        torch.sub(a_e, diff, out=diff)
-        diff.mul_(w.unsqueeze(1))
-        h = a.index_add(0, tok, diff)
-        del diff
+            torch.mm(t[sl, :r], b_in[e, 0].T, out=dg[sl])
+            torch.mm(t[sl, r:], b_in[e, 1].T, out=du[sl])
+        a_e, wdiff = KERNELS.call(0, compiled, g, u, tok, dg, du, w)
+        h = a.index_add(0, tok, wdiff)
+        del wdiff
         mask = None
         a_lora = a_e
         if dropout_p > 0:
             mask = torch.empty_like(a_e).bernoulli_(1 - dropout_p).div_(1 - dropout_p)
             a_lora = a_e * mask
-        v = torch.empty(rows, r, dtype=xs.dtype, device=xs.device)
+        # Down-projection LoRA per expert: v = s a_lora A_d^T, rows (w v) B_d^T scattered to their tokens.
+        v = torch.empty(rows, r, **new)
         for e, sl in _segments(counts):
             torch.mm(a_lora[sl], a_down[e].T, out=v[sl])
         v.mul_(s)
         vw = v * w.unsqueeze(1)
-        y_rows = torch.empty(rows, hidden, dtype=xs.dtype, device=xs.device)
+        y_rows = torch.empty(rows, hidden, **new)
         for e, sl in _segments(counts):
             torch.mm(vw[sl], b_down[e].T, out=y_rows[sl])
-        yd = torch.zeros(n_tok, hidden, dtype=xs.dtype, device=xs.device).index_add_(0, tok, y_rows)
-        ctx.save_for_backward(xs, a, tok, w, a_in, b_in, a_down, b_down, t, g_hat, u_hat, sil, a_e, v, mask)
-        ctx.counts, ctx.scaling, ctx.inter = counts, scaling, inter
+        yd = torch.zeros(n_tok, hidden, **new).index_add_(0, tok, y_rows)
+        ctx.save_for_backward(xs, g, u, tok, w, a_in, b_in, a_down, b_down, t, dg, du, a_e, v, mask)
+        ctx.counts, ctx.scaling, ctx.compiled = counts, scaling, compiled
         return h, yd
 
     @staticmethod
     def backward(ctx, gh, gyd):
-        xs, a, tok, w, a_in, b_in, a_down, b_down, t, g_hat, u_hat, sil, a_e, v, mask = ctx.saved_tensors
+        xs, g, u, tok, w, a_in, b_in, a_down, b_down, t, dg, du, a_e, v, mask = ctx.saved_tensors
         counts, s = ctx.counts, ctx.scaling
         r = a_down.shape[1]
         wc = w.unsqueeze(1)
-        # Down-projection LoRA: y_rows = (w v) B_d^T,  v = s a_lora A_d^T.
+        gh, gyd = gh.contiguous(), gyd.contiguous()
+        # Down-projection LoRA.
         gy_t = gyd.index_select(0, tok)
         dvw = torch.empty_like(v)
         d_b_down = torch.zeros_like(b_down)
@@ -86,39 +145,27 @@ class RoutedSwiGLULoRA(torch.autograd.Function):
             torch.mm(gy_t[sl], b_down[e], out=dvw[sl])
             torch.mm(gy_t[sl].T, vw[sl], out=d_b_down[e])
         del gy_t
-        dw = (dvw * v).sum(1)
-        dv = dvw.mul_(wc)
+        dw_down = (dvw * v).sum(1)
+        dv = dvw.mul_(wc * s)  # dL/dv * s
         a_lora = a_e if mask is None else a_e * mask
         d_a_down = torch.zeros_like(a_down)
+        extra = torch.empty_like(a_e)  # dL/da_e through the down LoRA
         for e, sl in _segments(counts):
             torch.mm(dv[sl].T, a_lora[sl], out=d_a_down[e])
-        d_a_down.mul_(s)
+            torch.mm(dv[sl], a_down[e], out=extra[sl])
         del a_lora
-        # h = a + sum w (a_e - a[tok]):  dL/dw = <gh[tok], a_e> - <gh, a>[tok].
-        gh_t = gh.index_select(0, tok)
-        dw += torch.bmm(gh_t.unsqueeze(1), a_e.unsqueeze(2)).view(-1)
-        dw -= torch.bmm(gh.unsqueeze(1), a.unsqueeze(2)).view(-1).index_select(0, tok)
-        da = gh_t.mul_(wc)  # dL/da_e, built in place
-        if mask is None:
-            for e, sl in _segments(counts):
-                da[sl].addmm_(dv[sl], a_down[e], alpha=s)
-        else:
-            extra = torch.empty_like(da)
-            for e, sl in _segments(counts):
-                torch.mm(dv[sl], a_down[e], out=extra[sl])
-            da.add_(extra.mul_(mask), alpha=s)
-            del extra
-        du_hat = da * sil
-        dg_hat = torch.ops.aten.silu_backward(da.mul_(u_hat), g_hat)
-        del da
-        # Input-side LoRA: g_hat = g[tok] + t_g B_g^T (same for up),  t = s xs A_in^T.
+        if mask is not None:
+            extra.mul_(mask)
+        d_gg, d_uu, d_w = KERNELS.call(1, ctx.compiled, gh, g, u, tok, dg, du, w, extra)
+        del extra
+        # Input-side LoRA: (g_t + dg), dg = t_g B_g^T,  t = s xs A_in^T.
         dt = torch.empty_like(t)
         d_b_in = torch.zeros_like(b_in)
         for e, sl in _segments(counts):
-            torch.mm(dg_hat[sl], b_in[e, 0], out=dt[sl, :r])
-            torch.mm(du_hat[sl], b_in[e, 1], out=dt[sl, r:])
-            torch.mm(dg_hat[sl].T, t[sl, :r], out=d_b_in[e, 0])
-            torch.mm(du_hat[sl].T, t[sl, r:], out=d_b_in[e, 1])
+            torch.mm(d_gg[sl], b_in[e, 0], out=dt[sl, :r])
+            torch.mm(d_uu[sl], b_in[e, 1], out=dt[sl, r:])
+            torch.mm(d_gg[sl].T, t[sl, :r], out=d_b_in[e, 0])
+            torch.mm(d_uu[sl].T, t[sl, r:], out=d_b_in[e, 1])
         dt.mul_(s)
         d_a_in = torch.zeros_like(a_in)
         dxs = torch.empty_like(xs) if ctx.needs_input_grad[0] else None
@@ -126,10 +173,10 @@ class RoutedSwiGLULoRA(torch.autograd.Function):
             torch.mm(dt[sl].T, xs[sl], out=d_a_in[e])
             if dxs is not None:
                 torch.mm(dt[sl], a_in[e], out=dxs[sl])
-        dg = du = None
-        n_tok = a.shape[0]
+        d_g = d_u = None
         if ctx.needs_input_grad[1]:
-            dg = torch.zeros(n_tok, ctx.inter, dtype=a.dtype, device=a.device).index_add_(0, tok, dg_hat)
+            d_g = torch.zeros_like(g).index_add_(0, tok, d_gg)
         if ctx.needs_input_grad[2]:
-            du = torch.zeros(n_tok, ctx.inter, dtype=a.dtype, device=a.device).index_add_(0, tok, du_hat)
-        return dxs, dg, du, None, None, dw, d_a_in, d_b_in, d_a_down, d_b_down, None, None, None
+            d_u = torch.zeros_like(u).index_add_(0, tok, d_uu)
+        dw = d_w + dw_down
+        return dxs, d_g, d_u, None, None, dw, d_a_in, d_b_in, d_a_down, d_b_down, None, None, None, None

@@ -26,8 +26,9 @@ from torch import nn
 
 from student.fused_experts import RoutedSwiGLULoRA
 
-# "auto": grouped GEMM on CUDA, the fused SwiGLU kernel on CPU where it applies, else the autograd loop.
-IMPLS = ("auto", "fused", "loop", "grouped")
+# "auto": grouped GEMM on CUDA; on CPU the compiled SwiGLU expert kernel where it applies, else the autograd
+# loop. "fused" is the same kernel run eagerly (no torch.compile).
+IMPLS = ("auto", "compiled", "fused", "loop", "grouped")
 
 
 class UnsupportedModelError(ValueError):
@@ -166,7 +167,7 @@ class MoELoRAMLP(nn.Module):
             and x.dtype == self.in_A.dtype
             and not torch.is_autocast_enabled(x.device.type)
         )
-        return "fused" if fusable else "loop"
+        return "compiled" if fusable else "loop"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -174,7 +175,8 @@ class MoELoRAMLP(nn.Module):
         # Frozen base projections once per token, called exactly as the base MLP calls them (same shapes,
         # same kernels), so that zero corrections leave the output bit-identical.
         pre3 = [getattr(self.base, n)(x) for n in self.in_names]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and impl != "fused"):
+        fused = impl in ("fused", "compiled")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not fused):
             a3 = self._activation(pre3)
         x2 = x.reshape(-1, self.hidden_size)
         pre = [p.reshape(-1, self.intermediate_size) for p in pre3]
@@ -190,12 +192,12 @@ class MoELoRAMLP(nn.Module):
         counts = count_t.tolist()
         down = getattr(self.base, self.out_name)
 
-        if impl == "fused":
+        if fused:
             xs = self.lora_dropout(x2.index_select(0, tok))
             p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) and self.training else 0.0
             h, yd = RoutedSwiGLULoRA.apply(
                 xs, pre[0], pre[1], a, tok, w, self.in_A, self.in_B, self.out_A, self.out_B,
-                counts, self.scaling, p,
+                counts, self.scaling, p, impl == "compiled",
             )  # fmt: skip
             return down(h.reshape(*lead, -1)) + yd.reshape(*lead, -1)
 

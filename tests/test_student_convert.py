@@ -102,7 +102,7 @@ def test_moe_layer_matches_textbook_mixture():
         torch.testing.assert_close(layer(x), _reference_moe(layer, x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["fused", "grouped"])
+@pytest.mark.parametrize("impl", ["fused", "compiled", "grouped"])
 def test_fast_paths_match_the_autograd_loop(impl):
     """The fused CPU kernel and the grouped-GEMM path (used on CUDA) must compute what the autograd
     per-expert loop computes, gradients included."""
@@ -124,12 +124,13 @@ def test_fast_paths_match_the_autograd_loop(impl):
             torch.testing.assert_close(dict(fast.named_parameters())[name].grad, p.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_path_with_lora_dropout_trains_and_is_exact_in_eval():
+@pytest.mark.parametrize("impl", ["fused", "compiled"])
+def test_fused_path_with_lora_dropout_trains_and_is_exact_in_eval(impl):
     torch.manual_seed(0)
     mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=1))
     loop = MoELoRAMLP(mlp, num_experts=4, rank=4, dropout=0.3, impl="loop")
     randomize_adapters(loop)
-    fused = MoELoRAMLP(mlp, num_experts=4, rank=4, dropout=0.3, impl="fused")
+    fused = MoELoRAMLP(mlp, num_experts=4, rank=4, dropout=0.3, impl=impl)
     fused.load_state_dict(loop.state_dict())
     x = torch.randn(2, 9, 32)
     y = fused.train()(x.requires_grad_())
