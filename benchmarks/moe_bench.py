@@ -162,6 +162,15 @@ def run(
     }
 
 
+def cpu_pressure() -> float | None:
+    """Linux PSI: % of the last 10 s in which some runnable task waited for a CPU (a busy neighbour)."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return float(f.readline().split()[1].split("=")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes, few repetitions (a smoke run)")
@@ -176,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.quick:
         args.tokens, args.reps = 512, 5
-    load_before = os.getloadavg()
+    load_before, pressure_before = os.getloadavg(), cpu_pressure()
     out = run(args.hidden, args.intermediate, args.tokens, args.experts, args.top_k, args.rank, args.reps, warmup=3)
     out["env"] = {
         "torch": torch.__version__,
@@ -184,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
+        "cpu_pressure_some_avg10_before": pressure_before,
+        "cpu_pressure_some_avg10_after": cpu_pressure(),
     }
     c = out["config"]
     print(
@@ -191,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"{c['experts']} experts, top-{c['top_k']}, rank {c['rank']}, {torch.get_num_threads()} threads "
         f"(load avg before {load_before[0]:.2f})"
     )
+    if (pressure_before or 0) > 20 or (out["env"]["cpu_pressure_some_avg10_after"] or 0) > 20:
+        print("WARNING: other processes competed for the CPU during this run; ratios are unreliable")
     print(f"{'variant':<15}{'fwd+bwd ms':>12}{'x dense':>9}{'fwd ms':>10}{'x dense':>9}{'max|diff|':>11}")
     for name, r in out["results"].items():
         diff = "" if r["max_abs_diff_vs_moe_loop"] is None else f"{r['max_abs_diff_vs_moe_loop']:.1e}"

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from student.fused_experts import RoutedSwiGLULoRA
+from student.fused_experts import KERNELS, RoutedSwiGLULoRA
 
 # "auto": grouped GEMM on CUDA; on CPU the compiled SwiGLU expert kernel where it applies, else the autograd
-# loop. "fused" is the same kernel run eagerly (no torch.compile).
+# loop. "fused" runs the compiled path's functions eagerly: slow, for testing the autograd function alone.
 IMPLS = ("auto", "compiled", "fused", "loop", "grouped")
 
 
@@ -157,6 +157,8 @@ class MoELoRAMLP(nn.Module):
 
     def resolve_impl(self, x: torch.Tensor) -> str:
         """Which expert implementation runs for this input (see `impl`)."""
+        if self.impl == "compiled" and KERNELS.failed:
+            return "loop"  # torch.compile is unavailable here; the eager kernels are slower than the loop
         if self.impl != "auto":
             return self.impl
         if x.is_cuda:
@@ -167,7 +169,7 @@ class MoELoRAMLP(nn.Module):
             and x.dtype == self.in_A.dtype
             and not torch.is_autocast_enabled(x.device.type)
         )
-        return "compiled" if fusable else "loop"
+        return "compiled" if fusable and not KERNELS.failed else "loop"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
