@@ -10,7 +10,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-all lint demo teacher bench bench-store bench-moe clean
+.PHONY: install test test-all lint demo teacher bench bench-store bench-moe bench-build clean
 
 install: $(STAMP)
 
@@ -37,7 +37,10 @@ lint: install
 demo: install
 	$(PY) -m cli.demo --out demo-out
 
-bench: bench-store bench-moe
+bench: bench-store bench-moe bench-build
+
+bench-build: teacher
+	$(PY) -m benchmarks.build_bench --json benchmarks/results/build_bench.json
 
 bench-moe: install
 	$(PY) -m benchmarks.moe_bench --json benchmarks/results/moe_bench.json

