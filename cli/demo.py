@@ -1,75 +1,53 @@
-"""`make demo`: build a small store end to end from a tiny teacher and text generated here, then check it."""
+"""`make demo`: the main job end to end on a tiny teacher and text generated here (nothing is downloaded).
+
+Trains a tiny teacher for a few seconds, captures its top-k distributions for held-out text with
+`kdstore build` (vLLM backend), then shows `kdstore info`, `verify` and `inspect` on the store.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
-import time
-
-import numpy as np
 
 from cli import kdstore
-from logit_store import Manifest, ShardWriter, StoreRow, TargetSpec
-from logit_store.fingerprint import model_fingerprint, tokenizer_fingerprint
+from logit_store.build import BuildConfig, build
 from logit_store.synthetic import make_tiny_teacher, synthetic_corpus
 
 
-def build_demo_store(out: str, k: int = 16, n_docs: int = 200) -> str:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from logit_store.teachers.hf import HFTeacher
-
-    teacher_dir = os.path.join(out, "teacher")
-    if not os.path.exists(os.path.join(teacher_dir, "config.json")):
-        print(f"training a tiny teacher on generated text -> {teacher_dir}")
-        make_tiny_teacher(teacher_dir, n_docs=n_docs)
-    tok = AutoTokenizer.from_pretrained(teacher_dir)
-    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-    teacher = HFTeacher(model)
-
+def build_demo_store(out: str, backend: str = "vllm", k: int = 16, n_docs: int = 200) -> str:
+    teacher = os.path.join(out, "teacher")
+    if not os.path.exists(os.path.join(teacher, "config.json")):
+        print(f"training a tiny teacher on generated text -> {teacher}")
+        make_tiny_teacher(teacher, n_docs=n_docs)
+    data = os.path.join(out, "data.jsonl")
+    with open(data, "w") as f:
+        for text in synthetic_corpus(n_docs, seed=1):  # held out: the teacher trained on seed 0
+            f.write(json.dumps({"text": text}) + "\n")
     store = os.path.join(out, "store")
     shutil.rmtree(store, ignore_errors=True)
-    manifest = Manifest(
-        target=TargetSpec("topk", k=k), vocab_size=teacher.vocab_size,
-        teacher={"name_or_path": teacher_dir, "fingerprint": model_fingerprint(teacher_dir), "backend": "hf",
-                 "dtype": "float32"},
-        tokenizer={"name_or_path": teacher_dir, "fingerprint": tokenizer_fingerprint(tok),
-                   "vocab_size": len(tok)},
-        input={"source": "logit_store.synthetic.synthetic_corpus", "n_docs": n_docs, "seed": 1,
-               "fields": {"text": "text"}},
-        sequence={"max_seq_len": 256, "packing": False},
-    )
-    texts = synthetic_corpus(n_docs, seed=1)  # held-out from the teacher's training corpus (seed 0)
-    start = time.time()
-    with ShardWriter(store, manifest, shard_tokens=4096, batch_tokens=1024) as writer:
-        for lo in range(0, len(texts), 16):
-            rows = []
-            for i, text in enumerate(texts[lo:lo + 16], start=lo):
-                ids = np.array(tok(text).input_ids[:256] + [tok.eos_token_id], dtype=np.int64)
-                mask = np.ones(ids.size, dtype=bool)
-                mask[0] = False
-                rows.append((i, ids, mask))
-            with torch.no_grad():
-                targets = teacher.topk([(ids, mask) for _, ids, mask in rows], k)
-            for (i, ids, mask), tgt in zip(rows, targets, strict=False):
-                writer.write(StoreRow(ids, mask, tgt, source_index=i))
-    print(f"built {store} in {time.time() - start:.1f}s\n")
+    cfg = BuildConfig(teacher=teacher, data=data, out=store, backend=backend, text_field="text", top_k=k,
+                      max_seq_len=256, shard_tokens=8192, dtype="float32")
+    print(f"\n$ kdstore build --teacher {teacher} --data {data} --text-field text --out {store} --top-k {k} "
+          f"--backend {backend}")
+    print(build(cfg).format())
     return store
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
+    p.add_argument("--backend", default="vllm", choices=["vllm", "hf"], help="teacher backend (default vllm)")
     args = p.parse_args(argv)
-    store = build_demo_store(args.out)
-    print("$ kdstore info", store)
+    store = build_demo_store(args.out, args.backend)
+    print("\n$ kdstore info", store)
     kdstore.main(["info", store])
     print("\n$ kdstore verify", store)
     rc = kdstore.main(["verify", store])
     print("\n$ kdstore inspect", store, "--row 0 --max-positions 12 --top 3")
     kdstore.main(["inspect", store, "--row", "0", "--max-positions", "12", "--top", "3"])
+    print(f"\neverything is under {args.out}/: teacher/ (the tiny teacher), data.jsonl, store/")
     return rc
 
 

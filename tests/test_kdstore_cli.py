@@ -62,6 +62,6 @@ def test_inspect_shows_candidates_and_errors_are_clear(store, capsys):
 def test_demo_store_builds_and_verifies(tmp_path, capsys):
     from cli.demo import main
 
-    assert main(["--out", str(tmp_path)]) == 0
+    assert main(["--out", str(tmp_path)]) == 0  # the vllm backend, as `make demo` runs it
     out = capsys.readouterr().out
     assert "OK " in out and "bytes_per_token" in out
