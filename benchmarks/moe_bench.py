@@ -134,23 +134,28 @@ def run(
     with torch.no_grad():  # sanity: every MoE variant computes the same function
         y0 = variants["moe-loop"](x)
         max_diff = {n: (variants[n](x) - y0).abs().max().item() for n in variants if n != "dense"}
-    times: dict[str, dict[str, list[float]]] = {n: {"fwd_bwd": [], "fwd": []} for n in variants}
+    kinds = ("fwd_bwd", "fwd", "fwd_bwd_cpu")
+    times: dict[str, dict[str, list[float]]] = {n: {k: [] for k in kinds} for n in variants}
     for i in range(warmup + reps):
         for name, mod in variants.items():
             for kind, fn in (("fwd_bwd", _fwd_bwd), ("fwd", _fwd)):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn(mod, x)
                 if i >= warmup:
                     times[name][kind].append(time.perf_counter() - t0)
-    dense = {k: statistics.median(times["dense"][k]) for k in ("fwd_bwd", "fwd")}
+                    if kind == "fwd_bwd":  # CPU seconds of all threads: less sensitive to a busy neighbour
+                        times[name]["fwd_bwd_cpu"].append(time.process_time() - c0)
+    dense = {k: statistics.median(times["dense"][k]) for k in kinds}
     results = {}
     for name in variants:
-        med = {k: statistics.median(times[name][k]) for k in ("fwd_bwd", "fwd")}
+        med = {k: statistics.median(times[name][k]) for k in kinds}
         results[name] = {
             "fwd_bwd_ms": med["fwd_bwd"] * 1e3,
             "fwd_ms": med["fwd"] * 1e3,
+            "fwd_bwd_cpu_ms": med["fwd_bwd_cpu"] * 1e3,
             "fwd_bwd_ratio": med["fwd_bwd"] / dense["fwd_bwd"],
             "fwd_ratio": med["fwd"] / dense["fwd"],
+            "fwd_bwd_cpu_ratio": med["fwd_bwd_cpu"] / dense["fwd_bwd_cpu"],
             "max_abs_diff_vs_moe_loop": max_diff.get(name),
         }
     usage = ref.router_stats.counts.tolist() if ref.router_stats is not None else None
@@ -181,10 +186,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
-        args.tokens, args.reps = 512, 5
+        args.tokens, args.reps = 512, 3
     load_before, pressure_before = os.getloadavg(), cpu_pressure()
     out = run(args.hidden, args.intermediate, args.tokens, args.experts, args.top_k, args.rank, args.reps, warmup=3)
     out["env"] = {
@@ -204,13 +212,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if (pressure_before or 0) > 20 or (out["env"]["cpu_pressure_some_avg10_after"] or 0) > 20:
         print("WARNING: other processes competed for the CPU during this run; ratios are unreliable")
-    print(f"{'variant':<15}{'fwd+bwd ms':>12}{'x dense':>9}{'fwd ms':>10}{'x dense':>9}{'max|diff|':>11}")
+    head = ("variant", "fwd+bwd ms", "x dense", "cpu ms", "x dense", "fwd ms", "x dense", "max|diff|")
+    print(f"{head[0]:<15}" + "".join(f"{h:>11}" for h in head[1:]))
     for name, r in out["results"].items():
         diff = "" if r["max_abs_diff_vs_moe_loop"] is None else f"{r['max_abs_diff_vs_moe_loop']:.1e}"
-        print(
-            f"{name:<15}{r['fwd_bwd_ms']:>12.1f}{r['fwd_bwd_ratio']:>9.2f}{r['fwd_ms']:>10.1f}{r['fwd_ratio']:>9.2f}"
-            f"{diff:>11}"
-        )
+        cols = (r["fwd_bwd_ms"], r["fwd_bwd_ratio"], r["fwd_bwd_cpu_ms"], r["fwd_bwd_cpu_ratio"])
+        cols += (r["fwd_ms"], r["fwd_ratio"])
+        print(f"{name:<15}" + "".join(f"{c:>11.2f}" for c in cols) + f"{diff:>11}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

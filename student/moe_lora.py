@@ -68,9 +68,11 @@ def _in_out_features(proj: nn.Module) -> tuple[int, int]:
 def _segment_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int], offsets: torch.Tensor | None) -> torch.Tensor:
     """Rows of x are grouped by expert (counts[e] rows for expert e); returns x_seg @ w[e].T for every group.
 
-    With `offsets` it is one grouped GEMM (torch._grouped_mm, the CUDA fast path); otherwise a loop of plain
-    matmuls, which is what a CPU wants and the reference the grouped path must match."""
+    With `offsets` it is one grouped GEMM (torch._grouped_mm, the CUDA fast path; CUDA's kernel takes bf16
+    only, so there the product is computed in bf16); otherwise a loop of plain matmuls, the reference."""
     if offsets is not None:
+        if x.is_cuda:
+            return torch._grouped_mm(x.bfloat16(), w.bfloat16().transpose(1, 2), offs=offsets).to(x.dtype)
         return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
     outs = [seg @ w[e].T for e, seg in enumerate(x.split(counts)) if counts[e] > 0]
     return torch.cat(outs) if len(outs) > 1 else outs[0]
@@ -161,8 +163,8 @@ class MoELoRAMLP(nn.Module):
             return "loop"  # torch.compile is unavailable here; the eager kernels are slower than the loop
         if self.impl != "auto":
             return self.impl
-        if x.is_cuda:
-            return "grouped"
+        if x.is_cuda:  # grouped GEMM for bf16 activations (its CUDA kernel's dtype), else the loop
+            return "grouped" if x.dtype == torch.bfloat16 else "loop"
         fusable = (
             self.kind == "gated"
             and type(getattr(self.base, self.act_name)).__name__ in ("SiLU", "SiLUActivation")
