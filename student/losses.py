@@ -177,14 +177,18 @@ class _ChunkedHead(torch.autograd.Function):
             for lo in range(0, n, chunk_size):
                 sl = slice(lo, lo + chunk_size)
                 z = _logits(hidden[sl], w, bias, acc)
-                # d loss / d raw logits, built in place: sum of softmax-shaped terms + the gathered entries
-                dz = torch.zeros_like(z)
+                # d loss / d raw logits: softmax-shaped terms + the gathered entries; two [C, V] buffers at τ = 1
+                dz = None
                 if plain_lse and g_lse1 is not None:
-                    dz.add_((z - lse1[sl, None]).exp_().mul_(g_lse1[sl, None]))
+                    dz = (z - lse1[sl, None]).exp_().mul_(g_lse1[sl, None])
                 if inv_temp != 1.0:
                     z.mul_(inv_temp)
                 if g_lse is not None:
-                    dz.add_((z - lse[sl, None]).exp_().mul_(g_lse[sl, None] * inv_temp))
+                    term = (z - lse[sl, None]).exp_().mul_(g_lse[sl, None] * inv_temp)
+                    dz = term if dz is None else dz.add_(term)
+                    del term
+                if dz is None:
+                    dz = torch.zeros_like(z)
                 if g_tail is not None:
                     z.sub_(tail_c[sl, None]).exp_()
                     z[_valid_index(ids[sl, :s], cand_mask[sl])] = 0
