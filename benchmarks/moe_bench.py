@@ -56,10 +56,10 @@ class NaiveKFull(nn.Module):
             if tok.numel() == 0:
                 continue
             xe = x2[tok]
-            g = m.base.gate_proj(xe) + s * (xe @ m.in_A[e, :r].T) @ m.in_B[e, 0].T
-            u = m.base.up_proj(xe) + s * (xe @ m.in_A[e, r:].T) @ m.in_B[e, 1].T
+            g = m.base.gate_proj(xe) + s * (xe @ m.in_A[e, :r].T) @ m.in_B[e, 0]
+            u = m.base.up_proj(xe) + s * (xe @ m.in_A[e, r:].T) @ m.in_B[e, 1]
             a = F.silu(g) * u
-            y = m.base.down_proj(a) + s * (a @ m.out_A[e].T) @ m.out_B[e].T
+            y = m.base.down_proj(a) + s * (a @ m.out_A[e].T) @ m.out_B[e]
             out = out.index_add(0, tok, w[tok, slot].unsqueeze(1) * y)
         return out.reshape(x.shape)
 
@@ -82,10 +82,10 @@ class MixLoRAStyle(nn.Module):
             if tok.numel() == 0:
                 continue
             xe = x2[tok]
-            g = g_all[tok] + s * (xe @ m.in_A[e, :r].T) @ m.in_B[e, 0].T
-            u = u_all[tok] + s * (xe @ m.in_A[e, r:].T) @ m.in_B[e, 1].T
+            g = g_all[tok] + s * (xe @ m.in_A[e, :r].T) @ m.in_B[e, 0]
+            u = u_all[tok] + s * (xe @ m.in_A[e, r:].T) @ m.in_B[e, 1]
             a = F.silu(g) * u
-            y = m.base.down_proj(a) + s * (a @ m.out_A[e].T) @ m.out_B[e].T
+            y = m.base.down_proj(a) + s * (a @ m.out_A[e].T) @ m.out_B[e]
             out = out.index_add(0, tok, w[tok, slot].unsqueeze(1) * y)
         return out.reshape(x.shape)
 

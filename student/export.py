@@ -92,9 +92,9 @@ def expert_weights(moe: MoELoRAMLP) -> tuple[torch.Tensor, torch.Tensor]:
     w_g = moe.base.gate_proj.weight.float()
     w_u = moe.base.up_proj.weight.float()
     w_d = moe.base.down_proj.weight.float()
-    gate = w_g + s * moe.in_B[:, 0].float() @ moe.in_A[:, :r].float()
-    up = w_u + s * moe.in_B[:, 1].float() @ moe.in_A[:, r:].float()
-    down = w_d + s * moe.out_B.float() @ moe.out_A.float()
+    gate = w_g + s * moe.in_B[:, 0].float().transpose(1, 2) @ moe.in_A[:, :r].float()
+    up = w_u + s * moe.in_B[:, 1].float().transpose(1, 2) @ moe.in_A[:, r:].float()
+    down = w_d + s * moe.out_B.float().transpose(1, 2) @ moe.out_A.float()
     return torch.cat([gate, up], dim=1), down
 
 

@@ -11,6 +11,7 @@ Rows are grouped by expert: rows [start_e, start_e + counts[e]) are routed to ex
   xs [M, H]   routed tokens' inputs (LoRA dropout already applied)
   g, u [N, I] base gate / up pre-activations of all tokens (one frozen matmul each)
   a [N, I]    base activation silu(g) * u
+  a_in [E, 2r, H], b_in [E, 2, r, I], a_down [E, r, I], b_down [E, r, H]   (B factors stored rank-first)
   tok [M]     token of each row; w [M] its renormalised routing weight
 Outputs: h [N, I] = a + sum_rows w (a_e - silu(g)u[tok]), the input of the shared frozen down projection, and
 yd [N, H] = sum_rows w s B_d A_d a_e, the experts' LoRA on the down projection.
@@ -62,7 +63,9 @@ class _Kernels:
         if not compiled or self.failed:
             return mix_forward, mix_backward
         if self.compiled is None:
-            self.compiled = (torch.compile(mix_forward, dynamic=True), torch.compile(mix_backward, dynamic=True))
+            # Default (automatic) dynamic shapes: static kernels for a fixed batch shape, which compile
+            # to faster loops than dynamic ones, and one dynamic recompile if shapes do vary.
+            self.compiled = (torch.compile(mix_forward), torch.compile(mix_backward))
         return self.compiled
 
     def call(self, which: int, compiled: bool, *args):
@@ -105,8 +108,8 @@ class RoutedSwiGLULoRA(torch.autograd.Function):
             torch.mm(xs[sl], a_in[e].T, out=t[sl])
         t.mul_(s)
         for e, sl in _segments(counts):
-            torch.mm(t[sl, :r], b_in[e, 0].T, out=dg[sl])
-            torch.mm(t[sl, r:], b_in[e, 1].T, out=du[sl])
+            torch.mm(t[sl, :r], b_in[e, 0], out=dg[sl])
+            torch.mm(t[sl, r:], b_in[e, 1], out=du[sl])
         a_e, wdiff = KERNELS.call(0, compiled, g, u, tok, dg, du, w)
         h = a.index_add(0, tok, wdiff)
         del wdiff
@@ -123,7 +126,7 @@ class RoutedSwiGLULoRA(torch.autograd.Function):
         vw = v * w.unsqueeze(1)
         y_rows = torch.empty(rows, hidden, **new)
         for e, sl in _segments(counts):
-            torch.mm(vw[sl], b_down[e].T, out=y_rows[sl])
+            torch.mm(vw[sl], b_down[e], out=y_rows[sl])
         yd = torch.zeros(n_tok, hidden, **new).index_add_(0, tok, y_rows)
         ctx.save_for_backward(xs, g, u, tok, w, a_in, b_in, a_down, b_down, t, dg, du, a_e, v, mask)
         ctx.counts, ctx.scaling, ctx.compiled = counts, scaling, compiled
@@ -142,8 +145,8 @@ class RoutedSwiGLULoRA(torch.autograd.Function):
         d_b_down = torch.zeros_like(b_down)
         vw = v * wc
         for e, sl in _segments(counts):
-            torch.mm(gy_t[sl], b_down[e], out=dvw[sl])
-            torch.mm(gy_t[sl].T, vw[sl], out=d_b_down[e])
+            torch.mm(gy_t[sl], b_down[e].T, out=dvw[sl])
+            torch.mm(vw[sl].T, gy_t[sl], out=d_b_down[e])
         del gy_t
         dw_down = (dvw * v).sum(1)
         dv = dvw.mul_(wc * s)  # dL/dv * s
@@ -160,12 +163,13 @@ class RoutedSwiGLULoRA(torch.autograd.Function):
         del extra
         # Input-side LoRA: (g_t + dg), dg = t_g B_g^T,  t = s xs A_in^T.
         dt = torch.empty_like(t)
+        t_T = t.T.contiguous()
         d_b_in = torch.zeros_like(b_in)
         for e, sl in _segments(counts):
-            torch.mm(d_gg[sl], b_in[e, 0], out=dt[sl, :r])
-            torch.mm(d_uu[sl], b_in[e, 1], out=dt[sl, r:])
-            torch.mm(d_gg[sl].T, t[sl, :r], out=d_b_in[e, 0])
-            torch.mm(d_uu[sl].T, t[sl, r:], out=d_b_in[e, 1])
+            torch.mm(d_gg[sl], b_in[e, 0].T, out=dt[sl, :r])
+            torch.mm(d_uu[sl], b_in[e, 1].T, out=dt[sl, r:])
+            torch.mm(t_T[:r, sl], d_gg[sl], out=d_b_in[e, 0])
+            torch.mm(t_T[r:, sl], d_uu[sl], out=d_b_in[e, 1])
         dt.mul_(s)
         d_a_in = torch.zeros_like(a_in)
         dxs = torch.empty_like(xs) if ctx.needs_input_grad[0] else None

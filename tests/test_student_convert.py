@@ -84,9 +84,9 @@ def _reference_moe(layer: MoELoRAMLP, x: torch.Tensor) -> torch.Tensor:
     for t in range(x2.shape[0]):
         for j in range(layer.top_k):
             e = idx[t, j]
-            wg = mlp.gate_proj.weight + s * layer.in_B[e, 0] @ layer.in_A[e, :r]
-            wu = mlp.up_proj.weight + s * layer.in_B[e, 1] @ layer.in_A[e, r:]
-            wd = mlp.down_proj.weight + s * layer.out_B[e] @ layer.out_A[e]
+            wg = mlp.gate_proj.weight + s * layer.in_B[e, 0].T @ layer.in_A[e, :r]
+            wu = mlp.up_proj.weight + s * layer.in_B[e, 1].T @ layer.in_A[e, r:]
+            wd = mlp.down_proj.weight + s * layer.out_B[e].T @ layer.out_A[e]
             a = mlp.act_fn(x2[t] @ wg.T) * (x2[t] @ wu.T)
             out[t] += w[t, j] * (a @ wd.T)
     return out.reshape(x.shape)
