@@ -4,12 +4,16 @@ kdstudent convert BASE_DIR --out STUDENT_DIR [--experts 8 --top-k 2 --rank 16 --
 kdstudent params BASE_DIR [MoE options]          trainable counts: MoE-LoRA, matched dense LoRA, full FT
 kdstudent info STUDENT_OR_RUN_DIR
 kdstudent export STUDENT_OR_RUN_DIR --to mixtral --out DIR [--base BASE_DIR] [--dtype bfloat16]
+kdstudent train --store STORE --base BASE_DIR --out RUN [...]   (or: kdstudent train config.yaml; --help)
+kdstudent eval --model RUN --store VAL_STORE [--json]
+kdstudent plot RUN
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -103,6 +107,51 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(argv: list[str]) -> int:
+    """Parsed by transformers' HfArgumentParser: flags, or one YAML/JSON file holding them."""
+    from transformers import HfArgumentParser
+
+    from student.train import TrainConfig, train
+
+    parser = HfArgumentParser(TrainConfig, prog="kdstudent train", description=(
+        "Distil a student from a logit store. Options as flags or one YAML/JSON file (kdstudent train run.yaml). "
+        "Several processes: torchrun --nproc-per-node N -m cli.kdstudent train ..."))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        (cfg,) = (parser.parse_yaml_file if argv[0].endswith(("yaml", "yml")) else parser.parse_json_file)(argv[0])
+    else:
+        (cfg,) = parser.parse_args_into_dataclasses(argv)
+    last = train(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps({k: v for k, v in last.items() if k != "expert_usage"}))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from student.evaluate import evaluate
+    from student.train import load_trained
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = evaluate(load_trained(args.model, device), args.store, batch_size=args.batch_size,
+                      max_rows=args.max_rows, device=device)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"{'metric':12s} value")
+    for key in ("teacher_kl", "ce", "ppl", "top1_agree", "ece", "tokens"):
+        print(f"{key:12s} {result[key]:.4f}" if isinstance(result[key], float) else f"{key:12s} {result[key]}")
+    for layer, fractions in result.get("expert_usage", {}).items():
+        print(f"experts L{layer:<3s} " + " ".join(f"{f:.2f}" for f in fractions))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from student.plots import plot_run
+
+    for path in plot_run(args.run, args.out):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="kdstudent", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -132,15 +181,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="base model directory, if it moved since training")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the base model's dtype")
     p.set_defaults(func=cmd_export)
+
+    sub.add_parser("train", add_help=False, help="distil a student from a logit store (kdstudent train --help)")
+    p = sub.add_parser("eval", help="teacher-KL, perplexity, top-1 agreement, calibration, expert usage on a store")
+    p.add_argument("--model", required=True, help="a training run (any student kind) or a saved student directory")
+    p.add_argument("--store", required=True, help="held-out logit store")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-rows", type=int, default=None, help="evaluate only the first N rows")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plot", help="PNGs of a run's loss curves, evaluations and expert load")
+    p.add_argument("run")
+    p.add_argument("--out", default=None, help="output folder (default RUN/plots)")
+    p.set_defaults(func=cmd_plot)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["train"]:
+            return cmd_train(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:  # our errors say what is wrong and what to do
-        print(f"kdstudent {args.command}: error: {err}", file=sys.stderr)
+        print(f"kdstudent {argv[0] if argv else ''}: error: {err}", file=sys.stderr)
         return 2
 
 

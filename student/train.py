@@ -1,0 +1,430 @@
+"""`kdstudent train`: distil a student from a logit store, on one process or many (torchrun), resumably.
+
+A plain loop rather than transformers' Trainer: the loss needs the model body's hidden states and a chunked LM
+head (never [batch, seq, vocab] logits), and the reader's position is part of a checkpoint; both fight the
+Trainer's compute_loss/sampler/resume machinery. What the Trainer would give is here: gradient accumulation,
+bf16 autocast, AdamW, warmup + cosine schedule (transformers' get_cosine_schedule_with_warmup), clipping,
+checkpoints every N steps, exact resume, DDP under torchrun, metrics.jsonl and a tqdm bar.
+
+Loss normalisation is global: each optimizer step sums the KD/CE loss over all tokens of all micro-batches on
+all ranks and divides by their total count, so N processes give the loss and gradients of one process that
+sees the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from logit_store import KDStream, LogitStore, StoreLoader
+from logit_store.fingerprint import tokenizer_fingerprint
+from student.losses import DistillLossConfig, distill_loss
+from student.router_loss import expert_usage, router_losses
+
+RUN_CONFIG = "train_config.json"
+METRICS = "metrics.jsonl"
+
+
+class TrainError(ValueError):
+    """A training setup that cannot work (tokenizer/store mismatch, bad options)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything `kdstudent train` takes (as flags, or in a YAML/JSON file)."""
+
+    store: str = field(metadata={"help": "logit store to distil from (path or URL)"})
+    base: str = field(metadata={"help": "dense base model directory the student starts from"})
+    out: str = field(metadata={"help": "run directory: checkpoints, metrics.jsonl, final student"})
+    student: str = field(default="moe-lora", metadata={"help": "student kind", "choices": ["moe-lora", "lora", "full"]})
+    keep_layers: str | None = field(default=None, metadata={"help": "keep only these base layers (e.g. ::2)"})
+    experts: int = field(default=8, metadata={"help": "moe-lora: experts per MoE layer"})
+    experts_top_k: int = field(default=2, metadata={"help": "moe-lora: experts per token"})
+    rank: int = field(default=16, metadata={"help": "LoRA rank (experts for moe-lora; all projections for lora)"})
+    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    moe_layers: str = field(default="all", metadata={"help": "moe-lora: which MLPs become MoE layers"})
+    attn_rank: int = field(default=16, metadata={"help": "moe-lora: attention LoRA rank (0 = frozen)"})
+    balance_coef: float = field(default=0.01, metadata={"help": "moe-lora: load-balancing loss coefficient"})
+    z_coef: float = field(default=0.0, metadata={"help": "moe-lora: router z-loss coefficient"})
+    loss: str = field(default="fkl", metadata={"help": "KD loss on the stored support + tail",
+                                               "choices": ["fkl", "rkl", "skl", "srkl", "jsd"]})
+    skew_alpha: float = field(default=0.1, metadata={"help": "skew of skl/srkl"})
+    jsd_beta: float = field(default=0.5, metadata={"help": "generalised JSD beta"})
+    temperature: float = field(default=1.0, metadata={"help": "distillation temperature"})
+    kd_weight: float = field(default=1.0, metadata={"help": "weight of the KD loss"})
+    ce_weight: float = field(default=0.0, metadata={"help": "weight of cross-entropy on the labels"})
+    loss_chunk: int = field(default=1024, metadata={"help": "positions per LM-head chunk"})
+    batch_size: int = field(default=8, metadata={"help": "rows per micro-batch per process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_steps: int = field(default=100, metadata={"help": "optimizer steps"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps, then cosine decay to 0"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    seed: int = field(default=0, metadata={"help": "seed of student init, data order and dropout"})
+    shuffle: bool = field(default=True, metadata={"help": "shuffle the store's rows (seeded, per epoch)"})
+    shuffle_buffer: int = field(default=1024, metadata={"help": "rows shuffled together"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers per process"})
+    log_every: int = field(default=10, metadata={"help": "steps between metrics lines"})
+    save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0 = only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept"})
+    eval_store: str | None = field(default=None, metadata={"help": "held-out store evaluated every eval_every"})
+    eval_every: int = field(default=0, metadata={"help": "steps between evaluations (0 = only at the end)"})
+    eval_rows: int = field(default=256, metadata={"help": "rows of the eval store used per evaluation"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def loss_config(self) -> DistillLossConfig:
+        return DistillLossConfig(kind=self.loss, alpha=self.skew_alpha, beta=self.jsd_beta,
+                                 temperature=self.temperature, kd_weight=self.kd_weight, ce_weight=self.ce_weight,
+                                 chunk_size=self.loss_chunk, reduction="sum")
+
+
+# ================================================================ student construction
+def build_model(cfg: TrainConfig) -> nn.Module:
+    """The student of the configured kind, trainable parameters initialised from cfg.seed."""
+    from student.baselines import build_dense_lora, build_full_finetune, count_parameters
+    from student.convert import MoELoRAConfig, build_student
+
+    torch.manual_seed(cfg.seed)
+    if cfg.student == "moe-lora":
+        moe = MoELoRAConfig(num_experts=cfg.experts, top_k=cfg.experts_top_k, rank=cfg.rank, alpha=cfg.alpha,
+                            dropout=cfg.lora_dropout, moe_layers=cfg.moe_layers, attn_rank=cfg.attn_rank,
+                            balance_coef=cfg.balance_coef, z_coef=cfg.z_coef)
+        model = build_student(cfg.base, moe, keep=cfg.keep_layers, seed=cfg.seed)
+    elif cfg.student == "lora":
+        model = build_dense_lora(cfg.base, cfg.rank, cfg.alpha, cfg.lora_dropout, keep=cfg.keep_layers)
+    elif cfg.student == "full":
+        model = build_full_finetune(cfg.base, keep=cfg.keep_layers)
+    else:
+        raise TrainError(f"unknown student kind {cfg.student!r}: moe-lora, lora or full")
+    model.kd_params = count_parameters(model)
+    return model
+
+
+def check_tokenizer(cfg: TrainConfig, store: LogitStore, model: nn.Module) -> None:
+    """The student must speak the store's token ids: same tokenizer, a vocabulary that holds every id."""
+    from transformers import AutoTokenizer
+
+    m = store.manifest
+    tok = AutoTokenizer.from_pretrained(cfg.base)
+    mine, theirs = tokenizer_fingerprint(tok), m.tokenizer.get("fingerprint")
+    if theirs and mine != theirs:
+        raise TrainError(f"the student's tokenizer ({cfg.base}, fingerprint {mine}) is not the one the store "
+                         f"{cfg.store} was built with ({m.tokenizer.get('name_or_path')}, fingerprint {theirs}): "
+                         "token ids would mean different things. Use a student of the teacher's family.")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if vocab < m.vocab_size:
+        raise TrainError(f"the student's vocabulary ({vocab}) is smaller than the store's ({m.vocab_size})")
+
+
+class DistillStep(nn.Module):
+    """Student body + chunked-head KD loss + router losses in one forward, so DDP sees the whole step."""
+
+    def __init__(self, model: nn.Module, loss_cfg: DistillLossConfig):
+        super().__init__()
+        self.model, self.loss_cfg = model, loss_cfg
+        self.is_moe = hasattr(model, "kd_student")
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        body = self.model.base_model
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        head = self.model.get_output_embeddings()
+        loss_sum, metrics = distill_loss(hidden, head.weight, batch, self.loss_cfg, getattr(head, "bias", None))
+        aux = torch.zeros((), device=hidden.device)
+        if self.is_moe:
+            r = router_losses(self.model)
+            aux = r.loss
+            metrics = dict(metrics, balance=r.balance.detach(), z=r.z.detach())
+        return loss_sum, dict(metrics, aux=aux)
+
+
+# ================================================================ distributed helpers
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _setup_distributed() -> tuple[int, int, torch.device]:
+    """Join the torchrun process group if launched by torchrun (gloo on CPU, nccl on GPU)."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank, world = _dist()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _all_sum(x: float, device: torch.device) -> float:
+    if _dist()[1] == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+# ================================================================ checkpoints
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoints(run: str | os.PathLike) -> list[Path]:
+    found = [p for p in Path(run).glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(run: Path, step: int, model: nn.Module, opt, sched, loader: StoreLoader,
+                    cfg: TrainConfig) -> Path:
+    """All ranks call it (reader states are gathered); rank 0 writes `checkpoint-STEP` atomically."""
+    from safetensors.torch import save_file
+
+    rank, world = _dist()
+    reader = loader.state_dict()
+    readers = [None] * world
+    if world > 1:
+        dist.all_gather_object(readers, reader)
+    else:
+        readers = [reader]
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, _rng_state())
+    else:
+        rngs = [_rng_state()]
+    final = run / f"checkpoint-{step}"
+    if rank == 0:
+        tmp = run / f".tmp-checkpoint-{step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs,
+                    "readers": readers, "world_size": world}, tmp / "train_state.pt")
+        (tmp / RUN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        if hasattr(model, "kd_student"):
+            from student.io import save_student
+
+            save_student(model, tmp / "student", extra={"step": step})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(run)[: -cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model: nn.Module, opt, sched, loader: StoreLoader) -> int:
+    from safetensors.torch import load_file
+
+    rank, world = _dist()
+    state = torch.load(path / "train_state.pt", weights_only=False)
+    if state["world_size"] != world:
+        raise TrainError(f"{path} was written by {state['world_size']} processes, this run has {world}: the "
+                         "reader position cannot be resumed exactly; use the same number of processes")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in load_file(str(path / "trainable.safetensors")).items():
+            params[name].copy_(t)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    loader.load_state_dict(state["readers"][rank])
+    _set_rng_state(state["rng"][rank])
+    return int(state["step"])
+
+
+# ================================================================ training
+def _micro_batches(loader: StoreLoader):
+    """Endless batches: epochs follow one another (each rank at its own pace; steps stay in lockstep)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise TrainError("the store yields no batch for this process (fewer record batches than processes?)")
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) a training; returns the last metrics line."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    rank, world, device = _setup_distributed()
+    run = Path(cfg.out)
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume and (checkpoints(run) or (run / METRICS).exists()):
+            raise TrainError(f"{run} already holds a run: pass --resume to continue it, or choose a new --out")
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    store = LogitStore.open(cfg.store)
+    model = build_model(cfg).to(device)
+    check_tokenizer(cfg, store, model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    step_module: nn.Module = DistillStep(model, cfg.loss_config())
+    if world > 1:
+        step_module = nn.parallel.DistributedDataParallel(step_module)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
+    stream = KDStream(store, cfg.batch_size, shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+                      rank=rank, world_size=world)
+    loader = StoreLoader(stream, num_workers=cfg.num_workers)
+    step = 0
+    if cfg.resume and checkpoints(run):
+        step = load_checkpoint(checkpoints(run)[-1], model, opt, sched, loader)
+        if rank == 0 and (run / METRICS).exists():  # drop what a crashed run logged after its last checkpoint
+            kept = [r for r in read_metrics(run) if r["step"] <= step]
+            (run / METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if rank == 0:
+        (run / RUN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        print(f"student {cfg.student}: {model.kd_params}; {world} process(es), global batch "
+              f"{cfg.batch_size * cfg.grad_accum * world} rows" + (f"; resuming at step {step}" if step else ""))
+    evaluator = _Evaluator(cfg, device) if cfg.eval_store and rank == 0 else None
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=step, unit="step", desc="train", dynamic_ncols=True)
+    batches = _micro_batches(loader)
+    last: dict = {}
+    tokens_seen, start = 0, time.time()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    while step < cfg.max_steps:
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        local_tokens = sum(int(b["loss_mask"].sum()) for b in micro)
+        global_tokens = _all_sum(local_tokens, device)
+        sums = {"kd": 0.0, "ce": 0.0, "balance": 0.0, "z": 0.0}
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            sync = i == len(micro) - 1 or world == 1
+            ctx = step_module.no_sync() if not sync else contextlib.nullcontext()
+            with ctx:
+                with autocast:
+                    loss_sum, m = step_module(batch)
+                # DDP averages gradients over ranks: scale by world to get the global-token mean
+                loss = loss_sum * (world / max(global_tokens, 1)) + m["aux"] / len(micro)
+                loss.backward()
+            for key in ("kd", "ce"):
+                sums[key] += float(m[key]) if key in m else 0.0
+            for key in ("balance", "z"):
+                sums[key] += float(m[key]) / len(micro) if key in m else 0.0
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 \
+            else _grad_norm(params)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += global_tokens
+        kd = _all_sum(sums["kd"], device) / max(global_tokens, 1)
+        ce = _all_sum(sums["ce"], device) / max(global_tokens, 1)
+        last = {"step": step, "epoch": stream.epoch, "loss": cfg.kd_weight * kd + cfg.ce_weight * ce, "kd": kd,
+                "ce": ce, "balance": sums["balance"], "z": sums["z"], "lr": sched.get_last_lr()[0],
+                "grad_norm": float(grad_norm), "tokens": int(global_tokens),
+                "tokens_per_s": tokens_seen / max(time.time() - start, 1e-9)}
+        if rank == 0:
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                record = dict(last)
+                if hasattr(model, "kd_student"):
+                    record["expert_usage"] = expert_usage(model)
+                _append(run / METRICS, record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            save_checkpoint(run, step, model, opt, sched, loader, cfg)
+        if evaluator is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            _append(run / METRICS, {"step": step, "eval": evaluator(model)})
+            model.train()
+    if bar is not None:
+        bar.close()
+    save_checkpoint(run, step, model, opt, sched, loader, cfg)
+    if rank == 0 and hasattr(model, "kd_student"):
+        from student.io import save_student
+
+        save_student(model, run / "final" / "student", extra={"step": step, "train_config": dataclasses.asdict(cfg)})
+    if world > 1:
+        dist.barrier()
+    return last
+
+
+def _grad_norm(params) -> torch.Tensor:
+    grads = [p.grad.norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.zeros(())
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+class _Evaluator:
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+
+    def __call__(self, model: nn.Module) -> dict:
+        from student.evaluate import evaluate
+
+        return evaluate(model, self.cfg.eval_store, batch_size=self.cfg.batch_size, max_rows=self.cfg.eval_rows,
+                        device=self.device, chunk_size=self.cfg.loss_chunk)
+
+
+def load_trained(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
+    """The student of a run (any kind, from its newest checkpoint), or a saved MoE-LoRA student directory."""
+    from safetensors.torch import load_file
+
+    run = Path(path)
+    if not (run / RUN_CONFIG).is_file():
+        from student.io import load_student
+
+        return load_student(run).to(device)
+    cfg = TrainConfig(**json.loads((run / RUN_CONFIG).read_text()))
+    found = checkpoints(run)
+    if not found:
+        raise TrainError(f"{run} has no checkpoint yet")
+    model = build_model(cfg)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in load_file(str(found[-1] / "trainable.safetensors")).items():
+            params[name].copy_(t)
+    return model.to(device).eval()
+
+
+def read_metrics(run: str | os.PathLike) -> list[dict]:
+    path = Path(run) / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
