@@ -12,7 +12,7 @@ Rows are grouped by expert: rows [start_e, start_e + counts[e]) are routed to ex
   g, u [N, I] base gate / up pre-activations of all tokens (one frozen matmul each)
   a [N, I]    base activation silu(g) * u
   a_in [E, 2r, H], b_in [E, 2, r, I], a_down [E, r, I], b_down [E, r, H]   (B factors stored rank-first)
-  tok [M]     token of each row; w [M] its renormalised routing weight
+  tok [M]     token of each row; inv [M] row of token-major assignment t*k + j; w [M] routing weight
 Outputs: h [N, I] = a + sum_rows w (a_e - silu(g)u[tok]), the input of the shared frozen down projection, and
 yd [N, H] = sum_rows w s B_d A_d a_e, the experts' LoRA on the down projection.
 
@@ -51,35 +51,47 @@ def mix_backward(gh, g, u, tok, dg, du, w, extra):
     return d_gg, d_uu, d_w
 
 
+def token_sum(rows, inv, k: int):
+    """[M, D] rows grouped by expert -> [N, D] sum of each token's k rows (inv: sorted position of the
+    token-major assignment t*k + j). A gather, so no scatter-add and no zero fill."""
+    return rows[inv].view(-1, k, rows.shape[1]).sum(1)
+
+
+def mix_h(a, wdiff, inv, k: int):
+    """h = a + sum of the token's weighted corrections (exactly a while they are zero)."""
+    return a + token_sum(wdiff, inv, k)
+
+
+def grad_gate_up(d_gg, d_uu, inv, k: int):
+    return token_sum(d_gg, inv, k), token_sum(d_uu, inv, k)
+
+
+_EAGER = {f.__name__: f for f in (mix_forward, mix_backward, mix_h, grad_gate_up, token_sum)}
+
+
 class _Kernels:
     """The elementwise functions, eager or compiled (compiled once per process, falling back to eager with a
     warning if torch.compile is unavailable, e.g. no C++ compiler)."""
 
     def __init__(self) -> None:
-        self.compiled = None
+        self.compiled: dict = {}
         self.failed = False
 
-    def get(self, compiled: bool):
+    def __call__(self, name: str, compiled: bool, *args):
         if not compiled or self.failed:
-            return mix_forward, mix_backward
-        if self.compiled is None:
+            return _EAGER[name](*args)
+        if name not in self.compiled:
             # Default (automatic) dynamic shapes: static kernels for a fixed batch shape, which compile
             # to faster loops than dynamic ones, and one dynamic recompile if shapes do vary.
-            self.compiled = (torch.compile(mix_forward), torch.compile(mix_backward))
-        return self.compiled
-
-    def call(self, which: int, compiled: bool, *args):
-        fns = self.get(compiled)
+            self.compiled[name] = torch.compile(_EAGER[name])
         try:
-            return fns[which](*args)
+            return self.compiled[name](*args)
         except Exception as err:  # compile errors surface at the first call
-            if not compiled or self.failed:
-                raise
             self.failed = True
             warnings.warn(
                 f"torch.compile of the MoE-LoRA expert kernels failed ({err}); using eager kernels", stacklevel=2
             )
-            return (mix_forward, mix_backward)[which](*args)
+            return _EAGER[name](*args)
 
 
 KERNELS = _Kernels()
@@ -95,8 +107,9 @@ def _segments(counts: list[int]):
 
 class RoutedSwiGLULoRA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xs, g, u, a, tok, w, a_in, b_in, a_down, b_down, counts, scaling, dropout_p, compiled):
+    def forward(ctx, xs, g, u, a, tok, inv, w, a_in, b_in, a_down, b_down, counts, scaling, dropout_p, compiled):
         n_tok, inter = g.shape
+        k = tok.shape[0] // n_tok
         rows, hidden = xs.shape
         r, s = a_down.shape[1], scaling
         new = dict(dtype=xs.dtype, device=xs.device)
@@ -110,8 +123,8 @@ class RoutedSwiGLULoRA(torch.autograd.Function):
         for e, sl in _segments(counts):
             torch.mm(t[sl, :r], b_in[e, 0], out=dg[sl])
             torch.mm(t[sl, r:], b_in[e, 1], out=du[sl])
-        a_e, wdiff = KERNELS.call(0, compiled, g, u, tok, dg, du, w)
-        h = a.index_add(0, tok, wdiff)
+        a_e, wdiff = KERNELS("mix_forward", compiled, g, u, tok, dg, du, w)
+        h = KERNELS("mix_h", compiled, a, wdiff, inv, k)
         del wdiff
         mask = None
         a_lora = a_e
@@ -127,14 +140,14 @@ class RoutedSwiGLULoRA(torch.autograd.Function):
         y_rows = torch.empty(rows, hidden, **new)
         for e, sl in _segments(counts):
             torch.mm(vw[sl], b_down[e], out=y_rows[sl])
-        yd = torch.zeros(n_tok, hidden, **new).index_add_(0, tok, y_rows)
-        ctx.save_for_backward(xs, g, u, tok, w, a_in, b_in, a_down, b_down, t, dg, du, a_e, v, mask)
-        ctx.counts, ctx.scaling, ctx.compiled = counts, scaling, compiled
+        yd = KERNELS("token_sum", compiled, y_rows, inv, k)
+        ctx.save_for_backward(xs, g, u, tok, inv, w, a_in, b_in, a_down, b_down, t, dg, du, a_e, v, mask)
+        ctx.counts, ctx.scaling, ctx.compiled, ctx.k = counts, scaling, compiled, k
         return h, yd
 
     @staticmethod
     def backward(ctx, gh, gyd):
-        xs, g, u, tok, w, a_in, b_in, a_down, b_down, t, dg, du, a_e, v, mask = ctx.saved_tensors
+        xs, g, u, tok, inv, w, a_in, b_in, a_down, b_down, t, dg, du, a_e, v, mask = ctx.saved_tensors
         counts, s = ctx.counts, ctx.scaling
         r = a_down.shape[1]
         wc = w.unsqueeze(1)
@@ -159,7 +172,7 @@ class RoutedSwiGLULoRA(torch.autograd.Function):
         del a_lora
         if mask is not None:
             extra.mul_(mask)
-        d_gg, d_uu, d_w = KERNELS.call(1, ctx.compiled, gh, g, u, tok, dg, du, w, extra)
+        d_gg, d_uu, d_w = KERNELS("mix_backward", ctx.compiled, gh, g, u, tok, dg, du, w, extra)
         del extra
         # Input-side LoRA: (g_t + dg), dg = t_g B_g^T,  t = s xs A_in^T.
         dt = torch.empty_like(t)
@@ -178,9 +191,7 @@ class RoutedSwiGLULoRA(torch.autograd.Function):
             if dxs is not None:
                 torch.mm(dt[sl], a_in[e], out=dxs[sl])
         d_g = d_u = None
-        if ctx.needs_input_grad[1]:
-            d_g = torch.zeros_like(g).index_add_(0, tok, d_gg)
-        if ctx.needs_input_grad[2]:
-            d_u = torch.zeros_like(u).index_add_(0, tok, d_uu)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            d_g, d_u = KERNELS("grad_gate_up", ctx.compiled, d_gg, d_uu, inv, ctx.k)
         dw = d_w + dw_down
-        return dxs, d_g, d_u, None, None, dw, d_a_in, d_b_in, d_a_down, d_b_down, None, None, None, None
+        return dxs, d_g, d_u, None, None, None, dw, d_a_in, d_b_in, d_a_down, d_b_down, None, None, None, None

@@ -97,8 +97,9 @@ def distill_loss(
     plain_lse = cfg.temperature != 1.0  # CE needs the tau = 1 log-partition too
     # Gather the candidates and, in the last column, the label (its raw logit feeds CE).
     ids = torch.cat([t["ids"], t["labels"].clamp(min=0)[:, None]], 1)
-    raw, lse, tail_lse, lse1 = _ChunkedHead.apply(h, lm_head_weight, lm_head_bias, ids, t["mask"],
-                                                  1.0 / cfg.temperature, plain_lse, cfg.chunk_size, compute_dtype)
+    raw, lse, tail_lse, lse1 = _ChunkedHead.apply(
+        h, lm_head_weight, lm_head_bias, ids, t["mask"], 1.0 / cfg.temperature, plain_lse, cfg.chunk_size, compute_dtype
+    )
     inv_t = 1.0 / cfg.temperature
     lq = _student_buckets(raw[:, :-1] * inv_t, lse, tail_lse, t["mask"])
     lp = _teacher_buckets(t["logprobs"].to(lq.dtype), t["tail"].to(lq.dtype), t["mask"], cfg.temperature)
@@ -211,7 +212,12 @@ class _ChunkedHead(torch.autograd.Function):
             grad_h.to(hidden.dtype) if need_h else None,
             grad_w.to(weight.dtype) if need_w else None,
             grad_b.to(bias.dtype) if need_b else None,
-            None, None, None, None, None, None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
 
@@ -231,16 +237,18 @@ def _valid_index(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 # ================================================================ the loss on S + 1 buckets
-def _student_buckets(cand_logits: torch.Tensor, lse: torch.Tensor, tail_lse: torch.Tensor,
-                     mask: torch.Tensor) -> torch.Tensor:
+def _student_buckets(
+    cand_logits: torch.Tensor, lse: torch.Tensor, tail_lse: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """[N, S+1] student log-probs: the candidates' (tempered) log-softmax, then the log of the tail mass."""
     lq = torch.cat([cand_logits - lse[:, None], (tail_lse - lse)[:, None]], 1)
     return _with_slots(lq, mask).clamp(min=NEG)
 
 
 @torch.no_grad()
-def _teacher_buckets(logprobs: torch.Tensor, tail: torch.Tensor, mask: torch.Tensor,
-                     temperature: float) -> torch.Tensor:
+def _teacher_buckets(
+    logprobs: torch.Tensor, tail: torch.Tensor, mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """[N, S+1] teacher log-probs; for tau != 1, p^(1/tau) renormalised over the S + 1 buckets."""
     lp = _with_slots(torch.cat([logprobs, tail[:, None]], 1), mask, fill=-math.inf)
     if temperature != 1.0:
@@ -284,8 +292,14 @@ def _log_mix(la: torch.Tensor, lb: torch.Tensor, w: float) -> torch.Tensor:
     return torch.logaddexp(la + math.log(w), lb + math.log1p(-w))
 
 
-def _reduce(kd_tok: torch.Tensor, ce_tok: torch.Tensor, has_label: torch.Tensor, lq: torch.Tensor,
-            lp: torch.Tensor, cfg: DistillLossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _reduce(
+    kd_tok: torch.Tensor,
+    ce_tok: torch.Tensor,
+    has_label: torch.Tensor,
+    lq: torch.Tensor,
+    lp: torch.Tensor,
+    cfg: DistillLossConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     n, n_ce = kd_tok.shape[0], has_label.sum()
     ce_tok = torch.where(has_label, ce_tok, 0)
     kd, ce = kd_tok.sum(), ce_tok.sum()
@@ -294,8 +308,11 @@ def _reduce(kd_tok: torch.Tensor, ce_tok: torch.Tensor, has_label: torch.Tensor,
     loss = cfg.kd_weight * kd + cfg.ce_weight * ce
     with torch.no_grad():
         metrics = dict(
-            loss=loss.detach(), kd=kd.detach(), ce=ce.detach(),
-            tokens=torch.tensor(n), ce_tokens=n_ce,
+            loss=loss.detach(),
+            kd=kd.detach(),
+            ce=ce.detach(),
+            tokens=torch.tensor(n),
+            ce_tokens=n_ce,
             student_tail_mass=lq[:, -1].exp().sum() / max(n, 1),
             teacher_tail_mass=lp[:, -1].exp().sum() / max(n, 1),
         )

@@ -202,7 +202,7 @@ class MoELoRAMLP(nn.Module):
             xs = self.lora_dropout(x2.index_select(0, tok))
             p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) and self.training else 0.0
             h, yd = RoutedSwiGLULoRA.apply(
-                xs, pre[0], pre[1], a, tok, w, self.in_A, self.in_B, self.out_A, self.out_B,
+                xs, pre[0], pre[1], a, tok, torch.argsort(order), w, self.in_A, self.in_B, self.out_A, self.out_B,
                 counts, self.scaling, p, impl == "compiled",
             )  # fmt: skip
             return down(h.reshape(*lead, -1)) + yd.reshape(*lead, -1)
