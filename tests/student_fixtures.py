@@ -69,6 +69,12 @@ def save_tiny_model(out: Path, family: str = "llama", num_layers: int = 2, seed:
     torch.manual_seed(seed)
     if family == "llama":
         model = LlamaForCausalLM(llama_config(num_layers, **kw))
+    elif family in ("mistral", "qwen2"):  # same shapes as the Llama, through their own config classes
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        shape = {k: v for k, v in llama_config(num_layers).to_diff_dict().items() if k != "model_type"}
+        cfg = AutoConfig.for_model(family, **{**shape, **kw})
+        model = AutoModelForCausalLM.from_config(cfg)
     elif family == "gpt2":
         model = GPT2LMHeadModel(gpt2_config(num_layers, **kw))
     else:

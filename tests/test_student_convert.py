@@ -36,14 +36,29 @@ def _logits(model, ids):
         return model(ids).logits
 
 
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory, llama_dir, gpt2_dir):
+    dirs = {"llama": llama_dir, "gpt2": gpt2_dir}
+    for family in ("mistral", "qwen2"):
+        dirs[family] = save_tiny_model(tmp_path_factory.mktemp(family), family, num_layers=2)
+    return dirs
+
+
 @pytest.mark.parametrize(
     "family,moe_layers,impl",
-    [("llama", "all", "auto"), ("llama", "top-half", "loop"), ("gpt2", "all", "auto"), ("gpt2", "top-half", "auto")],
+    [
+        ("llama", "all", "auto"),
+        ("llama", "top-half", "loop"),
+        ("mistral", "all", "auto"),
+        ("qwen2", "bottom-half", "auto"),
+        ("gpt2", "all", "auto"),
+        ("gpt2", "top-half", "auto"),
+    ],
 )
-def test_student_equals_base_bitwise_at_init(family, moe_layers, impl, llama_dir, gpt2_dir):
-    path = llama_dir if family == "llama" else gpt2_dir
+def test_student_equals_base_bitwise_at_init(family, moe_layers, impl, family_dirs):
+    path = family_dirs[family]
     base = AutoModelForCausalLM.from_pretrained(path).eval()
-    last = len(decoder_layers(base)) - 1
+    last = parse_layers(moe_layers, len(decoder_layers(base)))[-1]  # a per-layer expert count override
     cfg = MoELoRAConfig(
         num_experts=4, top_k=2, rank=8, moe_layers=moe_layers, experts_per_layer={last: 3}, expert_impl=impl
     )
@@ -52,7 +67,7 @@ def test_student_equals_base_bitwise_at_init(family, moe_layers, impl, llama_dir
     assert torch.equal(_logits(base, ids), _logits(student, ids))
     n_layers = len(decoder_layers(base))
     assert [m.layer_index for m in moe_modules(student)] == parse_layers(moe_layers, n_layers)
-    if family == "llama":  # no dropout in Llama: training mode is the same computation
+    if family != "gpt2":  # no dropout in the Llama family: training mode is the same computation
         assert torch.equal(base.train()(ids).logits, student.train()(ids).logits)
 
 

@@ -98,3 +98,16 @@ def test_per_layer_expert_counts_are_refused(tmp_path):
         export_student(student, tmp_path / "out")
     with pytest.raises(UnsupportedExportError, match="unknown export target"):
         export_student(student, tmp_path / "out", to="qwen2_moe")
+
+
+def test_mistral_exports_and_qwen2_is_refused(tmp_path):
+    ids = sample_ids()
+    mistral = build_student(save_tiny_model(tmp_path / "mistral", "mistral"), MoELoRAConfig(num_experts=2, rank=4))
+    randomize_adapters(mistral.eval())
+    out = export_student(mistral, tmp_path / "mx")
+    with torch.no_grad():
+        want, got = mistral(ids).logits, AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+    assert (want - got).abs().max().item() < 1e-4
+    qwen = build_student(save_tiny_model(tmp_path / "qwen2", "qwen2"), MoELoRAConfig(num_experts=2, rank=4))
+    with pytest.raises(UnsupportedExportError, match="qwen2.*biases"):
+        export_student(qwen, tmp_path / "qx")
