@@ -104,9 +104,9 @@ def _to_planes(values: np.ndarray, width: int) -> bytes:
 
 def _from_planes(data: bytes, width: int) -> np.ndarray:
     planes = np.frombuffer(data, dtype=np.uint8).reshape(width, -1)
-    out = planes[0].astype(np.int64)
+    out = planes[0].astype(np.int32)
     for i in range(1, width):
-        out |= planes[i].astype(np.int64) << (8 * i)
+        out |= planes[i].astype(np.int32) << (8 * i)
     return out
 
 
@@ -204,6 +204,7 @@ class TopKCodec:
         self.k, self.vocab_size, self.levels = k, vocab_size, levels
         self.width = id_width(vocab_size)
         self._lut = dequantize_table(levels)
+        self._plut = np.exp(self._lut.astype(np.float64))
 
     def validate(self, t: TopKTargets) -> None:
         ids, lp = np.asarray(t.ids), np.asarray(t.logprobs)
@@ -231,14 +232,14 @@ class TopKCodec:
 
     def decode(self, p: Payload, n_positions: int, order: IdOrder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """-> ids [P, k] int64, logprobs [P, k] float32, tail [P] float32, renormalised to sum to 1."""
-        sizes = np.full(n_positions, self.k, dtype=np.int64)
-        ids = order.ids[_decode_sorted_ranks(p.ids, sizes, self.width)].reshape(n_positions, self.k)
-        lp = self._lut[np.frombuffer(p.values, dtype=np.uint8)].reshape(n_positions, self.k)
-        tail = self._lut[np.frombuffer(p.tail, dtype=np.uint8)]
-        # Renormalise over (candidates + tail): quantisation leaves the sum slightly off 1.
-        m = lp[:, :1]
-        lse = m[:, 0] + np.log(np.exp(lp - m).sum(1) + np.exp(tail - m[:, 0]))
-        return ids, lp - lse[:, None], tail - lse
+        deltas = _from_planes(p.ids, self.width).reshape(n_positions, self.k)
+        ids = order.ids.take(np.cumsum(deltas, axis=1, dtype=np.int32))  # fixed width: per-row prefix sums
+        codes = np.frombuffer(p.values, dtype=np.uint8).reshape(n_positions, self.k)
+        tail_codes = np.frombuffer(p.tail, dtype=np.uint8)
+        # Renormalise over (candidates + tail): quantisation leaves the sum slightly off 1. Probabilities come
+        # from a 256-entry table, so no exp over [P, k].
+        lse = np.log(self._plut.take(codes).sum(1) + self._plut.take(tail_codes)).astype(np.float32)
+        return ids, self._lut.take(codes) - lse[:, None], self._lut.take(tail_codes) - lse
 
 
 class SampledCodec:
@@ -251,6 +252,8 @@ class SampledCodec:
             raise ValueError("samples (N draws per position) must be in [1, 255]")
         self.samples, self.vocab_size = samples, vocab_size
         self.width = id_width(vocab_size)
+        with np.errstate(divide="ignore"):  # count -> log(count / N); log 0 = -inf
+            self._log_share = (np.log(np.arange(256, dtype=np.float64)) - np.log(samples)).astype(np.float32)
 
     def validate(self, t: SampledTargets) -> None:
         sizes, counts = np.asarray(t.sizes), np.asarray(t.counts)
@@ -281,11 +284,9 @@ class SampledCodec:
         sizes = np.frombuffer(p.sizes, dtype=np.uint8).astype(np.int64)
         if sizes.size != n_positions:
             raise TargetError(f"{sizes.size} target sizes for {n_positions} positions")
-        ids = order.ids[_decode_sorted_ranks(p.ids, sizes, self.width)]
-        logn = np.log(np.float32(self.samples))
-        with np.errstate(divide="ignore"):
-            lp = np.log(np.frombuffer(p.values, dtype=np.uint8).astype(np.float32)) - logn
-            tail = np.log(np.frombuffer(p.tail, dtype=np.uint8).astype(np.float32)) - logn
+        ids = order.ids.take(_decode_sorted_ranks(p.ids, sizes, self.width))
+        lp = self._log_share.take(np.frombuffer(p.values, dtype=np.uint8))
+        tail = self._log_share.take(np.frombuffer(p.tail, dtype=np.uint8))
         return ids, lp, tail, sizes
 
 

@@ -75,40 +75,27 @@ class LogitStore:
         return self.shard_reader(file).read_all().column(column)
 
     # ------------------------------------------------------------ decoding
-    def decode_batch(self, file: str, batch: pa.RecordBatch) -> list[DecodedRow]:
+    def decode_batch(self, file: str, batch: pa.RecordBatch) -> BatchRows:
+        """The rows of a record batch, each decoded when it is indexed (decoding all at once costs memory)."""
         self.shard_reader(file)  # loads the shard's id order
-        order = self._orders[file]
-        ids_list = batch.column("input_ids")
-        id_off = ids_list.offsets.to_numpy()
-        all_ids = ids_list.values.to_numpy(zero_copy_only=False).astype(np.int64)
-        all_mask = batch.column("loss_mask").values.to_numpy(zero_copy_only=False)
-        src = batch.column("source_index").to_numpy()
-        names = ["target_ids", "target_values", "target_tail"]
-        if "target_sizes" in batch.schema.names:
-            names.append("target_sizes")
-        payload_cols = [_binary_slices(batch.column(c)) for c in names]
-        rows = []
-        for i in range(batch.num_rows):
-            mask = all_mask[id_off[i]:id_off[i + 1]]
-            n_pos = int(mask.sum())
-            payload = _Payload(*(col(i) for col in payload_cols))
-            ids, lp, tmask, tail = self._decode_targets(payload, n_pos, order)
-            rows.append(DecodedRow(int(src[i]), all_ids[id_off[i]:id_off[i + 1]], mask, ids, lp, tmask, tail))
-        return rows
+        return BatchRows(self, batch, self._orders[file])
 
-    def _decode_targets(self, payload, n_pos: int, order: IdOrder):
+    def decode_targets(self, payload, n_pos: int, order: IdOrder):
+        """-> ids [P, S], log-probs [P, S], slot mask [P, S], tail [P]."""
         if self.manifest.target.kind == "topk":
             ids, lp, tail = self.codec.decode(payload, n_pos, order)
             return ids, lp, np.ones(ids.shape, dtype=bool), tail
         flat_ids, flat_lp, tail, sizes = self.codec.decode(payload, n_pos, order)
         width = int(sizes.max()) if sizes.size else 0
-        row = np.repeat(np.arange(n_pos), sizes)
-        col = np.arange(flat_ids.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        ids = np.zeros((n_pos, width), np.int64)
-        lp = np.zeros((n_pos, width), np.float32)
-        tmask = np.zeros((n_pos, width), bool)
-        ids[row, col], lp[row, col], tmask[row, col] = flat_ids, flat_lp, True
-        return ids, lp, tmask, tail
+        # slot of each flat entry in the [P, width] grid: row * width + column
+        starts = np.cumsum(sizes) - sizes
+        slot = np.arange(flat_ids.size) + np.repeat(np.arange(n_pos) * width - starts, sizes)
+        ids = np.zeros(n_pos * width, np.int64)
+        lp = np.zeros(n_pos * width, np.float32)
+        tmask = np.zeros(n_pos * width, bool)
+        ids[slot], lp[slot], tmask[slot] = flat_ids, flat_lp, True
+        shape = (n_pos, width)
+        return ids.reshape(shape), lp.reshape(shape), tmask.reshape(shape), tail
 
     # ------------------------------------------------------------ row access
     def units(self) -> list[tuple[str, int, int]]:
@@ -194,6 +181,34 @@ def _binary_slices(arr: pa.BinaryArray):
     offsets = np.frombuffer(off_buf, dtype=np.int32)[arr.offset:arr.offset + len(arr) + 1]
     data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
     return lambda i: data[offsets[i]:offsets[i + 1]]
+
+
+class BatchRows:
+    """Rows of one record batch: its columns are viewed once (zero-copy); row i is decoded on access."""
+
+    def __init__(self, store: LogitStore, batch: pa.RecordBatch, order: IdOrder):
+        self.store, self.order = store, order
+        ids = batch.column("input_ids")
+        self.offsets = ids.offsets.to_numpy()
+        self.ids = ids.values.to_numpy(zero_copy_only=False)
+        self.mask = batch.column("loss_mask").values.to_numpy(zero_copy_only=False)
+        self.source = batch.column("source_index").to_numpy()
+        names = ["target_ids", "target_values", "target_tail"]
+        if "target_sizes" in batch.schema.names:
+            names.append("target_sizes")
+        self.payload_cols = [_binary_slices(batch.column(c)) for c in names]
+
+    def __len__(self) -> int:
+        return self.source.size
+
+    def __getitem__(self, i: int) -> DecodedRow:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        mask = self.mask[lo:hi]
+        payload = _Payload(*(col(i) for col in self.payload_cols))
+        ids, lp, tmask, tail = self.store.decode_targets(payload, int(mask.sum()), self.order)
+        return DecodedRow(int(self.source[i]), self.ids[lo:hi].astype(np.int64), mask, ids, lp, tmask, tail)
 
 
 def _check_row(r: DecodedRow, vocab_size: int) -> None:
@@ -326,7 +341,7 @@ class KDStream(IterableDataset):
         unit_of, row_in = self._slot_rows(worker, workers)
         start = self.rows_done.get(worker, 0)
         last_use = {int(u): i for i, u in enumerate(unit_of)}  # evict a decoded unit after its last row
-        cache: dict[int, list[DecodedRow]] = {}
+        cache: dict[int, BatchRows] = {}
         for lo in range(start, unit_of.size, self.batch_size):
             hi = min(lo + self.batch_size, unit_of.size)
             if self.drop_last and hi - lo < self.batch_size:
