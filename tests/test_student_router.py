@@ -19,6 +19,15 @@ def llama_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("llama"), "llama", num_layers=2)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is faster, and immune to OpenMP spin-waits when the machine is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _skewed_toy(balance_coef: float, steps: int = 60) -> tuple[float, float, list[float]]:
     """Fit a random target MLP with a router that starts sending most tokens to expert 0.
     Returns (imbalance before, imbalance after, balance-loss trace)."""
@@ -53,7 +62,7 @@ def _skewed_toy(balance_coef: float, steps: int = 60) -> tuple[float, float, lis
     return before, usage_imbalance((counts / counts.sum()).tolist()), trace
 
 
-def test_balance_loss_reduces_imbalance_on_toy_task():
+def test_balance_loss_reduces_imbalance_on_toy_task(one_thread):
     before, after_plain, _ = _skewed_toy(balance_coef=0.0)
     before_b, after_bal, trace = _skewed_toy(balance_coef=3.0)
     assert before == before_b and before > 3.0  # the skewed start: expert 0 takes most of the load
@@ -93,7 +102,7 @@ def _loss_and_grads(model, ids, checkpointing: bool):
     return aux, grads, len(calls)
 
 
-def test_router_losses_are_counted_once_under_gradient_checkpointing(llama_dir):
+def test_router_losses_are_counted_once_under_gradient_checkpointing(llama_dir, one_thread):
     cfg = MoELoRAConfig(num_experts=4, rank=4, balance_coef=0.1, z_coef=0.01)
     student = build_student(llama_dir, cfg)
     randomize_adapters(student)
