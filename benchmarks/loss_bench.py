@@ -13,8 +13,10 @@ ru_maxrss) minus the RSS once the inputs and parameters exist, i.e. what the los
 gradients of hidden and the LM head included. Big tensors are mmap'ed by glibc and returned on free, so RSS
 follows allocations closely; it counts allocator slack and is an upper bound on tensor bytes. On CUDA it is
 torch.cuda.max_memory_allocated minus the allocation before the step.
-Time: median of `--reps` runs after one warm-up run, torch at `--threads` threads (1 by default: the machine is
-shared, so timings are noisy; the load average is recorded). Gradients are compared with the dense variant's.
+Time: after the memory runs, the parent process times `--reps` forward + backward runs of every variant,
+interleaved round-robin (so a busy neighbour slows all alike), and reports the median; torch at `--threads`
+threads (1 by default: the machine is shared, timings are noisy, the load average is recorded). The subprocesses'
+cold first-run times are kept too. Gradients (hidden and LM head) are compared with the dense variant's.
 Measures and reports; never asserts.
 """
 
@@ -78,18 +80,15 @@ def dense_frugal(h, w, batch, cfg):
     return cfg.kd_weight * kd + cfg.ce_weight * ce, {}
 
 
-# ================================================================ one variant, in its own process
-def worker(args) -> dict:
-    torch.set_num_threads(args.threads)
-    dev = args.device
-    h, w, batch = make_inputs(args.batch, args.seq, args.vocab, args.hidden, args.k, dev)
-    name = args.worker
+# ================================================================ one variant
+def make_step(name: str, h: torch.Tensor, w: torch.Tensor, batch: dict, dev: str):
+    """A closure running one forward + backward of the variant `name`; returns the loss."""
     chunk = int(name.rsplit("-", 1)[1]) if name.startswith("chunked-") else None
     cfg = DistillLossConfig(**LOSS, chunk_size=chunk or 1)
     fn = {"dense": dense_frugal, "dense-ref": dense_distill_loss}.get(name, distill_loss)
     autocast = name.startswith("chunked-bf16-")
 
-    def step():
+    def step() -> torch.Tensor:
         h.grad = w.grad = None
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
             loss, _ = fn(h, w, batch, cfg)
@@ -98,6 +97,15 @@ def worker(args) -> dict:
             torch.cuda.synchronize()
         return loss
 
+    return step
+
+
+def worker(args) -> dict:
+    """Memory and gradients of one variant, alone in this process (its first, cold, forward + backward)."""
+    torch.set_num_threads(args.threads)
+    dev = args.device
+    h, w, batch = make_inputs(args.batch, args.seq, args.vocab, args.hidden, args.k, dev)
+    step = make_step(args.worker, h, w, batch, dev)
     base_rss = _rss_bytes()
     if dev == "cuda":
         torch.cuda.synchronize()
@@ -110,15 +118,26 @@ def worker(args) -> dict:
         extra = torch.cuda.max_memory_allocated() - base_alloc
     else:
         extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
-    torch.save(dict(loss=loss.detach().cpu(), h=h.grad.cpu(), w=w.grad.cpu()), os.path.join(args.out, name + ".pt"))
-    times = []
-    for _ in range(args.reps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return dict(variant=name, chunk_size=chunk, peak_extra_bytes=extra,
-                baseline_rss_bytes=base_rss, first_s=first, times_s=times,
-                median_s=statistics.median(times) if times else first, loss=loss.item())
+    torch.save(dict(loss=loss.detach().cpu(), h=h.grad.cpu(), w=w.grad.cpu()),
+               os.path.join(args.out, args.worker + ".pt"))
+    chunk = int(args.worker.rsplit("-", 1)[1]) if args.worker.startswith("chunked-") else None
+    return dict(variant=args.worker, chunk_size=chunk, peak_extra_bytes=extra, baseline_rss_bytes=base_rss,
+                first_s=first, loss=loss.item())
+
+
+def interleaved_times(args, names: list[str]) -> dict[str, list[float]]:
+    """Round-robin timing in this process, so that a noisy neighbour slows every variant alike."""
+    torch.set_num_threads(args.threads)
+    h, w, batch = make_inputs(args.batch, args.seq, args.vocab, args.hidden, args.k, args.device)
+    steps = {n: make_step(n, h, w, batch, args.device) for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(args.warmup + args.reps):
+        for n in names:
+            t0 = time.perf_counter()
+            steps[n]()
+            if i >= args.warmup:
+                times[n].append(time.perf_counter() - t0)
+    return times
 
 
 def _rss_bytes() -> int:
@@ -138,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--hidden", type=int, default=576, help="SmolLM2-135M: 576")
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=0, help="untimed rounds before the timed ones (--quick: 1)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variants", help="comma-separated; default: dense,dense-ref,chunked-1024,chunked-256,"
                     "chunked-bf16-1024 (--quick: dense,dense-ref,chunked-128,chunked-bf16-128)")
@@ -145,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
-        args.batch, args.seq, args.vocab, args.reps = 2, 512, 8192, 2
+        args.batch, args.seq, args.vocab, args.reps, args.warmup = 2, 512, 8192, 3, 1
     args.variants = args.variants or ("dense,dense-ref,chunked-128,chunked-bf16-128" if args.quick else
                                       "dense,dense-ref,chunked-1024,chunked-256,chunked-bf16-1024")
     if args.worker:
@@ -160,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.variants.split(","):
             cmd = [sys.executable, "-m", "benchmarks.loss_bench", "--worker", name, "--out", tmp,
-                   "--device", args.device, "--reps", str(args.reps), "--threads", str(args.threads)]
+                   "--device", args.device, "--threads", str(args.threads)]
             cmd += [f"--{key}={val}" for key, val in shape.items()]
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -181,6 +201,10 @@ def main(argv: list[str] | None = None) -> dict:
                     diff = (got[key].float() - ref[key].float()).abs().max().item()
                     r[f"grad_{key}_max_abs_diff_vs_dense"] = diff
                     r[f"grad_{key}_max_rel_diff_vs_dense"] = diff / ref[key].abs().max().item()
+    ok = [r["variant"] for r in records if "error" not in r]
+    for name, ts in interleaved_times(args, ok).items():
+        r = next(r for r in records if r["variant"] == name)
+        r["times_s"], r["median_s"] = ts, statistics.median(ts) if ts else r["first_s"]
     dense_peak = next((r["peak_extra_bytes"] for r in records if r["variant"] == "dense" and "error" not in r), None)
     print(f"{'variant':<18}{'peak MiB':>10}{'x dense':>9}{'median s':>10}{'loss':>12}{'|dL|':>9}"
           f"{'max|dgh|':>10}{'max|dgW|':>10}{'rel dgW':>9}")
@@ -194,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r.get('grad_h_max_abs_diff_vs_dense', 0):>10.1e}{r.get('grad_w_max_abs_diff_vs_dense', 0):>10.1e}"
               f"{r.get('grad_w_max_rel_diff_vs_dense', 0):>9.1e}")
     out = dict(config=dict(shape, loss=LOSS, device=args.device, threads=args.threads, reps=args.reps,
-                           quick=args.quick),
+                           warmup=args.warmup, quick=args.quick),
                memory_measure="peak RSS (ru_maxrss) - RSS after inputs, per subprocess" if args.device == "cpu"
                else "torch.cuda.max_memory_allocated - memory_allocated before the step",
                env=dict(torch=torch.__version__, cpu=platform.processor() or platform.machine(),
