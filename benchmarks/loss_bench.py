@@ -66,9 +66,9 @@ def make_inputs(batch: int, seq: int, vocab: int, hidden: int, k: int, device: s
     return h.to(device).requires_grad_(), w.to(device).requires_grad_(), batch_d
 
 
-def dense_frugal(h, w, batch, cfg):
+def dense_frugal(h, w, batch, cfg, bias=None):
     """Full [B, T, V] logits and log-softmax, then the same bucket loss: the usual dense implementation."""
-    logq = torch.log_softmax(F.linear(h, w).float() / cfg.temperature, -1)  # [B, T, V], kept for backward
+    logq = torch.log_softmax(F.linear(h, w, bias).float() / cfg.temperature, -1)  # [B, T, V], kept for backward
     m, tmask = batch["loss_mask"], batch["target_mask"]
     cand = logq.gather(-1, batch["target_ids"])  # gather first, then select: no [N, V] copy
     tail = torch.log1p(-torch.logsumexp(cand.masked_fill(~tmask, -math.inf), -1).exp().clamp(max=1 - 1e-7))

@@ -371,3 +371,17 @@ def test_no_nan_anywhere_under_anomaly_detection():
         for kind in KINDS:
             distill_loss(h, w, batch, DistillLossConfig(kind=kind, temperature=2.0, ce_weight=0.1), b)[0].backward()
     assert np.isfinite(h.grad.numpy()).all()
+
+
+def test_benchmark_baseline_computes_the_same_loss():
+    """The benchmark's frugal dense baseline and its inputs agree with the chunked loss (tiny shape)."""
+    from benchmarks.loss_bench import LOSS, dense_frugal, make_inputs
+
+    h, w, batch = make_inputs(batch=2, seq=16, vocab=300, hidden=12, k=8, device="cpu")
+    assert (batch["target_ids"].sort(-1).values.diff(dim=-1) > 0).all()  # k distinct ids per position
+    cfg = DistillLossConfig(**LOSS, chunk_size=5)
+    loss, _, grads = loss_and_grads(distill_loss, h, w, None, batch, cfg)
+    ref, _, ref_grads = loss_and_grads(dense_frugal, h, w, None, batch, cfg)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
