@@ -10,7 +10,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-all lint demo teacher bench bench-store bench-moe bench-build clean
+.PHONY: install test test-all lint demo teacher bench bench-store bench-moe bench-build bench-loss bench-train clean
 
 install: $(STAMP)
 
@@ -37,7 +37,13 @@ lint: install
 demo: install
 	$(PY) -m cli.demo --out demo-out
 
-bench: bench-store bench-moe bench-build
+bench: bench-store bench-moe bench-build bench-loss bench-train
+
+bench-loss: install
+	$(PY) -m benchmarks.loss_bench --json benchmarks/results/loss_bench.json
+
+bench-train: teacher
+	$(PY) -m benchmarks.train_bench --json benchmarks/results/train_bench.json
 
 bench-build: teacher
 	$(PY) -m benchmarks.build_bench --json benchmarks/results/build_bench.json
