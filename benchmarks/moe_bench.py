@@ -2,7 +2,8 @@
 
 Variants (all with the frozen base weights, trainable router + expert LoRA, input requiring grad as inside a
 network whose earlier layers train):
-  dense          the base LlamaMLP alone (the 1.0x reference)
+  dense          the base LlamaMLP alone, frozen (the 1.0x reference: same frozen weights as the MoE)
+  dense-trainable  the same MLP with trainable weights (what a dense fine-tune of it costs; for context)
   naive-k-full   per expert, its routed tokens run a full MLP (W x + s B A x on every projection): k x the base
   mixlora-style  base gate/up once per token, per-expert LoRA + a full down projection per routed token
   moe-loop       this package, autograd path: base projections once, only LoRA deltas per expert
@@ -103,7 +104,16 @@ def _fwd(module: nn.Module, x: torch.Tensor) -> None:
 
 
 def run(
-    hidden: int, inter: int, tokens: int, experts: int, top_k: int, rank: int, reps: int, warmup: int, seed: int = 0
+    hidden: int,
+    inter: int,
+    tokens: int,
+    experts: int,
+    top_k: int,
+    rank: int,
+    reps: int,
+    warmup: int,
+    seed: int = 0,
+    only: list[str] | None = None,
 ) -> dict:
     torch.manual_seed(seed)
     base = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=1)).requires_grad_(
@@ -120,8 +130,11 @@ def run(
         ref.router.weight.normal_(std=0.5)
     for m in moe.values():
         m.load_state_dict(ref.state_dict())
+    trainable = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=1))
+    trainable.load_state_dict(base.state_dict())
     variants: dict[str, nn.Module] = {
         "dense": base,
+        "dense-trainable": trainable,
         "naive-k-full": NaiveKFull(moe["loop"]),
         "mixlora-style": MixLoRAStyle(moe["loop"]),
         "moe-loop": moe["loop"],
@@ -129,11 +142,18 @@ def run(
         "moe-compiled": moe["compiled"],
         "moe-grouped": moe["grouped"],
     }
+    if only:
+        unknown = set(only) - set(variants)
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}; known: {', '.join(variants)}")
+        variants = {n: m for n, m in variants.items() if n == "dense" or n in only}
     seq = 512 if tokens % 512 == 0 else tokens
     x = torch.randn(tokens // seq, seq, hidden)
     with torch.no_grad():  # sanity: every MoE variant computes the same function
-        y0 = variants["moe-loop"](x)
-        max_diff = {n: (variants[n](x) - y0).abs().max().item() for n in variants if n != "dense"}
+        y0 = moe["loop"](x)
+        max_diff = {
+            n: (variants[n](x) - y0).abs().max().item() for n in variants if n.startswith(("moe", "naive", "mix"))
+        }
     kinds = ("fwd_bwd", "fwd", "fwd_bwd_cpu")
     times: dict[str, dict[str, list[float]]] = {n: {k: [] for k in kinds} for n in variants}
     for i in range(warmup + reps):
@@ -188,13 +208,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--variants", default="", help="comma-separated subset (dense is always run)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.tokens, args.reps = 512, 3
     load_before, pressure_before = os.getloadavg(), cpu_pressure()
-    out = run(args.hidden, args.intermediate, args.tokens, args.experts, args.top_k, args.rank, args.reps, warmup=3)
+    only = [v for v in args.variants.split(",") if v] or None
+    out = run(args.hidden, args.intermediate, args.tokens, args.experts, args.top_k, args.rank, args.reps, 3, only=only)
     out["env"] = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
