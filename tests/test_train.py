@@ -117,6 +117,7 @@ def test_eval_and_plot_commands(store, tiny_teacher_dir, tmp_path, capsys):
     from cli import kdstudent
 
     train(_cfg(store, tiny_teacher_dir, tmp_path, max_steps=3))
+    capsys.readouterr()
     assert kdstudent.main(["eval", "--model", str(tmp_path), "--store", store, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["rows"] == 48 and result["tokens"] == 48 * (SEQ - 1)
