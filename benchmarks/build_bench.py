@@ -22,24 +22,13 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.common import teacher_dir
 from logit_store.build import BuildConfig, build
 from logit_store.corpora import bible_chapters
-from logit_store.teachers.gguf import default_cache
 
 
 def _teacher_dir(arg: str | None) -> tuple[str, str]:
-    if arg:
-        return arg, os.path.basename(arg.rstrip("/"))
-    prepared = os.path.join(default_cache(), "SmolLM2-135M-Instruct.Q4_1")
-    if os.path.exists(os.path.join(prepared, "config.json")):
-        return prepared, "SmolLM2-135M-Instruct"
-    from logit_store.synthetic import make_tiny_teacher
-
-    folder = os.path.join(default_cache(), "tiny-teacher")
-    if not os.path.exists(os.path.join(folder, "config.json")):
-        make_tiny_teacher(folder)
-    print("SmolLM2 not prepared (make teacher): using the tiny synthetic teacher")
-    return folder, "tiny-llama (synthetic)"
+    return (arg, os.path.basename(arg.rstrip("/"))) if arg else teacher_dir()
 
 
 def _rows(tokenizer, n_rows: int, seq_len: int) -> tuple[list, str]:
@@ -82,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         args.rows, args.seq_len, args.repeats = 8, 128, 1
     from transformers import AutoTokenizer
 
-    teacher_dir, teacher_name = _teacher_dir(args.teacher)
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    folder, teacher_name = _teacher_dir(args.teacher)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     rows, data = _rows(tokenizer, args.rows, args.seq_len)
     tokens = sum(ids.size for ids, _ in rows)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
@@ -93,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
 
         options = {"dtype": args.dtype} if backend == "hf" else {"dtype": args.dtype, "max_logprobs": args.k}
         start = time.perf_counter()
-        teacher = load_teacher(backend, teacher_dir, **options)
+        teacher = load_teacher(backend, folder, **options)
         load_s = time.perf_counter() - start
         teacher.topk(rows[:2], args.k)  # warm-up
         forward_s = _best(lambda t=teacher: t.topk(rows, args.k), args.repeats)
 
         def run_build(t=teacher, b=backend) -> None:
             with tempfile.TemporaryDirectory() as out:
-                cfg = BuildConfig(teacher=teacher_dir, data=data, out=os.path.join(out, "s"), backend=b,
+                cfg = BuildConfig(teacher=folder, data=data, out=os.path.join(out, "s"), backend=b,
                                   text_field="text", top_k=args.k, max_seq_len=args.seq_len, add_eos=False,
                                   batch_rows=len(rows), progress=False, dtype=args.dtype)
                 summary = build(cfg, teacher=t)

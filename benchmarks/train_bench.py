@@ -19,26 +19,14 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.common import teacher_dir
 from logit_store import KDStream, Manifest, ShardWriter, StoreRow, TargetSpec
 from logit_store.corpora import bible_chapters
-from logit_store.teachers.gguf import default_cache
 from logit_store.teachers.hf import HFTeacher
 from student.baselines import count_parameters
 from student.convert import MoELoRAConfig, build_student
 from student.losses import DistillLossConfig
 from student.train import DistillStep
-
-
-def _teacher_dir() -> tuple[str, str]:
-    prepared = os.path.join(default_cache(), "SmolLM2-135M-Instruct.Q4_1")
-    if os.path.exists(os.path.join(prepared, "config.json")):
-        return prepared, "SmolLM2-135M-Instruct"
-    from logit_store.synthetic import make_tiny_teacher
-
-    folder = os.path.join(default_cache(), "tiny-teacher")
-    if not os.path.exists(os.path.join(folder, "config.json")):
-        make_tiny_teacher(folder)
-    return folder, "tiny-llama (synthetic)"
 
 
 def _non_embedding(model) -> int:
@@ -63,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     from transformers import AutoTokenizer
 
-    teacher_dir, name = _teacher_dir()
-    tok = AutoTokenizer.from_pretrained(teacher_dir)
-    teacher = HFTeacher.from_pretrained(teacher_dir, dtype="float32")
+    folder, name = teacher_dir()
+    tok = AutoTokenizer.from_pretrained(folder)
+    teacher = HFTeacher.from_pretrained(folder, dtype="float32")
     text = " ".join(d["text"] for d in bible_chapters()[:40])
     ids = np.asarray(tok(text).input_ids, dtype=np.int64)
     n_rows = args.batch_size * (args.steps + 1)
@@ -79,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, (r, t) in enumerate(zip(rows, teacher.topk([(r, mask) for r in rows], args.k), strict=True)):
             w.write(StoreRow(r, mask, t, i))
 
-    student = build_student(teacher_dir, MoELoRAConfig(num_experts=8, top_k=2, rank=16), keep=args.keep_layers)
+    student = build_student(folder, MoELoRAConfig(num_experts=8, top_k=2, rank=16), keep=args.keep_layers)
     step = DistillStep(student, DistillLossConfig(kind="fkl"))
     opt = torch.optim.AdamW([q for q in student.parameters() if q.requires_grad], lr=1e-4)
     t_params, s_params = count_parameters(teacher.model).total, count_parameters(student).total

@@ -118,19 +118,13 @@ def _load_tokenizer(path: str | None):
 
 
 def cmd_build(argv: list[str]) -> int:
-    """Parsed by transformers' HfArgumentParser: flags, or one YAML/JSON file holding them."""
-    from transformers import HfArgumentParser
-
+    from cli.config import parse_config
     from logit_store.build import BuildConfig, build
 
-    parser = HfArgumentParser(BuildConfig, prog="kdstore build", description=(
+    cfg = parse_config(BuildConfig, argv, "kdstore build", (
         "Capture a teacher's next-token distributions for a dataset into a store. Give the options as flags or "
         "as one YAML/JSON file (kdstore build config.yaml). Example: kdstore build --teacher DIR --data "
         "FILE.jsonl --text-field text --out STORE --top-k 64"))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-        (cfg,) = (parser.parse_yaml_file if argv[0].endswith(("yaml", "yml")) else parser.parse_json_file)(argv[0])
-    else:
-        (cfg,) = parser.parse_args_into_dataclasses(argv)
     summary = build(cfg)
     print(summary.format())
     if cfg.num_workers > 1:

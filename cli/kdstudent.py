@@ -108,18 +108,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_train(argv: list[str]) -> int:
-    """Parsed by transformers' HfArgumentParser: flags, or one YAML/JSON file holding them."""
-    from transformers import HfArgumentParser
-
+    from cli.config import parse_config
     from student.train import TrainConfig, train
 
-    parser = HfArgumentParser(TrainConfig, prog="kdstudent train", description=(
+    cfg = parse_config(TrainConfig, argv, "kdstudent train", (
         "Distil a student from a logit store. Options as flags or one YAML/JSON file (kdstudent train run.yaml). "
         "Several processes: torchrun --nproc-per-node N -m cli.kdstudent train ..."))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-        (cfg,) = (parser.parse_yaml_file if argv[0].endswith(("yaml", "yml")) else parser.parse_json_file)(argv[0])
-    else:
-        (cfg,) = parser.parse_args_into_dataclasses(argv)
     last = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps({k: v for k, v in last.items() if k != "expert_usage"}))

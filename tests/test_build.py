@@ -239,3 +239,14 @@ def test_sigkill_then_resume_equals_an_uninterrupted_build(tiny_teacher_dir, tmp
         assert (a.input_ids == b.input_ids).all()
         assert (np.take_along_axis(a.target_ids, oa, 1) == np.take_along_axis(b.target_ids, ob, 1)).all()
         assert (np.take_along_axis(a.target_logprobs, oa, 1) == np.take_along_axis(b.target_logprobs, ob, 1)).all()
+
+
+def test_build_reads_its_options_from_yaml(tiny_teacher_dir, text_file, tmp_path, capsys):
+    from cli import kdstore
+
+    config = tmp_path / "build.yaml"
+    config.write_text(f"teacher: {tiny_teacher_dir}\ndata: {text_file}\ntext_field: text\nout: {tmp_path / 's'}\n"
+                      "backend: hf\ntop_k: 4\nlimit: 5\nprogress: false\n")
+    assert kdstore.main(["build", str(config)]) == 0
+    assert "rows            5" in capsys.readouterr().out
+    assert LogitStore.open(str(tmp_path / "s")).manifest.target.k == 4

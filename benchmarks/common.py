@@ -1,0 +1,22 @@
+"""What the benchmarks share: the teacher they measure."""
+
+from __future__ import annotations
+
+import os
+
+from logit_store.teachers.gguf import default_cache
+
+SMOLLM2_DIR = os.path.join(default_cache(), "SmolLM2-135M-Instruct.Q4_1")  # where `make teacher` puts it
+
+
+def teacher_dir() -> tuple[str, str]:
+    """(folder, name): SmolLM2-135M-Instruct when `make teacher` has prepared it, else the tiny synthetic teacher."""
+    if os.path.exists(os.path.join(SMOLLM2_DIR, "config.json")):
+        return SMOLLM2_DIR, "SmolLM2-135M-Instruct"
+    from logit_store.synthetic import make_tiny_teacher
+
+    folder = os.path.join(default_cache(), "tiny-teacher")
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        make_tiny_teacher(folder)
+    print("SmolLM2 is not prepared (make teacher): using the tiny synthetic teacher")
+    return folder, "tiny-llama (synthetic)"
