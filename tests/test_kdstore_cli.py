@@ -62,6 +62,6 @@ def test_inspect_shows_candidates_and_errors_are_clear(store, capsys):
 def test_demo_runs_the_whole_path(tmp_path, capsys):
     from cli.demo import main
 
-    assert main(["--out", str(tmp_path), "--steps", "6"]) == 0  # the vllm backend, as `make demo` runs it
+    assert main(["--out", str(tmp_path), "--teacher", "tiny", "--steps", "6"]) == 0  # vllm backend, as make demo
     out = capsys.readouterr().out
-    assert "OK " in out and "teacher_kl" in out and "loss.png" in out
+    assert "OK " in out and "teacher_kl" in out and "loss.png" in out and "student :" in out

@@ -1,0 +1,180 @@
+"""Does a MoE-LoRA student distil better than a dense one? One teacher capture, shared by every run.
+
+    python -m benchmarks.quality_study [--scale quick|cpu|gpu] [--seeds 3] [--out DIR]
+
+Teacher: SmolLM2-135M-Instruct (`make teacher`). Text: the World English Bible, split by chapter
+(`kdstore prepare-data`). Students: the teacher pruned to --keep-layers, equal token budgets. Arms:
+
+  ce          dense LoRA, cross-entropy on the text only (no teacher)
+  lora-fkl    dense LoRA, forward KL on the top-64 store, rank matched to moe-fkl's trainable count
+  moe-fkl     MoE-LoRA (8 experts, top-2), forward KL, top-64 store
+  moe-srkl    MoE-LoRA, the paper's skew reverse KL (alpha 0.1) + 0.1 CE, top-64 store
+  moe-rs      MoE-LoRA, forward KL on the sampled store (RS-KD, N = 50, exact draws)
+
+Each arm runs --seeds times; every run is evaluated on the test store (teacher-KL, perplexity, top-1
+agreement, ECE). Results: a table of mean ± std, raw JSON, a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import time
+
+SCALES = {
+    # rows per split (chapters), tokens per row, steps, batch, student layers, vLLM/HF dtype
+    "quick": dict(train_rows=48, test_rows=8, seq_len=128, steps=8, batch=4, keep="::10"),
+    "cpu": dict(train_rows=600, test_rows=59, seq_len=256, steps=150, batch=8, keep="::5"),
+    "gpu": dict(train_rows=1071, test_rows=59, seq_len=1024, steps=2000, batch=16, keep="::2"),
+}
+ARMS = ("ce", "lora-fkl", "moe-fkl", "moe-srkl", "moe-rs")
+
+
+def _stores(out: str, teacher: str, scale: dict, backend: str) -> dict[str, str]:
+    """The shared captures: top-64 (train, test) and sampled N=50 (train). Built once, reused by every run."""
+    from logit_store import LogitStore
+    from logit_store.build import BuildConfig, build
+    from logit_store.corpora import bible_chapters, write_splits
+
+    splits = write_splits(bible_chapters(), os.path.join(out, "data"))
+    stores = {}
+    for name, split, targets, rows in (("train", "train", {"top_k": 64}, scale["train_rows"]),
+                                       ("test", "test", {"top_k": 64}, scale["test_rows"]),
+                                       ("train-rs", "train", {"samples": 50}, scale["train_rows"])):
+        path = os.path.join(out, f"store-{name}")
+        stores[name] = path
+        if os.path.exists(os.path.join(path, "manifest.json")) and \
+                LogitStore.open(path).manifest.status == "complete":
+            continue
+        # exact RS-KD draws need the full distribution: the hf backend
+        b = "hf" if "samples" in targets else backend
+        cfg = BuildConfig(teacher=teacher, data=splits[split], out=path, backend=b, text_field="text",
+                          max_seq_len=scale["seq_len"], limit=rows, resume=True, dtype="bfloat16", **targets)
+        print(build(cfg).format(), flush=True)
+    return stores
+
+
+def _arm_config(arm: str, stores: dict[str, str], teacher: str, scale: dict, seed: int, run: str, lora_rank: int):
+    from student.train import TrainConfig
+
+    common = dict(base=teacher, out=run, keep_layers=scale["keep"], batch_size=scale["batch"],
+                  max_steps=scale["steps"], warmup_steps=max(scale["steps"] // 20, 1), lr=1e-3, seed=seed,
+                  log_every=max(scale["steps"] // 10, 1), progress=False, experts=8, experts_top_k=2, rank=16,
+                  attn_rank=16, store=stores["train"])
+    if arm == "ce":
+        return TrainConfig(**dict(common, student="lora", rank=lora_rank, kd_weight=0.0, ce_weight=1.0))
+    if arm == "lora-fkl":
+        return TrainConfig(**dict(common, student="lora", rank=lora_rank, loss="fkl"))
+    if arm == "moe-fkl":
+        return TrainConfig(**dict(common, loss="fkl"))
+    if arm == "moe-srkl":
+        return TrainConfig(**dict(common, loss="srkl", skew_alpha=0.1, ce_weight=0.1))
+    if arm == "moe-rs":
+        return TrainConfig(**dict(common, loss="fkl", store=stores["train-rs"]))
+    raise ValueError(arm)
+
+
+def _matched_rank(teacher: str, keep: str) -> tuple[int, int, int]:
+    from student.baselines import matching_dense_lora_rank
+    from student.convert import MoELoRAConfig, load_base
+
+    base, _ = load_base(teacher, keep=keep)
+    return matching_dense_lora_rank(base, MoELoRAConfig(num_experts=8, top_k=2, rank=16, attn_rank=16))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--out", default=os.path.expanduser("~/.cache/moekd/quality-study"))
+    p.add_argument("--backend", default="vllm", choices=["vllm", "hf"], help="top-64 capture backend")
+    p.add_argument("--json", default="benchmarks/results/quality_study.json")
+    args = p.parse_args(argv)
+    scale = SCALES[args.scale]
+    from benchmarks.common import SMOLLM2_DIR as teacher
+    from student.evaluate import evaluate
+    from student.train import load_trained, train
+
+    if not os.path.exists(os.path.join(teacher, "config.json")):
+        raise SystemExit("the teacher is not prepared: run `make teacher` first")
+    out = os.path.join(args.out, args.scale)
+    os.makedirs(out, exist_ok=True)
+    start = time.time()
+    stores = _stores(out, teacher, scale, args.backend)
+    lora_rank, lora_params, moe_params = _matched_rank(teacher, scale["keep"])
+    print(f"dense-LoRA rank {lora_rank} ({lora_params:,} trainable) matches MoE-LoRA ({moe_params:,})", flush=True)
+    runs = []
+    for arm in args.arms.split(","):
+        for seed in range(args.seeds):
+            run = os.path.join(out, "runs", f"{arm}-s{seed}")
+            result_path = os.path.join(run, "test_eval.json")
+            if not os.path.exists(result_path):  # finished runs are kept: rerunning the study resumes it
+                cfg = _arm_config(arm, stores, teacher, scale, seed, run, lora_rank)
+                t = time.time()
+                train(dataclasses.replace(cfg, resume=os.path.exists(os.path.join(run, "train_config.json"))))
+                metrics = evaluate(load_trained(run), stores["test"], batch_size=scale["batch"])
+                metrics.update(arm=arm, seed=seed, train_s=round(time.time() - t, 1), config=dataclasses.asdict(cfg))
+                with open(result_path, "w") as f:
+                    json.dump(metrics, f)
+            with open(result_path) as f:
+                runs.append(json.load(f))
+            r = runs[-1]
+            print(f"{arm:9s} seed {seed}: teacher_kl {r['teacher_kl']:.4f} ppl {r['ppl']:.3f} "
+                  f"top1 {r['top1_agree']:.4f} ece {r['ece']:.4f}", flush=True)
+    table = _summarise(runs)
+    print(_format(table, args.scale, lora_rank, lora_params, moe_params))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"scale": args.scale, "settings": scale, "lora_rank": lora_rank,
+                       "trainable": {"lora": lora_params, "moe": moe_params}, "summary": table,
+                       "runs": [{k: v for k, v in r.items() if k != "expert_usage"} for r in runs],
+                       "seconds": round(time.time() - start)}, f, indent=1)
+        _plot(table, os.path.splitext(args.json)[0] + ".png")
+    return 0
+
+
+METRICS = ("teacher_kl", "ppl", "top1_agree", "ece")
+
+
+def _summarise(runs: list[dict]) -> dict:
+    table = {}
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        mine = [r for r in runs if r["arm"] == arm]
+        table[arm] = {m: (statistics.mean(r[m] for r in mine),
+                          statistics.stdev(r[m] for r in mine) if len(mine) > 1 else 0.0) for m in METRICS}
+        table[arm]["n"] = len(mine)
+    return table
+
+
+def _format(table: dict, scale: str, rank: int, lora_params: int, moe_params: int) -> str:
+    lines = [f"\nquality study ({scale}); dense-LoRA rank {rank}: {lora_params:,} vs MoE-LoRA {moe_params:,} "
+             "trainable", f"{'arm':10s} {'n':>2s} " + " ".join(f"{m:>18s}" for m in METRICS)]
+    for arm, row in table.items():
+        lines.append(f"{arm:10s} {row['n']:2d} " + " ".join(f"{row[m][0]:10.4f} ± {row[m][1]:.4f}" for m in METRICS))
+    return "\n".join(lines)
+
+
+def _plot(table: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.4))
+    arms = list(table)
+    for ax, m in zip(axes, METRICS, strict=True):
+        ax.bar(arms, [table[a][m][0] for a in arms], yerr=[table[a][m][1] for a in arms], capsize=3)
+        ax.set_title(m)
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
