@@ -53,6 +53,10 @@ class LogitStore:
         fs, root = storefs.resolve(store, filesystem)
         return cls(fs, root, Manifest.load(fs, root, manifest_name))
 
+    def __getstate__(self) -> dict:
+        """DataLoader workers reopen shard files themselves (open handles do not cross processes)."""
+        return dict(self.__dict__, _files={})
+
     # ------------------------------------------------------------ raw access
     def shard_reader(self, file: str) -> pa.ipc.RecordBatchFileReader:
         if file not in self._files:

@@ -98,3 +98,12 @@ def test_row_access_by_number(store):
     assert s.row(17).source_index == 17
     with pytest.raises(IndexError, match="60 rows"):
         s.row(60)
+
+
+def test_a_store_with_open_shards_pickles_for_spawned_workers(store):
+    import pickle
+
+    s = LogitStore.open(store)
+    s.row(0)  # opens a shard
+    again = pickle.loads(pickle.dumps(s))
+    assert again.row(5).source_index == 5
