@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import teacher_dir
+from benchmarks.common import teacher_dir, write_json
 from logit_store.build import BuildConfig, build
 from logit_store.corpora import bible_chapters
 
@@ -113,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{a['backend']} / {b['backend']} build throughput: "
               f"{a['build_tokens_per_s'] / b['build_tokens_per_s']:.2f}x")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
     return 0
 
 

@@ -20,3 +20,13 @@ def teacher_dir() -> tuple[str, str]:
         make_tiny_teacher(folder)
     print("SmolLM2 is not prepared (make teacher): using the tiny synthetic teacher")
     return folder, "tiny-llama (synthetic)"
+
+
+def write_json(path: str, data) -> None:
+    """Write a benchmark's results (creating the folder), and say where."""
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    print(f"wrote {path}")

@@ -37,6 +37,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import write_json
 from student.losses import NEG, DistillLossConfig, dense_distill_loss, distill_loss, kd_per_token
 
 LOSS = dict(kind="srkl", alpha=0.1, ce_weight=0.1)
@@ -225,10 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
                         loadavg_before=load_before, loadavg_after=os.getloadavg()),
                results=records)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {args.json}")
+        write_json(args.json, out)
     return out
 
 

@@ -20,7 +20,6 @@ affects them alike; the median is reported.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
+from benchmarks.common import write_json
 from student.moe_lora import MoELoRAMLP
 
 
@@ -242,10 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
         cols += (r["fwd_ms"], r["fwd_ratio"])
         print(f"{name:<15}" + "".join(f"{c:>11.2f}" for c in cols) + f"{diff:>11}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {args.json}")
+        write_json(args.json, out)
     return out
 
 

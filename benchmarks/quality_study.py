@@ -38,8 +38,10 @@ def _stores(out: str, teacher: str, scale: dict, backend: str) -> dict[str, str]
     from logit_store import LogitStore
     from logit_store.build import BuildConfig, build
     from logit_store.corpora import bible_chapters, write_splits
+    from logit_store.teachers import load_teacher
 
     splits = write_splits(bible_chapters(), os.path.join(out, "data"))
+    engines = {}  # one teacher per backend, shared by the builds that need it
     stores = {}
     for name, split, targets, rows in (("train", "train", {"top_k": 64}, scale["train_rows"]),
                                        ("test", "test", {"top_k": 64}, scale["test_rows"]),
@@ -51,9 +53,11 @@ def _stores(out: str, teacher: str, scale: dict, backend: str) -> dict[str, str]
             continue
         # exact RS-KD draws need the full distribution: the hf backend
         b = "hf" if "samples" in targets else backend
+        if b not in engines:
+            engines[b] = load_teacher(b, teacher, dtype="bfloat16", **({"max_logprobs": 64} if b == "vllm" else {}))
         cfg = BuildConfig(teacher=teacher, data=splits[split], out=path, backend=b, text_field="text",
                           max_seq_len=scale["seq_len"], limit=rows, resume=True, dtype="bfloat16", **targets)
-        print(build(cfg).format(), flush=True)
+        print(build(cfg, teacher=engines[b]).format(), flush=True)
     return stores
 
 
@@ -96,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     scale = SCALES[args.scale]
     from benchmarks.common import SMOLLM2_DIR as teacher
+    from benchmarks.common import write_json
     from student.evaluate import evaluate
     from student.train import load_trained, train
 
@@ -128,12 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     table = _summarise(runs)
     print(_format(table, args.scale, lora_rank, lora_params, moe_params))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"scale": args.scale, "settings": scale, "lora_rank": lora_rank,
-                       "trainable": {"lora": lora_params, "moe": moe_params}, "summary": table,
-                       "runs": [{k: v for k, v in r.items() if k != "expert_usage"} for r in runs],
-                       "seconds": round(time.time() - start)}, f, indent=1)
+        write_json(args.json, {"scale": args.scale, "settings": scale, "lora_rank": lora_rank,
+                               "trainable": {"lora": lora_params, "moe": moe_params}, "summary": table,
+                               "runs": [{k: v for k, v in r.items() if k != "expert_usage"} for r in runs],
+                               "seconds": round(time.time() - start)})
         _plot(table, os.path.splitext(args.json)[0] + ".png")
     return 0
 

@@ -11,15 +11,13 @@ tail extraction + the student's step; offline = reading the batch from the store
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-from benchmarks.common import teacher_dir
+from benchmarks.common import teacher_dir, write_json
 from logit_store import KDStream, Manifest, ShardWriter, StoreRow, TargetSpec
 from logit_store.corpora import bible_chapters
 from logit_store.teachers.hf import HFTeacher
@@ -120,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mode:8s} {results[mode]:8.3f} {tokens / results[mode]:9,.0f}")
     print(f"offline is {record['speedup']:.2f}x faster per step")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump([record], f, indent=1)
+        write_json(args.json, [record])
     return 0
 
 
