@@ -126,3 +126,10 @@ def test_eval_and_plot_commands(store, tiny_teacher_dir, tmp_path, capsys):
     pngs = capsys.readouterr().out.split()
     assert [os.path.basename(p) for p in pngs] == ["loss.png", "experts.png"]
     assert all(os.path.getsize(p) > 1000 for p in pngs)
+
+
+def test_bf16_autocast_and_gradient_checkpointing_train(store, tiny_teacher_dir, tmp_path):
+    last = train(_cfg(store, tiny_teacher_dir, tmp_path, max_steps=3, bf16=True, gradient_checkpointing=True,
+                      grad_accum=2))
+    losses = [loss for _, loss in _losses(tmp_path)]
+    assert len(losses) == 3 and all(np.isfinite(losses)) and last["tokens"] == 2 * 4 * (SEQ - 1)
