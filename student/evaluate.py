@@ -7,7 +7,7 @@ from torch import nn
 
 from logit_store import KDStream, LogitStore
 from student.losses import DistillLossConfig, distill_loss
-from student.router_loss import expert_usage
+from student.router_loss import count_only, expert_usage
 
 ECE_BINS = 15
 
@@ -36,6 +36,7 @@ def evaluate(model: nn.Module, store: str | LogitStore, batch_size: int = 8, max
     rows = 0
     for batch in stream:
         batch = {k: v.to(device) for k, v in batch.items()}
+        count_only(model, batch["attention_mask"])
         hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         hidden = hidden.last_hidden_state
         _, m = distill_loss(hidden, head.weight, batch, kd_cfg, getattr(head, "bias", None))

@@ -124,6 +124,9 @@ class MoELoRAMLP(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters(router_init_std)
         self.router_stats: RouterStats | None = None
+        # [N] bool over the flattened tokens of the next forwards: which are real (not padding). Set by
+        # `router_loss.count_only(model, attention_mask)`; used for the router stats only, when N matches.
+        self.token_mask: torch.Tensor | None = None
 
     @torch.no_grad()
     def reset_parameters(self, router_init_std: float = 0.02) -> None:
@@ -151,11 +154,16 @@ class MoELoRAMLP(nn.Module):
         probs = logits.softmax(dim=-1)
         top_w, top_i = probs.topk(self.top_k, dim=-1)
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        counts = torch.bincount(top_i.reshape(-1), minlength=self.num_experts)
+        real = self.token_mask
+        if real is not None and real.numel() == x2.shape[0]:  # padding takes no part in the stats
+            s_probs, s_top, s_logits = probs[real], top_i[real], logits[real]
+        else:
+            s_probs, s_top, s_logits = probs, top_i, logits
+        counts = torch.bincount(s_top.reshape(-1), minlength=self.num_experts)
         # Switch/Mixtral balance loss: E * sum_e f_e * P_e; f_e (routed fraction) carries no gradient.
-        frac = counts.to(probs.dtype) / top_i.numel()
-        balance = self.num_experts * (frac * probs.mean(dim=0)).sum()
-        z = torch.logsumexp(logits, dim=-1).square().mean()
+        frac = counts.to(probs.dtype) / max(s_top.numel(), 1)
+        balance = self.num_experts * (frac * s_probs.mean(dim=0)).sum()
+        z = torch.logsumexp(s_logits, dim=-1).square().mean()
         self.router_stats = RouterStats(balance=balance, z=z, counts=counts.detach())
         return logits, top_w, top_i
 

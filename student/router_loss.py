@@ -64,3 +64,15 @@ def usage_imbalance(usage: list[float]) -> float:
     """max / mean expert load: 1.0 when balanced, num_experts when one expert takes everything."""
     mean = sum(usage) / len(usage)
     return max(usage) / mean if mean > 0 else float("nan")
+
+
+def count_only(model: nn.Module, attention_mask: torch.Tensor) -> None:
+    """Make the router stats (balance/z losses, expert usage) of the following forwards ignore padding.
+
+    The mask stays set until the next call, so a gradient-checkpointing recompute sees it too; it applies only
+    to forwards over the same number of tokens.
+    """
+    mask = attention_mask.reshape(-1).bool()
+    for m in model.modules():
+        if isinstance(m, MoELoRAMLP):
+            m.token_mask = mask

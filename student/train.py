@@ -31,7 +31,7 @@ from torch import nn
 from logit_store import KDStream, LogitStore, StoreLoader
 from logit_store.fingerprint import tokenizer_fingerprint
 from student.losses import DistillLossConfig, distill_loss
-from student.router_loss import expert_usage, router_losses
+from student.router_loss import count_only, expert_usage, router_losses
 
 RUN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
@@ -142,6 +142,8 @@ class DistillStep(nn.Module):
         self.is_moe = hasattr(model, "kd_student")
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.is_moe:
+            count_only(self.model, batch["attention_mask"])
         body = self.model.base_model
         hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         head = self.model.get_output_embeddings()

@@ -136,3 +136,26 @@ def test_expert_usage_per_layer(llama_dir):
     assert len(usage[0]) == 4 and len(usage[1]) == 3
     for fractions in usage.values():
         assert sum(fractions) == pytest.approx(1.0)
+
+
+def test_padding_takes_no_part_in_router_stats(llama_dir, one_thread):
+    from student.router_loss import count_only
+
+    student = build_student(llama_dir, MoELoRAConfig(num_experts=4, rank=4))
+    randomize_adapters(student)
+    row = sample_ids(batch=1, seq=16)
+    ids = torch.cat([row, torch.cat([row[:, :9], torch.zeros(1, 7, dtype=row.dtype)], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # right padding: the real tokens' activations do not depend on it
+
+    def counts(x, m):
+        count_only(student, m)
+        with torch.no_grad():
+            student(input_ids=x, attention_mask=m)
+        return [mod.router_stats.counts.clone() for mod in moe_modules(student)]
+
+    padded = counts(ids, mask)
+    apart = [a + b for a, b in zip(counts(row, torch.ones_like(row)), counts(row[:, :9], torch.ones(1, 9)),
+                                   strict=True)]
+    for p, a in zip(padded, apart, strict=True):
+        assert torch.equal(p, a) and int(p.sum()) == 25 * 2  # 25 real tokens x top-2, no padding counted
