@@ -57,7 +57,7 @@ class ShardWriter:
     Each shard is an Arrow IPC file (zstd-compressed buffers) written under a temporary name and renamed when
     complete; its row/token/byte counts and sha256 then go into the manifest, which is replaced atomically.
     A crash therefore loses at most the shard in progress, and `resume=True` continues after the last
-    complete shard (the caller skips the inputs those shards already hold: see `done_source_indices`).
+    complete shard (the caller skips the `manifest.rows` rows those shards already hold).
     """
 
     def __init__(
@@ -100,14 +100,6 @@ class ShardWriter:
         self.manifest.save(self.fs, self.root, manifest_name)
 
     # ------------------------------------------------------------ public
-    def done_source_indices(self) -> set[int]:
-        """Source indices already held by complete shards (read back from them): what a resumed run skips."""
-        from .reader import LogitStore
-
-        store = LogitStore(self.fs, self.root, self.manifest)
-        return {int(i) for s in self.manifest.shards
-                for i in store.read_column(s.file, "source_index").to_numpy()}
-
     def write(self, row: StoreRow) -> None:
         self._validate(row)
         self._pending.append(row)

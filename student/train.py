@@ -248,18 +248,23 @@ def save_checkpoint(run: Path, step: int, model: nn.Module, opt, sched, loader: 
     return final
 
 
-def load_checkpoint(path: Path, model: nn.Module, opt, sched, loader: StoreLoader) -> int:
+def _load_trainable(model: nn.Module, checkpoint: Path) -> None:
     from safetensors.torch import load_file
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in load_file(str(checkpoint / "trainable.safetensors")).items():
+            params[name].copy_(t)
+
+
+def load_checkpoint(path: Path, model: nn.Module, opt, sched, loader: StoreLoader) -> int:
 
     rank, world = _dist()
     state = torch.load(path / "train_state.pt", weights_only=False)
     if state["world_size"] != world:
         raise TrainError(f"{path} was written by {state['world_size']} processes, this run has {world}: the "
                          "reader position cannot be resumed exactly; use the same number of processes")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, t in load_file(str(path / "trainable.safetensors")).items():
-            params[name].copy_(t)
+    _load_trainable(model, path)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     loader.load_state_dict(state["readers"][rank])
@@ -316,7 +321,6 @@ def train(cfg: TrainConfig) -> dict:
         (run / RUN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
         print(f"student {cfg.student}: {model.kd_params}; {world} process(es), global batch "
               f"{cfg.batch_size * cfg.grad_accum * world} rows" + (f"; resuming at step {step}" if step else ""))
-    evaluator = _Evaluator(cfg, device) if cfg.eval_store and rank == 0 else None
     bar = None
     if cfg.progress and rank == 0:
         from tqdm import tqdm
@@ -369,8 +373,12 @@ def train(cfg: TrainConfig) -> dict:
                 bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             save_checkpoint(run, step, model, opt, sched, loader, cfg)
-        if evaluator is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-            _append(run / METRICS, {"step": step, "eval": evaluator(model)})
+        if cfg.eval_store and rank == 0 and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            from student.evaluate import evaluate
+
+            result = evaluate(model, cfg.eval_store, batch_size=cfg.batch_size, max_rows=cfg.eval_rows, device=device,
+                              chunk_size=cfg.loss_chunk)
+            _append(run / METRICS, {"step": step, "eval": result})
             model.train()
     if bar is not None:
         bar.close()
@@ -394,20 +402,8 @@ def _append(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-class _Evaluator:
-    def __init__(self, cfg: TrainConfig, device: torch.device):
-        self.cfg, self.device = cfg, device
-
-    def __call__(self, model: nn.Module) -> dict:
-        from student.evaluate import evaluate
-
-        return evaluate(model, self.cfg.eval_store, batch_size=self.cfg.batch_size, max_rows=self.cfg.eval_rows,
-                        device=self.device, chunk_size=self.cfg.loss_chunk)
-
-
 def load_trained(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
     """The student of a run (any kind, from its newest checkpoint), or a saved MoE-LoRA student directory."""
-    from safetensors.torch import load_file
 
     run = Path(path)
     if not (run / RUN_CONFIG).is_file():
@@ -419,10 +415,7 @@ def load_trained(path: str | os.PathLike, device: torch.device | str = "cpu") ->
     if not found:
         raise TrainError(f"{run} has no checkpoint yet")
     model = build_model(cfg)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, t in load_file(str(found[-1] / "trainable.safetensors")).items():
-            params[name].copy_(t)
+    _load_trainable(model, found[-1])
     return model.to(device).eval()
 
 

@@ -63,8 +63,8 @@ def test_crash_leaves_a_valid_store_and_resume_continues(tmp_path):
     resumed = ShardWriter(str(tmp_path), Manifest(target=TargetSpec("topk", k=8), vocab_size=500),
                           shard_tokens=200, batch_tokens=50, resume=True)
     assert not any(f.startswith(".tmp-") for f in os.listdir(tmp_path))  # stale temp files removed
-    skip = resumed.done_source_indices()
-    assert skip == set(range(done))
+    skip = {r.source_index for r in LogitStore.open(str(tmp_path))}
+    assert skip == set(range(done)) and resumed.manifest.rows == done
     rng = np.random.default_rng(1)
     for i in range(30):
         if i not in skip:
