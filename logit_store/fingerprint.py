@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 _SAMPLE = 1 << 20
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -18,11 +19,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def model_fingerprint(folder: str) -> str:
-    """Hash of a model folder's config and weight files.
+def model_fingerprint(folder: str, sample: int | None = _SAMPLE) -> str:
+    """Hash of a model folder's configs and weight files (names, sizes, contents).
 
-    Configs are hashed whole; weight files by name, size and their first and last MiB, which tells apart
-    any two checkpoints in practice without reading gigabytes on every build.
+    Configs are hashed whole. Weight files are hashed by their first and last `sample` bytes, which tells
+    apart any two checkpoints in practice without reading gigabytes on every build worker; `sample=None`
+    reads them whole, for checks that must be exact (a student's adapters are only valid on its own base).
     """
     h = hashlib.sha256()
     for name in sorted(os.listdir(folder)):
@@ -33,11 +35,15 @@ def model_fingerprint(folder: str) -> str:
             h.update(name.encode())
             with open(path, "rb") as f:
                 h.update(f.read())
-        elif name.endswith((".safetensors", ".bin", ".gguf", ".pt")):
+        elif name.endswith(_WEIGHT_SUFFIXES):
             size = os.path.getsize(path)
             h.update(f"{name}:{size}".encode())
             with open(path, "rb") as f:
-                h.update(f.read(_SAMPLE))
-                f.seek(max(size - _SAMPLE, 0))
-                h.update(f.read(_SAMPLE))
+                if sample is None:
+                    while chunk := f.read(1 << 23):
+                        h.update(chunk)
+                else:
+                    h.update(f.read(sample))
+                    f.seek(max(size - sample, 0))
+                    h.update(f.read(sample))
     return h.hexdigest()[:16]

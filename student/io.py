@@ -8,7 +8,6 @@ was trained on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from logit_store.fingerprint import model_fingerprint
 from student.convert import MoELoRAConfig, StudentSpec, convert_to_moe_lora, load_base
 from student.moe_lora import MoELoRAMLP
 
@@ -27,7 +27,6 @@ STUDENT_FORMAT = "moekd-moe-lora-student"
 STUDENT_FORMAT_VERSION = 1
 CONFIG_NAME = "student.json"
 WEIGHTS_NAME = "adapters.safetensors"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 class BaseMismatchError(ValueError):
@@ -35,23 +34,10 @@ class BaseMismatchError(ValueError):
 
 
 def fingerprint_model_dir(path: str | os.PathLike) -> str:
-    """sha256 over config.json and every weight file (names, sizes and contents) of a model directory.
-
-    Identifies the base a student was trained on, independent of where the directory lives."""
-    root = Path(path)
-    if not (root / "config.json").is_file():
-        raise FileNotFoundError(f"{root} is not a transformers model directory (no config.json)")
-    files = ["config.json"] + sorted(
-        p.name for p in root.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)
-    )
-    h = hashlib.sha256()
-    for name in files:
-        fp = root / name
-        h.update(f"{name}\0{fp.stat().st_size}\0".encode())
-        with open(fp, "rb") as f:
-            while chunk := f.read(1 << 23):
-                h.update(chunk)
-    return h.hexdigest()
+    """The exact fingerprint (every config and weight byte) of the base a student was built on."""
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a transformers model directory (no config.json)")
+    return model_fingerprint(str(path), sample=None)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

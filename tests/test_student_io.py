@@ -90,3 +90,20 @@ def test_student_without_base_reference_cannot_be_saved(tmp_path, llama_dir):
     convert_to_moe_lora(model, MoELoRAConfig(num_experts=2, rank=4))
     with pytest.raises(ValueError, match="no base reference"):
         save_student(model, tmp_path / "s")
+
+
+def test_base_fingerprint_sees_every_weight_byte(tmp_path):
+    """The student's base check reads whole files; the teacher's cheap fingerprint samples their ends only."""
+    from logit_store.fingerprint import model_fingerprint
+
+    (tmp_path / "config.json").write_text("{}")
+    blob = bytearray(3 << 20)
+    (tmp_path / "model.safetensors").write_bytes(blob)
+    exact, sampled = fingerprint_model_dir(tmp_path), model_fingerprint(str(tmp_path))
+    blob[len(blob) // 2] = 1  # one byte in the middle, outside the sampled first and last MiB
+    (tmp_path / "model.safetensors").write_bytes(blob)
+    assert fingerprint_model_dir(tmp_path) != exact
+    assert model_fingerprint(str(tmp_path)) == sampled
+    blob[-1] = 1
+    (tmp_path / "model.safetensors").write_bytes(blob)
+    assert model_fingerprint(str(tmp_path)) != sampled
