@@ -8,29 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from logit_store.synthetic import synthetic_corpus, train_tokenizer
+
 VOCAB = 320
-TEXT = (
-    "the quick brown fox jumps over the lazy dog. a student learns from a teacher; experts share the work. "
-    "sparse mixtures of low rank experts distil knowledge from large language models into small ones. "
-) * 20
+EOS = 0  # "<|endoftext|>" in logit_store.synthetic.train_tokenizer
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB - 8,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([TEXT], trainer=trainer)
-    from tokenizers import decoders
-
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return train_tokenizer(synthetic_corpus(40), vocab_size=VOCAB)
 
 
 def llama_config(num_layers: int = 2, **kw) -> LlamaConfig:
@@ -42,8 +29,8 @@ def llama_config(num_layers: int = 2, **kw) -> LlamaConfig:
         num_hidden_layers=num_layers,
         vocab_size=VOCAB,
         max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
         tie_word_embeddings=False,
     )
     base.update(kw)
@@ -57,8 +44,8 @@ def gpt2_config(num_layers: int = 2, **kw) -> GPT2Config:
         n_layer=num_layers,
         n_positions=256,
         vocab_size=VOCAB,
-        bos_token_id=1,
-        eos_token_id=2,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
     )
     base.update(kw)
     return GPT2Config(**base)
