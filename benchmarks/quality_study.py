@@ -7,6 +7,7 @@ Teacher: SmolLM2-135M-Instruct (`make teacher`). Text: the World English Bible, 
 
   ce          dense LoRA, cross-entropy on the text only (no teacher)
   lora-fkl    dense LoRA, forward KL on the top-64 store, rank matched to moe-fkl's trainable count
+              (every LoRA has alpha = 2 × rank, so the update scale is the same in every arm)
   moe-fkl     MoE-LoRA (8 experts, top-2), forward KL, top-64 store
   moe-srkl    MoE-LoRA, the paper's skew reverse KL (alpha 0.1) + 0.1 CE, top-64 store
   moe-rs      MoE-LoRA, forward KL on the sampled store (RS-KD, N = 50, exact draws)
@@ -68,8 +69,9 @@ def _arm_config(arm: str, stores: dict[str, str], teacher: str, scale: dict, see
 
     common = dict(base=teacher, out=run, keep_layers=scale["keep"], batch_size=scale["batch"],
                   max_steps=scale["steps"], warmup_steps=max(scale["steps"] // 20, 1), lr=1e-3, seed=seed,
-                  log_every=max(scale["steps"] // 10, 1), progress=False, experts=8, experts_top_k=2, rank=16,
-                  attn_rank=16, store=stores["train"], bf16=scale.get("bf16", False))
+                  log_every=max(scale["steps"] // 10, 1), save_every=max(scale["steps"] // 4, 1), progress=False,
+                  experts=8, experts_top_k=2, rank=16, attn_rank=16, store=stores["train"],
+                  bf16=scale.get("bf16", False))  # alpha: the default 2 × rank, the same LoRA scale in every arm
     if arm == "ce":
         return TrainConfig(**dict(common, student="lora", rank=lora_rank, kd_weight=0.0, ce_weight=1.0))
     if arm == "lora-fkl":
@@ -93,20 +95,29 @@ def _matched_rank(teacher: str, keep: str) -> tuple[int, int, int]:
 
 def _references(out: str, teacher: str, test_store: str, scale: dict, device: str) -> dict[str, dict]:
     """The teacher and the untrained pruned student on the test store; computed once, cached beside the runs."""
+    from logit_store import LogitStore
     from student.convert import load_base
     from student.evaluate import evaluate
 
     path = os.path.join(out, "references.json")
+    store = LogitStore.open(test_store).manifest.fingerprint()
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
+            refs = json.load(f)
+        if refs.pop("store", None) == store:
+            return refs
     refs = {}
     for name, keep in (("teacher", None), ("pruned", scale["keep"])):
         model, _ = load_base(teacher, keep=keep)
         refs[name] = evaluate(model.to(device), test_store, batch_size=scale["batch"], device=device)
-    with open(path, "w") as f:
-        json.dump(refs, f)
+    _write_json_atomic(path, dict(refs, store=store))
     return refs
+
+
+def _write_json_atomic(path: str, data: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f)
+    os.replace(path + ".tmp", path)
 
 
 # (arm, baseline): what each comparison isolates; differences are taken seed by seed (same data order and init)
@@ -129,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import SMOLLM2_DIR as teacher
     from benchmarks.common import write_json
     from student.evaluate import evaluate
-    from student.train import load_trained, train
+    from student.train import checkpoints, load_trained, train
 
     if not os.path.exists(os.path.join(teacher, "config.json")):
         raise SystemExit("the teacher is not prepared: run `make teacher` first")
@@ -144,16 +155,19 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.seeds):
             run = os.path.join(out, "runs", f"{arm}-s{seed}")
             result_path = os.path.join(run, "test_eval.json")
+            cfg = _arm_config(arm, stores, teacher, scale, seed, run, lora_rank)
             if not os.path.exists(result_path):  # finished runs are kept: rerunning the study resumes it
-                cfg = _arm_config(arm, stores, teacher, scale, seed, run, lora_rank)
                 t = time.time()
-                train(dataclasses.replace(cfg, resume=os.path.exists(os.path.join(run, "train_config.json"))))
+                train(dataclasses.replace(cfg, resume=bool(checkpoints(run))))
                 metrics = evaluate(load_trained(run, device), stores["test"], batch_size=scale["batch"], device=device)
                 metrics.update(arm=arm, seed=seed, train_s=round(time.time() - t, 1), config=dataclasses.asdict(cfg))
-                with open(result_path, "w") as f:
-                    json.dump(metrics, f)
+                _write_json_atomic(result_path, metrics)
             with open(result_path) as f:
                 runs.append(json.load(f))
+            changed = {k for k, v in dataclasses.asdict(cfg).items() if runs[-1]["config"].get(k) != v}
+            if changed:
+                raise SystemExit(f"{run} was trained with other settings ({', '.join(sorted(changed))}): "
+                                 "move it away, or pass another --out")
             r = runs[-1]
             print(f"{arm:9s} seed {seed}: teacher_kl {r['teacher_kl']:.4f} ppl {r['ppl']:.3f} "
                   f"top1 {r['top1_agree']:.4f} ece {r['ece']:.4f}", flush=True)
@@ -187,16 +201,24 @@ def _summarise(runs: list[dict]) -> dict:
     return table
 
 
+# two-sided 95 % Student-t quantiles by degrees of freedom (no scipy here)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
 def _paired(runs: list[dict]) -> dict:
-    """arm − baseline per seed, mean ± std over seeds: the seed-to-seed noise both share cancels."""
+    """arm − baseline per seed: mean, std and the 95 % confidence half-width of the mean difference."""
     by = {(r["arm"], r["seed"]): r for r in runs}
     out = {}
     for arm, base in PAIRS:
         seeds = [s for (a, s) in by if a == arm and (base, s) in by]
         if len(seeds) < 2:
             continue
-        out[f"{arm} - {base}"] = {m: (statistics.mean(d := [by[arm, s][m] - by[base, s][m] for s in seeds]),
-                                      statistics.stdev(d)) for m in METRICS}
+        row = {}
+        for m in METRICS:
+            d = [by[arm, s][m] - by[base, s][m] for s in seeds]
+            sd = statistics.stdev(d)
+            row[m] = (statistics.mean(d), sd, _T95.get(len(d) - 1, 1.96) * sd / len(d) ** 0.5)
+        out[f"{arm} - {base}"] = row
     return out
 
 
@@ -210,9 +232,10 @@ def _format(table: dict, refs: dict, diffs: dict, scale: str, rank: int, lora_pa
     for arm, row in table.items():
         lines.append(f"{arm:18s} {row['n']:2d} " + " ".join(f"{row[m][0]:10.4g} ± {row[m][1]:<8.2g}" for m in METRICS))
     if diffs:
-        lines += ["paired differences (per seed, mean ± std)", head]
+        lines += ["paired differences (per seed: mean ± 95 % CI half-width; * = CI excludes 0)", head]
         for pair, row in diffs.items():
-            lines.append(f"{pair:18s} {'':2s} " + " ".join(f"{row[m][0]:+10.4g} ± {row[m][1]:<8.2g}" for m in METRICS))
+            lines.append(f"{pair:18s} {'':2s} " + " ".join(
+                f"{row[m][0]:+10.4g} ± {row[m][2]:<7.2g}{'*' if abs(row[m][0]) > row[m][2] else ' '}" for m in METRICS))
     return "\n".join(lines)
 
 

@@ -53,7 +53,9 @@ class TrainConfig:
     experts: int = field(default=8, metadata={"help": "moe-lora: experts per MoE layer"})
     experts_top_k: int = field(default=2, metadata={"help": "moe-lora: experts per token"})
     rank: int = field(default=16, metadata={"help": "LoRA rank (experts for moe-lora; all projections for lora)"})
-    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha"})
+    alpha: float | None = field(default=None, metadata={
+        "help": "LoRA alpha (default 2 × rank, so the update's scale alpha/rank is 2 at any rank and students of "
+                "different ranks train at the same pace)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
     moe_layers: str = field(default="all", metadata={"help": "moe-lora: which MLPs become MoE layers"})
     attn_rank: int = field(default=16, metadata={"help": "moe-lora: attention LoRA rank (0 = frozen)"})
@@ -103,7 +105,8 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 
     torch.manual_seed(cfg.seed)
     if cfg.student == "moe-lora":
-        moe = MoELoRAConfig(num_experts=cfg.experts, top_k=cfg.experts_top_k, rank=cfg.rank, alpha=cfg.alpha,
+        moe = MoELoRAConfig(num_experts=cfg.experts, top_k=cfg.experts_top_k, rank=cfg.rank,
+                            alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.rank,
                             dropout=cfg.lora_dropout, moe_layers=cfg.moe_layers, attn_rank=cfg.attn_rank,
                             balance_coef=cfg.balance_coef, z_coef=cfg.z_coef)
         model = build_student(cfg.base, moe, keep=cfg.keep_layers, seed=cfg.seed)
