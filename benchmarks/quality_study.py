@@ -12,10 +12,14 @@ Teacher: SmolLM2-135M-Instruct (`make teacher`). Text: the World English Bible, 
   moe-srkl    MoE-LoRA, the paper's skew reverse KL (alpha 0.1) + 0.1 CE, top-64 store
   moe-rs      MoE-LoRA, forward KL on the sampled store (RS-KD, N = 50, exact draws)
 
-Each arm runs --seeds times; every run is evaluated on the test store (teacher-KL, perplexity, top-1
-agreement, ECE). Two references are evaluated the same way: the teacher itself (its teacher-KL is the
-floor set by the bf16 capture and the codec) and the pruned student before training. Results: a table of
-mean ± std, per-seed differences of the paired arms, raw JSON, a plot.
+Each arm runs --seeds times; every run is evaluated on the test store (teacher-KL on the stored support,
+full-vocabulary KL against the live teacher, perplexity, top-1 agreement, ECE). Two references are evaluated
+the same way: the teacher itself (its teacher-KL is the floor set by the bf16 capture and the codec) and the
+pruned student before training. Results: a table of mean ± std, per-seed paired differences with 95 %
+confidence intervals, raw JSON, a plot.
+
+Several processes (or GPUs) can share one study: give each its own --arms / --seeds (e.g. --seeds 2,1); a
+final run with the defaults trains nothing new and gathers everything.
 """
 
 from __future__ import annotations
@@ -154,13 +158,14 @@ PAIRS = (("lora-fkl", "ce"), ("moe-fkl", "lora-fkl"), ("moe-srkl", "moe-fkl"), (
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", default="3", help="how many seeds (0..N-1), or a comma list of seeds to run")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--out", default=os.path.expanduser("~/.cache/moekd/quality-study"))
     p.add_argument("--backend", default="vllm", choices=["vllm", "hf"], help="top-64 capture backend")
     p.add_argument("--json", default="benchmarks/results/quality_study.json")
     args = p.parse_args(argv)
     scale = SCALES[args.scale]
+    seed_list = [int(x) for x in args.seeds.split(",")] if "," in args.seeds else range(int(args.seeds))
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer picks the same device
     from benchmarks.common import SMOLLM2_DIR as teacher
     from benchmarks.common import write_json
@@ -177,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dense-LoRA rank {lora_rank} ({lora_params:,} trainable) matches MoE-LoRA ({moe_params:,})", flush=True)
     runs = []
     for arm in args.arms.split(","):
-        for seed in range(args.seeds):
+        for seed in seed_list:
             run = os.path.join(out, "runs", f"{arm}-s{seed}")
             result_path = os.path.join(run, "test_eval.json")
             cfg = _arm_config(arm, stores, teacher, scale, seed, run, lora_rank)
