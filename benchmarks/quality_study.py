@@ -11,6 +11,7 @@ Teacher: SmolLM2-135M-Instruct (`make teacher`). Text: the World English Bible, 
   moe-fkl     MoE-LoRA (8 experts, top-2), forward KL, top-64 store
   moe-srkl    MoE-LoRA, the paper's skew reverse KL (alpha 0.1) + 0.1 CE, top-64 store
   moe-rs      MoE-LoRA, forward KL on the sampled store (RS-KD, N = 50, exact draws)
+  lora-rs     dense LoRA, forward KL on the sampled store
 
 Each arm runs --seeds times; every run is evaluated on the test store (teacher-KL on the stored support,
 full-vocabulary KL against the live teacher, perplexity, top-1 agreement, ECE). Two references are evaluated
@@ -39,7 +40,7 @@ SCALES = {
     "cpu": dict(train_rows=400, test_rows=59, seq_len=256, steps=100, batch=8, keep="::10"),  # ~1.2 h here
     "gpu": dict(train_rows=1071, test_rows=59, seq_len=1024, steps=2000, batch=16, keep="::2", bf16=True),
 }
-ARMS = ("ce", "lora-fkl", "moe-fkl", "moe-srkl", "moe-rs")
+ARMS = ("ce", "lora-fkl", "moe-fkl", "moe-srkl", "moe-rs", "lora-rs")
 
 
 def _stores(out: str, teacher: str, scale: dict, backend: str) -> dict[str, str]:
@@ -88,6 +89,8 @@ def _arm_config(arm: str, stores: dict[str, str], teacher: str, scale: dict, see
         return TrainConfig(**dict(common, loss="srkl", skew_alpha=0.1, ce_weight=0.1))
     if arm == "moe-rs":
         return TrainConfig(**dict(common, loss="fkl", store=stores["train-rs"]))
+    if arm == "lora-rs":
+        return TrainConfig(**dict(common, student="lora", rank=lora_rank, loss="fkl", store=stores["train-rs"]))
     raise ValueError(arm)
 
 
@@ -152,7 +155,8 @@ def _write_json_atomic(path: str, data: dict) -> None:
 
 
 # (arm, baseline): what each comparison isolates; differences are taken seed by seed (same data order and init)
-PAIRS = (("lora-fkl", "ce"), ("moe-fkl", "lora-fkl"), ("moe-srkl", "moe-fkl"), ("moe-rs", "moe-fkl"))
+PAIRS = (("lora-fkl", "ce"), ("moe-fkl", "lora-fkl"), ("moe-srkl", "moe-fkl"), ("moe-rs", "moe-fkl"),
+         ("lora-rs", "lora-fkl"))
 
 
 def main(argv: list[str] | None = None) -> int:
