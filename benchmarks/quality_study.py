@@ -26,6 +26,7 @@ final run with the defaults trains nothing new and gathers everything.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -148,6 +149,30 @@ def _full_vocab_kl(teacher: str, test_store: str, models: dict, batch: int, devi
     return {name: v / tokens for name, v in sums.items()}
 
 
+def _claim(run: str) -> bool:
+    """Take a run for this process, so that processes sharing a study on one machine never train the same run.
+
+    The claim is a file holding the owner's pid; a claim whose process is gone is taken over."""
+    os.makedirs(run, exist_ok=True)
+    path = os.path.join(run, ".claim")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    os.kill(int(f.read() or 0), 0)
+                return False  # its owner is alive
+            except (ProcessLookupError, ValueError, FileNotFoundError):  # gone: take it over
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
 def _write_json_atomic(path: str, data: dict) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(data, f)
@@ -191,11 +216,15 @@ def main(argv: list[str] | None = None) -> int:
             result_path = os.path.join(run, "test_eval.json")
             cfg = _arm_config(arm, stores, teacher, scale, seed, run, lora_rank)
             if not os.path.exists(result_path):  # finished runs are kept: rerunning the study resumes it
+                if not _claim(run):
+                    print(f"{arm:9s} seed {seed}: being trained by another process, skipped here", flush=True)
+                    continue
                 t = time.time()
                 train(dataclasses.replace(cfg, resume=bool(checkpoints(run))))
                 metrics = evaluate(load_trained(run, device), stores["test"], batch_size=scale["batch"], device=device)
                 metrics.update(arm=arm, seed=seed, train_s=round(time.time() - t, 1), config=dataclasses.asdict(cfg))
                 _write_json_atomic(result_path, metrics)
+                os.remove(os.path.join(run, ".claim"))
             with open(result_path) as f:
                 runs.append(dict(json.load(f), run=run))
             changed = {k for k, v in dataclasses.asdict(cfg).items() if runs[-1]["config"].get(k) != v}
