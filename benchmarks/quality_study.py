@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import statistics
 import time
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                                "trainable": {"lora": lora_params, "moe": moe_params}, "summary": table,
                                "paired_differences": diffs,
                                "references": {k: {m: v[m] for m in METRICS} for k, v in refs.items()},
-                               "runs": [{k: v for k, v in r.items() if k != "expert_usage"} for r in runs],
+                               "runs": [{k: v for k, v in r.items() if k != "run"} for r in runs],
                                "seconds": round(time.time() - start)})
         _plot(runs, refs["teacher"], os.path.splitext(args.json)[0] + ".png")
     return 0
@@ -267,6 +268,10 @@ def _summarise(runs: list[dict]) -> dict:
         table[arm] = {m: (statistics.mean(r[m] for r in mine),
                           statistics.stdev(r[m] for r in mine) if len(mine) > 1 else 0.0) for m in METRICS}
         table[arm]["n"] = len(mine)
+        if all("expert_usage" in r for r in mine):  # exp(entropy) of each MoE layer's load: 8 = even, 2 = collapsed
+            table[arm]["effective_experts"] = {
+                layer: statistics.mean(math.exp(-sum(f * math.log(f) for f in r["expert_usage"][layer] if f > 0))
+                                       for r in mine) for layer in mine[0]["expert_usage"]}
         table[arm]["train_s"] = statistics.mean(r["train_s"] for r in mine if "train_s" in r) \
             if any("train_s" in r for r in mine) else None
     return table
