@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import SMOLLM2_DIR as teacher
     from benchmarks.common import write_json
     from student.evaluate import evaluate
-    from student.train import checkpoints, load_trained, train
+    from student.train import load_trained, train
 
     if not os.path.exists(os.path.join(teacher, "config.json")):
         raise SystemExit("the teacher is not prepared: run `make teacher` first")
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{arm:9s} seed {seed}: being trained by another process, skipped here", flush=True)
                     continue
                 t = time.time()
-                train(dataclasses.replace(cfg, resume=bool(checkpoints(run))))
+                train(dataclasses.replace(cfg, resume=os.path.exists(os.path.join(run, "train_config.json"))))
                 metrics = evaluate(load_trained(run, device), stores["test"], batch_size=scale["batch"], device=device)
                 metrics.update(arm=arm, seed=seed, train_s=round(time.time() - t, 1), config=dataclasses.asdict(cfg))
                 _write_json_atomic(result_path, metrics)
