@@ -104,40 +104,29 @@ def _matched_rank(teacher: str, keep: str) -> tuple[int, int, int]:
     return matching_dense_lora_rank(base, MoELoRAConfig(num_experts=8, top_k=2, rank=16, attn_rank=16))
 
 
-def _references(out: str, teacher: str, test_store: str, scale: dict, device: str) -> dict[str, dict]:
-    """The teacher and the untrained pruned student on the test store; computed once, cached beside the runs."""
+def _cached_references(out: str, test_store: str) -> dict[str, dict] | None:
+    """The references (teacher, untrained pruned student) of an earlier run over the same test store, if any."""
     from logit_store import LogitStore
-    from student.convert import load_base
-    from student.evaluate import evaluate
 
     path = os.path.join(out, "references.json")
-    store = LogitStore.open(test_store).manifest.fingerprint()
-    if os.path.exists(path):
-        with open(path) as f:
-            refs = json.load(f)
-        if refs.pop("store", None) == store and all("full_kl" in v for v in refs.values()):
-            return refs
-    refs = {}
-    for name, keep in (("teacher", None), ("pruned", scale["keep"])):
-        model, _ = load_base(teacher, keep=keep)
-        refs[name] = evaluate(model.to(device), test_store, batch_size=scale["batch"], device=device)
-        refs[name]["full_kl"] = 0.0 if keep is None else \
-            _full_vocab_kl(teacher, test_store, {name: model}, scale["batch"], device)[name]
-    _write_json_atomic(path, dict(refs, store=store))
-    return refs
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        refs = json.load(f)
+    if refs.pop("store", None) != LogitStore.open(test_store).manifest.fingerprint():
+        return None
+    return refs if all("full_kl" in v for v in refs.values()) else None
 
 
 @torch.no_grad()
-def _full_vocab_kl(teacher: str, test_store: str, models: dict, batch: int, device: str) -> dict[str, float]:
+def _full_vocab_kl(t_model, test_store: str, models: dict, batch: int, device: str) -> dict[str, float]:
     """KL(teacher || student) over the whole vocabulary, per token, with the teacher run live in fp32.
 
     The store's teacher_kl is measured on the top-64 support + tail bucket, the very quantity the top-64 arms
     minimise; this is the exact KL, which treats top-64 and sampled (RS-KD) students alike. One teacher forward
     per batch serves every student."""
     from logit_store import KDStream
-    from student.convert import load_base
 
-    t_model = load_base(teacher)[0].to(device)
     sums = dict.fromkeys(models, 0.0)
     tokens = 0
     for b in KDStream(test_store, batch, shuffle=False, rank=0, world_size=1):
@@ -148,6 +137,37 @@ def _full_vocab_kl(teacher: str, test_store: str, models: dict, batch: int, devi
             sums[name] += float((t_lp.exp() * (t_lp - s_lp)).sum())
         tokens += int(mask.sum())
     return {name: v / tokens for name, v in sums.items()}
+
+
+def _teacher_measures(out: str, teacher: str, test_store: str, scale: dict, runs: list[dict], device: str) -> dict:
+    """What needs the live teacher, loaded once: the full-vocabulary KL of every run that lacks it (written into
+    its test_eval.json) and the references, both from one pass over the test store. Returns the references."""
+    from logit_store import LogitStore
+    from student.convert import load_base
+    from student.evaluate import evaluate
+    from student.train import load_trained
+
+    refs = _cached_references(out, test_store)
+    pending = {r["run"]: r for r in runs if "full_kl" not in r}
+    if refs is not None and not pending:
+        return refs
+    print(f"full-vocabulary KL of {len(pending)} run(s) against the live teacher", flush=True)
+    t_model = load_base(teacher)[0].to(device)
+    students = {run: load_trained(run, device) for run in pending}
+    if refs is None:
+        pruned = load_base(teacher, keep=scale["keep"])[0].to(device)
+        refs = {name: evaluate(m, test_store, batch_size=scale["batch"], device=device)
+                for name, m in (("teacher", t_model), ("pruned", pruned))}
+        students["(pruned)"] = pruned
+    kl = _full_vocab_kl(t_model, test_store, students, scale["batch"], device)
+    for run, r in pending.items():
+        r["full_kl"] = kl[run]
+        _write_json_atomic(os.path.join(run, "test_eval.json"), {k: v for k, v in r.items() if k != "run"})
+    if "(pruned)" in kl:
+        refs["teacher"]["full_kl"], refs["pruned"]["full_kl"] = 0.0, kl["(pruned)"]
+        store = LogitStore.open(test_store).manifest.fingerprint()
+        _write_json_atomic(os.path.join(out, "references.json"), dict(refs, store=store))
+    return refs
 
 
 def _claim(run: str) -> bool:
@@ -235,15 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             r = runs[-1]
             print(f"{arm:9s} seed {seed}: teacher_kl {r['teacher_kl']:.4f} ppl {r['ppl']:.3f} "
                   f"top1 {r['top1_agree']:.4f} ece {r['ece']:.4f}", flush=True)
-    pending = {r["run"]: r for r in runs if "full_kl" not in r}
-    if pending:
-        print(f"full-vocabulary KL of {len(pending)} run(s) against the live teacher", flush=True)
-        kl = _full_vocab_kl(teacher, stores["test"], {run: load_trained(run, device) for run in pending},
-                            scale["batch"], device)
-        for run, r in pending.items():
-            r["full_kl"] = kl[run]
-            _write_json_atomic(os.path.join(run, "test_eval.json"), {k: v for k, v in r.items() if k != "run"})
-    refs = _references(out, teacher, stores["test"], scale, device)
+    refs = _teacher_measures(out, teacher, stores["test"], scale, runs, device)
     table = _summarise(runs)
     diffs = _paired(runs)
     print(_format(table, refs, diffs, args.scale, lora_rank, lora_params, moe_params))
@@ -254,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                                "references": {k: {m: v[m] for m in METRICS} for k, v in refs.items()},
                                "runs": [{k: v for k, v in r.items() if k != "run"} for r in runs],
                                "seconds": round(time.time() - start)})
-        _plot(runs, refs["teacher"], os.path.splitext(args.json)[0] + ".png")
+        _plot(runs, table, refs["teacher"], os.path.splitext(args.json)[0] + ".png")
     return 0
 
 
@@ -272,8 +284,7 @@ def _summarise(runs: list[dict]) -> dict:
             table[arm]["effective_experts"] = {
                 layer: statistics.mean(math.exp(-sum(f * math.log(f) for f in r["expert_usage"][layer] if f > 0))
                                        for r in mine) for layer in mine[0]["expert_usage"]}
-        table[arm]["train_s"] = statistics.mean(r["train_s"] for r in mine if "train_s" in r) \
-            if any("train_s" in r for r in mine) else None
+        table[arm]["train_s"] = statistics.mean(r["train_s"] for r in mine)
     return table
 
 
@@ -315,21 +326,21 @@ def _format(table: dict, refs: dict, diffs: dict, scale: str, rank: int, lora_pa
     return "\n".join(lines)
 
 
-def _plot(runs: list[dict], teacher: dict, path: str) -> None:
+def _plot(runs: list[dict], table: dict, teacher: dict, path: str) -> None:
     """Every seed as a dot, mean ± std as a bar: the arms differ by less than the metrics' scale, so no zero axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    arms = list(table)
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.4))
     for ax, m in zip(axes, METRICS, strict=True):
         for i, arm in enumerate(arms):
             values = [r[m] for r in runs if r["arm"] == arm]
             ax.plot([i] * len(values), values, "o", color="C0", alpha=0.5, ms=4)
-            sd = statistics.stdev(values) if len(values) > 1 else 0.0
-            ax.errorbar(i + 0.15, statistics.mean(values), yerr=sd, fmt="s", color="C1", capsize=3, ms=5)
+            mean, sd = table[arm][m]
+            ax.errorbar(i + 0.15, mean, yerr=sd, fmt="s", color="C1", capsize=3, ms=5)
         ax.set_xticks(range(len(arms)), arms, rotation=45)
         ax.set_title(f"{m} (teacher {teacher[m]:.3g})")
     fig.tight_layout()
