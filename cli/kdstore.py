@@ -18,9 +18,6 @@ ERRORS = (ManifestError, StoreError, TargetError, InputError, TeacherError, Inde
 
 def _describe(store: LogitStore) -> dict:
     m = store.manifest
-    t = m.target
-    target = f"topk k={t.k}" if t.kind == "topk" else (
-        f"sampled N={t.samples}" + (f" from top-{t.sampled_from_top_k}" if t.sampled_from_top_k else " (exact)"))
     return {
         "store": store.root,
         "status": m.status,
@@ -32,7 +29,7 @@ def _describe(store: LogitStore) -> dict:
         "tokenizer": m.tokenizer.get("name_or_path"),
         "tokenizer_fingerprint": m.tokenizer.get("fingerprint"),
         "vocab_size": m.vocab_size,
-        "target": target,
+        "target": str(m.target),
         "codec": f"{m.codec.name}, {m.codec.levels} levels, {m.codec.compression} {m.codec.compression_level}",
         "rows": m.rows,
         "tokens": m.tokens,
@@ -133,7 +130,7 @@ def cmd_build(argv: list[str]) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from logit_store.build import merge_workers
+    from logit_store.manifest import merge_workers
 
     m = merge_workers(args.store, allow_incomplete=args.allow_incomplete)
     print(f"merged {len(m.shards)} shards, {m.rows:,} rows, {m.tokens:,} tokens into {args.store}/manifest.json "
