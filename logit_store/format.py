@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from .codecs import IdOrder, SampledCodec, TopKCodec
-
-if TYPE_CHECKING:
-    from .manifest import Manifest
 
 FORMAT_NAME = "kd-logit-store"
 FORMAT_VERSION = 1
@@ -58,8 +54,9 @@ ID_ORDER_KEY = b"kd.id_order"  # the shard's id-order head, little-endian uint32
 FORMAT_VERSION_KEY = b"kd.format_version"
 
 
-def make_codec(manifest: Manifest) -> TopKCodec | SampledCodec:
-    """The codec of a store's targets. The only place the target kind is looked at to encode or decode."""
+def make_codec(manifest) -> TopKCodec | SampledCodec:
+    """The codec of a store's targets, from its `Manifest` (manifest.py, which imports this module, hence no
+    annotation). The only place the target kind is looked at to encode or decode."""
     t = manifest.target
     if t.kind == "topk":
         return TopKCodec(t.k, manifest.vocab_size, manifest.codec.levels)
