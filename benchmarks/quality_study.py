@@ -47,9 +47,9 @@ ARMS = ("ce", "lora-fkl", "moe-fkl", "moe-srkl", "moe-rs", "lora-rs")
 
 def _stores(out: str, teacher: str, scale: dict, backend: str) -> dict[str, str]:
     """The shared captures: top-64 (train, test) and sampled N=50 (train). Built once, reused by every run."""
+    from assets.corpora import bible_chapters, write_splits
     from logit_store import LogitStore
     from logit_store.build import BuildConfig, build
-    from logit_store.corpora import bible_chapters, write_splits
     from logit_store.teachers import load_teacher
 
     splits = write_splits(bible_chapters(), os.path.join(out, "data"))

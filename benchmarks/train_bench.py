@@ -17,9 +17,9 @@ import time
 import numpy as np
 import torch
 
+from assets.corpora import bible_chapters
 from benchmarks.common import teacher_dir, write_json
 from logit_store import KDStream, Manifest, ShardWriter, StoreRow, TargetSpec
-from logit_store.corpora import bible_chapters
 from logit_store.teachers.hf import HFTeacher
 from student.baselines import count_parameters
 from student.convert import MoELoRAConfig, build_student

@@ -36,7 +36,7 @@ class DemoSetup:
 
 
 def tiny_setup(out: str) -> DemoSetup:
-    from logit_store.synthetic import make_tiny_teacher, synthetic_corpus
+    from assets.synthetic import make_tiny_teacher, synthetic_corpus
 
     teacher = os.path.join(out, "teacher")
     if not os.path.exists(os.path.join(teacher, "config.json")):
@@ -54,11 +54,11 @@ def tiny_setup(out: str) -> DemoSetup:
 
 
 def real_setup(out: str) -> DemoSetup:
-    from logit_store.corpora import bible_chapters, write_splits
-    from logit_store.teachers.gguf import convert_gguf, default_cache, packaged_smollm2
+    from assets.corpora import bible_chapters, write_splits
+    from assets.smollm2 import convert_gguf, packaged_smollm2, prepared_teacher_dir
 
     folder, name = packaged_smollm2()
-    teacher = convert_gguf(folder, name, os.path.join(default_cache(), os.path.splitext(name)[0]))
+    teacher = convert_gguf(folder, name, prepared_teacher_dir(name))
     splits = write_splits(bible_chapters(), os.path.join(out, "data"))
     return DemoSetup(teacher, splits["train"], splits["validation"], 96, 16, 256, 64,
                      ["--keep_layers", "::5", "--experts", "8", "--rank", "16", "--attn_rank", "16", "--lr", "1e-3"],

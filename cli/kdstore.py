@@ -141,16 +141,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_prepare_teacher(args: argparse.Namespace) -> int:
     import os
 
-    from logit_store.teachers.gguf import convert_gguf, default_cache, packaged_smollm2
+    from assets.smollm2 import convert_gguf, packaged_smollm2, prepared_teacher_dir
 
     folder, name = os.path.split(args.gguf) if args.gguf else packaged_smollm2()
-    out = args.out or os.path.join(default_cache(), os.path.splitext(name)[0])
+    out = args.out or prepared_teacher_dir(name)
     print(convert_gguf(folder, name, out, args.dtype))
     return 0
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:
-    from logit_store.corpora import bible_chapters, write_splits
+    from assets.corpora import bible_chapters, write_splits
 
     paths = write_splits(bible_chapters(), args.out, seed=args.seed)
     for split, path in paths.items():

@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory) -> str:
     """A tiny trained Llama teacher + BPE tokenizer saved to disk (transformers- and vLLM-loadable)."""
-    from logit_store.synthetic import make_tiny_teacher
+    from assets.synthetic import make_tiny_teacher
 
     folder = str(tmp_path_factory.mktemp("tiny_teacher"))
     make_tiny_teacher(folder, n_docs=120, steps=30)
