@@ -13,7 +13,9 @@ from assets.synthetic import synthetic_corpus
 from logit_store import Manifest, ShardWriter, StoreRow, TargetSpec
 from logit_store.fingerprint import tokenizer_fingerprint
 from logit_store.teachers.hf import HFTeacher
-from student.train import TrainConfig, TrainError, read_metrics, train
+from student.config import TrainConfig
+from student.run import read_metrics
+from student.train import TrainError, train
 
 SEQ, ROWS_PER_UNIT = 32, 2
 
