@@ -250,7 +250,9 @@ def long_bf16_teacher(tiny_teacher_dir, tmp_path_factory) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_default_dtype_and_context_make_both_backends_write_the_same_store(long_bf16_teacher, tmp_path):
+    """Real builds with default options on both backends (slow: a vLLM engine takes 30-60 s to start here)."""
     data = str(tmp_path / "text.jsonl")
     with open(data, "w") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in synthetic_corpus(16, seed=7))
