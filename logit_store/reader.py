@@ -240,21 +240,22 @@ class LogitStore:
         record batches, rows, tokens, targets) and, with `decode`, decode and check every row.
 
         Returns the faults found, each starting with the shard file it is in; an empty list means the store is
-        sound. (Faults of the manifest itself stop `open` before this can run.)
+        sound. Manifest faults stop `open` itself; the ones found here (`manifest_faults` again: a shard file added
+        since the store was opened) start with the manifest's name.
         """
         faults = [f"{self.manifest_name}: {field}: {problem}" for field, problem in self.manifest_faults()]
         for i, s in enumerate(self.manifest.shards):
             if self._listed[s.file][0] != i:
                 continue  # listed twice: reported above
             try:
-                faults.extend(f"{s.file}: {msg}" for msg in self._verify_shard(i, s, decode))
+                faults.extend(f"{s.file}: {msg}" for msg in self._verify_shard(s, decode))
             except StoreError as e:
                 faults.append(f"{s.file}: {e.problem}")
             except Exception as e:  # any failure to read is a fault of this shard, reported by name
                 faults.append(f"{s.file}: cannot be read ({type(e).__name__}: {e})")
         return faults
 
-    def _verify_shard(self, index: int, s: ShardInfo, decode: bool) -> list[str]:
+    def _verify_shard(self, s: ShardInfo, decode: bool) -> list[str]:
         self._files.pop(s.file, None)  # check again, even if this process has opened it before
         reader = self.shard_reader(s.file)
         if not decode:
