@@ -78,6 +78,14 @@ def _segment_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int], offsets
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
+def _expert_counts(top_i: torch.Tensor, num_experts: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """[E] (weighted) number of (token, slot) assignments per expert; a scatter-add, so no host sync on CUDA
+    (torch.bincount reads the input's maximum back to size its output)."""
+    flat = top_i.reshape(-1)
+    src = torch.ones_like(flat) if weight is None else weight[:, None].expand(top_i.shape).reshape(-1)
+    return torch.zeros(num_experts, dtype=src.dtype, device=flat.device).scatter_add_(0, flat, src)
+
+
 class MoELoRAMLP(nn.Module):
     """A dense MLP turned into a top-k mixture of LoRA experts that share its frozen weights.
 
@@ -149,22 +157,27 @@ class MoELoRAMLP(nn.Module):
         return act(pre[0]) * pre[1] if self.kind == "gated" else act(pre[0])
 
     def route(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """fp32 router: (logits [N, E], top-k renormalised weights [N, k], top-k expert ids [N, k])."""
-        logits = F.linear(x2.float(), self.router.weight.float())
-        probs = logits.softmax(dim=-1)
-        top_w, top_i = probs.topk(self.top_k, dim=-1)
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        real = self.token_mask
-        if real is not None and real.numel() == x2.shape[0]:  # padding takes no part in the stats
-            s_probs, s_top, s_logits = probs[real], top_i[real], logits[real]
-        else:
-            s_probs, s_top, s_logits = probs, top_i, logits
-        counts = torch.bincount(s_top.reshape(-1), minlength=self.num_experts)
-        # Switch/Mixtral balance loss: E * sum_e f_e * P_e; f_e (routed fraction) carries no gradient.
-        frac = counts.to(probs.dtype) / max(s_top.numel(), 1)
-        balance = self.num_experts * (frac * s_probs.mean(dim=0)).sum()
-        z = torch.logsumexp(s_logits, dim=-1).square().mean()
-        self.router_stats = RouterStats(balance=balance, z=z, counts=counts.detach())
+        """fp32 router, also under autocast: (logits [N, E], top-k renormalised weights [N, k], top-k ids [N, k]).
+
+        No host synchronisation (no boolean indexing, no bincount): on CUDA the layer runs without waiting
+        for the GPU."""
+        with torch.autocast(x2.device.type, enabled=False):
+            logits = F.linear(x2.float(), self.router.weight.float())
+            probs = logits.softmax(dim=-1)
+            top_w, top_i = probs.topk(self.top_k, dim=-1)
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+            real = self.token_mask
+            if real is not None and real.numel() == x2.shape[0]:  # padding takes no part in the stats
+                weight = real.to(probs.dtype)
+            else:
+                weight = torch.ones(x2.shape[0], dtype=probs.dtype, device=x2.device)
+            n = weight.sum().clamp(min=1)
+            counts = _expert_counts(top_i, self.num_experts, weight)
+            # Switch/Mixtral balance loss: E * sum_e f_e * P_e; f_e (routed fraction) carries no gradient.
+            frac = counts / (n * self.top_k)
+            balance = self.num_experts * (frac * ((probs * weight[:, None]).sum(dim=0) / n)).sum()
+            z = (torch.logsumexp(logits, dim=-1).square() * weight).sum() / n
+        self.router_stats = RouterStats(balance=balance, z=z, counts=counts.detach().round().long())
         return logits, top_w, top_i
 
     def resolve_impl(self, x: torch.Tensor) -> str:
@@ -173,12 +186,15 @@ class MoELoRAMLP(nn.Module):
             return "loop"  # torch.compile is unavailable here; the eager kernels are slower than the loop
         if self.impl != "auto":
             return self.impl
-        if x.is_cuda:  # grouped GEMM for bf16 activations (its CUDA kernel's dtype), else the loop
-            return "grouped" if x.dtype == torch.bfloat16 else "loop"
+        if x.is_cuda:  # grouped GEMM (its CUDA kernel takes bf16) for bf16 activations or bf16 autocast
+            bf16 = x.dtype == torch.bfloat16 or (
+                torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+            )
+            return "grouped" if bf16 else "loop"
         fusable = (
             self.kind == "gated"
             and type(getattr(self.base, self.act_name)).__name__ in ("SiLU", "SiLUActivation")
-            and x.dtype == self.in_A.dtype
+            and x.dtype == self.in_A.dtype == torch.float32  # the hand-written kernel is fp32
             and not torch.is_autocast_enabled(x.device.type)
         )
         return "compiled" if fusable and not KERNELS.failed else "loop"
@@ -202,8 +218,9 @@ class MoELoRAMLP(nn.Module):
         order = torch.argsort(flat_e, stable=True)
         tok = order // self.top_k
         w = top_w.reshape(-1)[order]
-        count_t = torch.bincount(flat_e, minlength=self.num_experts)
-        counts = count_t.tolist()
+        count_t = _expert_counts(top_i, self.num_experts)
+        # Python counts (a host sync) only for the paths that slice per expert; the grouped GEMM takes offsets.
+        counts = None if impl == "grouped" else count_t.tolist()
         down = getattr(self.base, self.out_name)
 
         if fused:
@@ -218,7 +235,8 @@ class MoELoRAMLP(nn.Module):
         offsets = torch.cumsum(count_t, 0).to(torch.int32) if impl == "grouped" else None
         r, s, n_in = self.rank, self.scaling, len(self.in_names)
         w = w.unsqueeze(-1)
-        lora_dtype = self.in_A.dtype
+        # LoRA products in the adapters' dtype; on CUDA the grouped GEMM computes in bf16 (its kernel's dtype).
+        lora_dtype = torch.bfloat16 if offsets is not None and x.is_cuda else self.in_A.dtype
         xs = self.lora_dropout(x2.index_select(0, tok).to(lora_dtype))
         t = s * _segment_matmul(xs, self.in_A.transpose(1, 2), counts, offsets)  # [M, P*r], scaled while it is small
         a_e = self._activation(
@@ -235,7 +253,7 @@ class MoELoRAMLP(nn.Module):
         u = (s * w) * _segment_matmul(
             self.lora_dropout(a_e.to(lora_dtype)), self.out_A.transpose(1, 2), counts, offsets
         )
-        d = _segment_matmul(u, self.out_B, counts, offsets)
+        d = _segment_matmul(u.to(lora_dtype), self.out_B, counts, offsets)
         y = y.reshape(-1, self.hidden_size).index_add(0, tok, d.to(y.dtype)).reshape(*lead, -1)
         if self.kind == "gpt2":
             y = self.base.dropout(y)
