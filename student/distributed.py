@@ -33,6 +33,7 @@ trainable state (`trainable.safetensors`, rank 0) so `kdstudent eval`/`export` r
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -131,10 +132,10 @@ def grad_norm(params) -> torch.Tensor:
 
 
 # ================================================================ checkpoints
-def _options(full: bool = False):
+def _options(full: bool = False, strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True, full_state_dict=full, cpu_offload=full)
+    return StateDictOptions(ignore_frozen_params=True, full_state_dict=full, cpu_offload=full, strict=strict)
 
 
 def save_sharded(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -159,8 +160,9 @@ def load_sharded(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> 
     state = {"model": get_model_state_dict(model, options=_options()),
              "optim": get_optimizer_state_dict(model, opt, options=_options())}
     dcp.load(state, checkpoint_id=str(folder))
+    # not strict: the frozen parameters are not in a checkpoint (dcp.load above fails on any trainable one missing)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_options())
+                   options=_options(strict=False))
 
 
 def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -177,7 +179,9 @@ def load_sharded_into_plain(folder: Path, model: nn.Module) -> None:
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     state = {"model": {n: torch.empty_like(p.detach()) for n, p in params.items()}}
-    dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(folder), no_dist=True)
     with torch.no_grad():
         for n, t in state["model"].items():
             params[n].copy_(t)
