@@ -60,6 +60,9 @@ class TrainConfig:
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
     moe_layers: str = field(default="all", metadata={"help": "moe-lora: which MLPs become MoE layers"})
     attn_rank: int = field(default=16, metadata={"help": "moe-lora: attention LoRA rank (0 = frozen)"})
+    expert_impl: str = field(default="auto", metadata={
+        "help": "moe-lora: expert implementation (auto: grouped GEMM on CUDA under bf16, the compiled kernel on CPU)",
+        "choices": ["auto", "compiled", "fused", "loop", "grouped"]})
     balance_coef: float = field(default=0.01, metadata={"help": "moe-lora: load-balancing loss coefficient"})
     z_coef: float = field(default=0.0, metadata={"help": "moe-lora: router z-loss coefficient"})
     loss: str = field(default="fkl", metadata={"help": "KD loss on the stored support + tail",
@@ -131,7 +134,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         moe = MoELoRAConfig(num_experts=cfg.experts, top_k=cfg.experts_top_k, rank=cfg.rank,
                             alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.rank,
                             dropout=cfg.lora_dropout, moe_layers=cfg.moe_layers, attn_rank=cfg.attn_rank,
-                            balance_coef=cfg.balance_coef, z_coef=cfg.z_coef)
+                            balance_coef=cfg.balance_coef, z_coef=cfg.z_coef, expert_impl=cfg.expert_impl)
         model = build_student(cfg.base, moe, keep=cfg.keep_layers, seed=cfg.seed, dtype=dtype)
     elif cfg.student == "lora":
         model = build_dense_lora(cfg.base, cfg.rank, cfg.alpha, cfg.lora_dropout, keep=cfg.keep_layers, dtype=dtype)
