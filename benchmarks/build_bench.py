@@ -22,9 +22,9 @@ import time
 import numpy as np
 import torch
 
+from assets.corpora import bible_chapters
 from benchmarks.common import teacher_dir, write_json
 from logit_store.build import BuildConfig, build
-from logit_store.corpora import bible_chapters
 
 
 def _teacher_dir(arg: str | None) -> tuple[str, str]:

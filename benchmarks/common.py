@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import os
 
-from logit_store.teachers.gguf import default_cache
+from assets import default_cache
+from assets.smollm2 import prepared_teacher_dir
 
-SMOLLM2_DIR = os.path.join(default_cache(), "SmolLM2-135M-Instruct.Q4_1")  # where `make teacher` puts it
+SMOLLM2_DIR = prepared_teacher_dir()  # where `make teacher` puts SmolLM2
 
 
 def teacher_dir() -> tuple[str, str]:
     """(folder, name): SmolLM2-135M-Instruct when `make teacher` has prepared it, else the tiny synthetic teacher."""
     if os.path.exists(os.path.join(SMOLLM2_DIR, "config.json")):
         return SMOLLM2_DIR, "SmolLM2-135M-Instruct"
-    from logit_store.synthetic import make_tiny_teacher
+    from assets.synthetic import make_tiny_teacher
 
     folder = os.path.join(default_cache(), "tiny-teacher")
     if not os.path.exists(os.path.join(folder, "config.json")):

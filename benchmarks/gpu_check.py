@@ -30,7 +30,6 @@ Never asserts; the table at the end and the JSON say what worked.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
@@ -196,7 +195,7 @@ def _short(res: dict) -> str:
 
 # ================================================================ setup: tokenizer, models, store
 def make_tokenizer(ctx: Check):
-    from logit_store.synthetic import synthetic_corpus, train_tokenizer
+    from assets.synthetic import synthetic_corpus, train_tokenizer
 
     return train_tokenizer(synthetic_corpus(200, seed=0), vocab_size=512)
 
@@ -315,7 +314,7 @@ def moe_layer(ctx: Check) -> dict:
                 times[name].append(time.perf_counter() - t0)
     med = {k: float(np.median(v)) for k, v in times.items()}
     res = {"hidden": hidden, "intermediate": inter, "tokens": x.shape[0] * x.shape[1], "experts": experts,
-           "top_k": 2, "rank": rank,
+           "experts_per_token": 2, "rank": rank,
            "fwd_bwd_ms": {k: round(v * 1e3, 3) for k, v in med.items()},
            "x_dense": {k: round(v / med["dense"], 3) for k, v in med.items()}}
     # agreement (grouped computes the LoRA products in bf16 on CUDA, the loop in fp32)
@@ -341,25 +340,14 @@ def moe_layer(ctx: Check) -> dict:
 
 # ================================================================ the real trainer
 def train_config(**kw):
-    """A TrainConfig, mapping the option names this script uses onto the trainer's (they were renamed once)."""
-    from student.train import TrainConfig
+    from student.config import TrainConfig
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    aliases = {"experts": ("experts", "num_experts"), "experts_top_k": ("experts_top_k", "experts_per_token", "top_k")}
-    out = {}
-    for key, value in kw.items():
-        for cand in aliases.get(key, (key,)):
-            if cand in names:
-                out[cand] = value
-                break
-        else:
-            raise KeyError(f"TrainConfig has no field for {key!r}")
-    return TrainConfig(**out)
+    return TrainConfig(**kw)
 
 
 def steady_rate(run: Path, warmup: int) -> tuple[float | None, list[float]]:
     """tokens/s after the warm-up steps, from metrics.jsonl's cumulative rates (one line per step)."""
-    from student.train import read_metrics
+    from student.run import read_metrics
 
     recs = [r for r in read_metrics(run) if "tokens_per_s" in r]
     cum, t = 0, []
@@ -374,7 +362,8 @@ def steady_rate(run: Path, warmup: int) -> tuple[float | None, list[float]]:
 
 
 def train_run(ctx: Check, model_name: str, student: str, impl: str = "auto") -> dict:
-    from student.train import read_metrics, train
+    from student.run import read_metrics
+    from student.train import train
 
     if ctx.store is None:
         raise RuntimeError("no store (the capture step failed)")
@@ -382,7 +371,7 @@ def train_run(ctx: Check, model_name: str, student: str, impl: str = "auto") -> 
     out = ctx.work / f"run-{model_name}-{student}-{impl}"
     shutil.rmtree(out, ignore_errors=True)
     cfg = train_config(store=ctx.store, base=str(ctx.models[model_name]), out=str(out), student=student,
-                       experts=size["experts"], experts_top_k=2, rank=size["rank"], attn_rank=size["rank"],
+                       experts=size["experts"], experts_per_token=2, rank=size["rank"], attn_rank=size["rank"],
                        expert_impl=impl, batch_size=size["batch"], max_steps=size["warmup"] + size["steps"],
                        lr=1e-4, warmup_steps=0, log_every=1, progress=False, bf16=True, shuffle=False,
                        base_dtype="float32" if student == "full" else "bfloat16", keep_checkpoints=1, seed=0)
@@ -454,7 +443,7 @@ def bf16_agreement(ctx: Check) -> dict:
     out, ref = {}, None
     for arm, (dtype, bf16, impl) in arms.items():
         cfg = train_config(store=ctx.store, base=str(ctx.models[size["small"][0]]), out=str(ctx.work / "x"),
-                           experts=size["experts"], experts_top_k=2, rank=size["rank"], attn_rank=size["rank"],
+                           experts=size["experts"], experts_per_token=2, rank=size["rank"], attn_rank=size["rank"],
                            base_dtype=dtype, bf16=bf16, expert_impl=impl, seed=0)
         model = build_model(cfg).to(ctx.device)
         g = torch.Generator().manual_seed(1)

@@ -108,7 +108,7 @@ def run(
     inter: int,
     tokens: int,
     experts: int,
-    top_k: int,
+    experts_per_token: int,
     rank: int,
     reps: int,
     warmup: int,
@@ -120,7 +120,7 @@ def run(
         False
     )
     moe = {
-        impl: MoELoRAMLP(base, experts, top_k, rank, alpha=2 * rank, impl=impl)
+        impl: MoELoRAMLP(base, experts, experts_per_token, rank, alpha=2 * rank, impl=impl)
         for impl in ("loop", "fused", "compiled", "grouped")
     }
     with torch.no_grad():  # trained-looking adapters and router, so routing is not degenerate
@@ -180,7 +180,8 @@ def run(
         }
     usage = ref.router_stats.counts.tolist() if ref.router_stats is not None else None
     return {
-        "config": dict(hidden=hidden, intermediate=inter, tokens=tokens, experts=experts, top_k=top_k, rank=rank),
+        "config": dict(hidden=hidden, intermediate=inter, tokens=tokens, experts=experts,
+                       experts_per_token=experts_per_token, rank=rank),
         "reps": reps,
         "expert_load": usage,
         "results": results,
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--intermediate", type=int, default=1536, help="SmolLM2-135M: 1536")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--experts-per-token", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.tokens, args.reps = 512, 3
     load_before, pressure_before = os.getloadavg(), cpu_pressure()
     only = [v for v in args.variants.split(",") if v] or None
-    out = run(args.hidden, args.intermediate, args.tokens, args.experts, args.top_k, args.rank, args.reps, 3, only=only)
+    out = run(args.hidden, args.intermediate, args.tokens, args.experts, args.experts_per_token, args.rank, args.reps,
+              3, only=only)
     out["env"] = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     c = out["config"]
     print(
         f"MoE-LoRA MLP fwd+bwd, hidden {c['hidden']}, intermediate {c['intermediate']}, {c['tokens']} tokens, "
-        f"{c['experts']} experts, top-{c['top_k']}, rank {c['rank']}, {torch.get_num_threads()} threads "
+        f"{c['experts']} experts, top-{c['experts_per_token']}, rank {c['rank']}, {torch.get_num_threads()} threads "
         f"(load avg before {load_before[0]:.2f})"
     )
     if (pressure_before or 0) > 20 or (out["env"]["cpu_pressure_some_avg10_after"] or 0) > 20:

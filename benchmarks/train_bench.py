@@ -17,12 +17,13 @@ import time
 import numpy as np
 import torch
 
+from assets.corpora import bible_chapters
 from benchmarks.common import teacher_dir, write_json
 from logit_store import KDStream, Manifest, ShardWriter, StoreRow, TargetSpec
-from logit_store.corpora import bible_chapters
 from logit_store.teachers.hf import HFTeacher
 from student.baselines import count_parameters
-from student.convert import MoELoRAConfig, build_student
+from student.config import MoELoRAConfig
+from student.convert import build_student
 from student.losses import DistillLossConfig
 from student.train import DistillStep
 
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, (r, t) in enumerate(zip(rows, teacher.topk([(r, mask) for r in rows], args.k), strict=True)):
             w.write(StoreRow(r, mask, t, i))
 
-    student = build_student(folder, MoELoRAConfig(num_experts=8, top_k=2, rank=16), keep=args.keep_layers)
+    shape = MoELoRAConfig(experts=8, experts_per_token=2, rank=16, keep_layers=args.keep_layers)
+    student = build_student(folder, shape)
     step = DistillStep(student, DistillLossConfig(kind="fkl"))
     opt = torch.optim.AdamW([q for q in student.parameters() if q.requires_grad], lr=1e-4)
     t_params, s_params = count_parameters(teacher.model).total, count_parameters(student).total

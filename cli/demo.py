@@ -36,7 +36,7 @@ class DemoSetup:
 
 
 def tiny_setup(out: str) -> DemoSetup:
-    from logit_store.synthetic import make_tiny_teacher, synthetic_corpus
+    from assets.synthetic import make_tiny_teacher, synthetic_corpus
 
     teacher = os.path.join(out, "teacher")
     if not os.path.exists(os.path.join(teacher, "config.json")):
@@ -49,19 +49,19 @@ def tiny_setup(out: str) -> DemoSetup:
         with open(paths[-1], "w") as f:
             f.writelines(json.dumps({"text": t}) + "\n" for t in docs)
     return DemoSetup(teacher, paths[0], paths[1], 400, 80, 256, 16,
-                     ["--keep_layers", "0", "--experts", "4", "--rank", "8", "--attn_rank", "8", "--lr", "2e-3"],
+                     ["--keep-layers", "0", "--experts", "4", "--rank", "8", "--attn-rank", "8", "--lr", "2e-3"],
                      ["The old man", "A small bird"])
 
 
 def real_setup(out: str) -> DemoSetup:
-    from logit_store.corpora import bible_chapters, write_splits
-    from logit_store.teachers.gguf import convert_gguf, default_cache, packaged_smollm2
+    from assets.corpora import bible_chapters, write_splits
+    from assets.smollm2 import convert_gguf, packaged_smollm2, prepared_teacher_dir
 
     folder, name = packaged_smollm2()
-    teacher = convert_gguf(folder, name, os.path.join(default_cache(), os.path.splitext(name)[0]))
+    teacher = convert_gguf(folder, name, prepared_teacher_dir(name))
     splits = write_splits(bible_chapters(), os.path.join(out, "data"))
     return DemoSetup(teacher, splits["train"], splits["validation"], 96, 16, 256, 64,
-                     ["--keep_layers", "::5", "--experts", "8", "--rank", "16", "--attn_rank", "16", "--lr", "1e-3"],
+                     ["--keep-layers", "::5", "--experts", "8", "--rank", "16", "--attn-rank", "16", "--lr", "1e-3"],
                      ["In the beginning", "The Lord is my shepherd;", "Jesus said to them,"])
 
 
@@ -88,11 +88,10 @@ def build_stores(out: str, setup: DemoSetup, backend: str) -> tuple[str, str]:
 def eval_table(run: str, store: str) -> None:
     """The student on held-out text before distillation (the pruned teacher) and after."""
     from student.evaluate import evaluate
-    from student.train import RUN_CONFIG, TrainConfig, build_model, load_trained
+    from student.run import load_config
+    from student.train import build_model, load_trained
 
-    with open(os.path.join(run, RUN_CONFIG)) as f:
-        cfg = TrainConfig(**json.load(f))
-    before, after = evaluate(build_model(cfg), store), evaluate(load_trained(run), store)
+    before, after = evaluate(build_model(load_config(run)), store), evaluate(load_trained(run), store)
     print(f"{'metric':12s} {'before':>10s} {'after':>10s}")
     for key in ("teacher_kl", "ce", "ppl", "top1_agree", "ece"):
         print(f"{key:12s} {before[key]:10.4f} {after[key]:10.4f}")
@@ -140,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     run = os.path.join(args.out, "run")
     shutil.rmtree(run, ignore_errors=True)
     train_args = ["--store", train_store, "--base", setup.teacher, "--out", run, *setup.student_args,
-                  "--batch_size", "8", "--max_steps", str(steps), "--warmup_steps", "5", "--log_every", "5",
-                  "--eval_store", val_store, "--eval_every", str(max(steps // 3, 1)), "--eval_rows", "64",
-                  "--loss", "srkl", "--ce_weight", "0.1"]
+                  "--batch-size", "8", "--max-steps", str(steps), "--warmup-steps", "5", "--log-every", "5",
+                  "--eval-store", val_store, "--eval-every", str(max(steps // 3, 1)), "--eval-rows", "64",
+                  "--loss", "srkl", "--ce-weight", "0.1"]
     print("\n$ kdstudent train " + " ".join(train_args))
     if kdstudent.main(["train", *train_args]):
         return 1

@@ -18,9 +18,6 @@ ERRORS = (ManifestError, StoreError, TargetError, InputError, TeacherError, Inde
 
 def _describe(store: LogitStore) -> dict:
     m = store.manifest
-    t = m.target
-    target = f"topk k={t.k}" if t.kind == "topk" else (
-        f"sampled N={t.samples}" + (f" from top-{t.sampled_from_top_k}" if t.sampled_from_top_k else " (exact)"))
     return {
         "store": store.root,
         "status": m.status,
@@ -32,7 +29,7 @@ def _describe(store: LogitStore) -> dict:
         "tokenizer": m.tokenizer.get("name_or_path"),
         "tokenizer_fingerprint": m.tokenizer.get("fingerprint"),
         "vocab_size": m.vocab_size,
-        "target": target,
+        "target": str(m.target),
         "codec": f"{m.codec.name}, {m.codec.levels} levels, {m.codec.compression} {m.codec.compression_level}",
         "rows": m.rows,
         "tokens": m.tokens,
@@ -133,7 +130,7 @@ def cmd_build(argv: list[str]) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from logit_store.build import merge_workers
+    from logit_store.manifest import merge_workers
 
     m = merge_workers(args.store, allow_incomplete=args.allow_incomplete)
     print(f"merged {len(m.shards)} shards, {m.rows:,} rows, {m.tokens:,} tokens into {args.store}/manifest.json "
@@ -144,16 +141,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_prepare_teacher(args: argparse.Namespace) -> int:
     import os
 
-    from logit_store.teachers.gguf import convert_gguf, default_cache, packaged_smollm2
+    from assets.smollm2 import convert_gguf, packaged_smollm2, prepared_teacher_dir
 
     folder, name = os.path.split(args.gguf) if args.gguf else packaged_smollm2()
-    out = args.out or os.path.join(default_cache(), os.path.splitext(name)[0])
+    out = args.out or prepared_teacher_dir(name)
     print(convert_gguf(folder, name, out, args.dtype))
     return 0
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:
-    from logit_store.corpora import bible_chapters, write_splits
+    from assets.corpora import bible_chapters, write_splits
 
     paths = write_splits(bible_chapters(), args.out, seed=args.seed)
     for split, path in paths.items():

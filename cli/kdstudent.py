@@ -1,7 +1,7 @@
 """kdstudent: build, inspect and export MoE-LoRA students. Parses arguments and calls `student`, nothing else.
 
-kdstudent convert BASE_DIR --out STUDENT_DIR [--experts 8 --top-k 2 --rank 16 --moe-layers all ...]
-kdstudent params BASE_DIR [MoE options]          trainable counts: MoE-LoRA, matched dense LoRA, full FT
+kdstudent convert BASE_DIR --out STUDENT_DIR [--experts 8 --experts-per-token 2 --rank 16 --moe-layers all ...]
+kdstudent params BASE_DIR [shape options]        trainable counts: MoE-LoRA, matched dense LoRA, full FT
 kdstudent info STUDENT_OR_RUN_DIR
 kdstudent export STUDENT_OR_RUN_DIR --to mixtral --out DIR [--base BASE_DIR] [--dtype bfloat16]
 kdstudent train --store STORE --base BASE_DIR --out RUN [...]   (or: kdstudent train config.yaml; --help)
@@ -21,63 +21,45 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_moe_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("MoE-LoRA student")
-    g.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default 8)")
-    g.add_argument("--layer-experts", default="", help="per-layer overrides, e.g. '0:4,11:16'")
-    g.add_argument("--top-k", type=int, default=2)
-    g.add_argument("--rank", type=int, default=16, help="expert LoRA rank")
-    g.add_argument("--alpha", type=float, default=32.0, help="expert LoRA alpha (scale = alpha / rank)")
-    g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
-    g.add_argument(
-        "--moe-layers", default="all", help="all | none | top-half | bottom-half | every-other | '0,2,5' | '::2'"
-    )
-    g.add_argument("--attn-rank", type=int, default=16, help="attention LoRA rank (0: attention frozen)")
-    g.add_argument("--attn-alpha", type=float, default=32.0)
-    g.add_argument("--router-init-std", type=float, default=0.02)
-    g.add_argument("--balance-coef", type=float, default=0.01, help="load-balancing loss coefficient")
-    g.add_argument("--z-coef", type=float, default=0.0, help="router z-loss coefficient")
-    g.add_argument("--keep-layers", default=None, help="keep only these base layers, e.g. '::2' (every other)")
+def _parse_shape(command: str, argv: list[str], description: str, writes: bool):
+    """(MoELoRAConfig, namespace of BASE_DIR [, --out, --seed]) for `kdstudent convert` / `params`."""
+    from cli.config import parse_config
+    from student.config import MoELoRAConfig
+
+    def arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("base", metavar="BASE_DIR", help="directory of a transformers causal LM (Llama family or GPT-2)")
+        if writes:
+            p.add_argument("--out", required=True, help="student directory to write")
+            p.add_argument("--seed", type=int, default=0, help="seed of the router and LoRA initialisation")
+
+    return parse_config(MoELoRAConfig, argv, f"kdstudent {command}", description, extra=arguments)
 
 
-def moe_config(args: argparse.Namespace):
-    from student.convert import MoELoRAConfig, parse_experts_per_layer
-
-    return MoELoRAConfig(
-        num_experts=args.experts,
-        top_k=args.top_k,
-        rank=args.rank,
-        alpha=args.alpha,
-        dropout=args.dropout,
-        moe_layers=args.moe_layers,
-        experts_per_layer=parse_experts_per_layer(args.layer_experts),
-        router_init_std=args.router_init_std,
-        attn_rank=args.attn_rank,
-        attn_alpha=args.attn_alpha,
-        balance_coef=args.balance_coef,
-        z_coef=args.z_coef,
-    )
+CONVERT = "build a MoE-LoRA student from a dense base and save it (exact at init)"
+PARAMS = "trainable parameter counts for MoE-LoRA, matched dense LoRA, full FT"
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
+def cmd_convert(argv: list[str]) -> int:
     from student.baselines import count_parameters
     from student.convert import build_student
     from student.io import save_student
 
-    model = build_student(args.base, moe_config(args), keep=args.keep_layers, seed=args.seed)
+    cfg, args = _parse_shape("convert", argv, CONVERT, writes=True)
+    model = build_student(args.base, cfg, seed=args.seed)
     out = save_student(model, args.out)
     print(f"MoE-LoRA student of {args.base}: {count_parameters(model)}")
     print(f"saved to {out}")
     return 0
 
 
-def cmd_params(args: argparse.Namespace) -> int:
+def cmd_params(argv: list[str]) -> int:
     from student.baselines import count_parameters, matching_dense_lora_rank
     from student.convert import load_base
 
-    base, _ = load_base(args.base, keep=args.keep_layers)
+    cfg, args = _parse_shape("params", argv, PARAMS, writes=False)
+    base, _ = load_base(args.base, keep=cfg.keep_layers)
     total = count_parameters(base).total
-    rank, dense, moe = matching_dense_lora_rank(base, moe_config(args))
+    rank, dense, moe = matching_dense_lora_rank(base, cfg)
     rows = {
         "moe_lora": moe,
         f"dense_lora_rank_{rank}": dense,
@@ -109,7 +91,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_train(argv: list[str]) -> int:
     from cli.config import parse_config
-    from student.train import TrainConfig, train
+    from student.config import TrainConfig
+    from student.train import train
 
     cfg = parse_config(TrainConfig, argv, "kdstudent train", (
         "Distil a student from a logit store. Options as flags or one YAML/JSON file (kdstudent train run.yaml). "
@@ -152,17 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="build a MoE-LoRA student from a dense base and save it (exact at init)")
-    p.add_argument("base", help="directory of a transformers causal LM (Llama family or GPT-2)")
-    p.add_argument("--out", required=True, help="student directory to write")
-    p.add_argument("--seed", type=int, default=0)
-    add_moe_options(p)
-    p.set_defaults(func=cmd_convert)
-
-    p = sub.add_parser("params", help="trainable parameter counts for MoE-LoRA, matched dense LoRA, full FT")
-    p.add_argument("base")
-    add_moe_options(p)
-    p.set_defaults(func=cmd_params)
+    # convert, params and train parse their config dataclasses (student/config.py) themselves: see main()
+    sub.add_parser("convert", add_help=False, help=CONVERT + " (kdstudent convert --help)")
+    sub.add_parser("params", add_help=False, help=PARAMS + " (kdstudent params --help)")
 
     p = sub.add_parser("info", help="show a saved student's config and base reference")
     p.add_argument("student", help="student directory or a training run holding one")
@@ -195,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv[:1] == ["train"]:
-            return cmd_train(argv[1:])
+        dataclass_commands = {"train": cmd_train, "convert": cmd_convert, "params": cmd_params}
+        if argv[:1] and argv[0] in dataclass_commands:
+            return dataclass_commands[argv[0]](argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:  # our errors say what is wrong and what to do

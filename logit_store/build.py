@@ -2,24 +2,21 @@
 
 Worker i of N takes the input examples with index % N == i and writes its own shards
 (`shard-wIIIII-NNNNN.arrow`) and manifest (`manifest-wIIIII-of-NNNNN.json`) into the shared store directory;
-`merge_workers` (kdstore merge) then writes the combined manifest.json. With one worker the build writes
+`manifest.merge_workers` (kdstore merge) then writes the combined manifest.json. With one worker the build writes
 manifest.json itself. A rerun with `resume` continues after the last complete shard: the rows a worker
 produces are a deterministic function of its input share, so it skips as many as its manifest holds.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow.fs as pafs
 
-from . import fs as storefs
+from .format import worker_names
 from .inputs import (
     Example,
     ExampleTokenizer,
@@ -30,7 +27,7 @@ from .inputs import (
     load_input,
     pack_examples,
 )
-from .manifest import MANIFEST_NAME, CodecSpec, Manifest, ManifestError, TargetSpec
+from .manifest import CodecSpec, Manifest, ManifestError, TargetSpec
 from .teachers import Teacher, TeacherError, check_teacher_path, load_teacher
 from .writer import ShardWriter, StoreRow
 
@@ -140,13 +137,6 @@ class BuildSummary:
         lines += [f"  skipped: {n:,} x {reason}" for reason, n in sorted(self.skipped.items())]
         lines += [f"  e.g. {e}" for e in self.first_errors]
         return "\n".join(lines)
-
-
-def worker_names(index: int, count: int) -> tuple[str, str]:
-    """(shard prefix, manifest name) of worker `index` of `count`."""
-    if count == 1:
-        return "shard", MANIFEST_NAME
-    return f"shard-w{index:05d}", f"manifest-w{index:05d}-of-{count:05d}.json"
 
 
 def build(cfg: BuildConfig, teacher: Teacher | None = None) -> BuildSummary:
@@ -284,34 +274,3 @@ def _update(bar, stats: InputStats, summary: BuildSummary, start: float) -> None
         rate = summary.new_tokens / max(time.time() - start - summary.load_seconds, 1e-9)
         bar.set_postfix(tok_s=f"{rate:,.0f}",
                         skipped=sum(stats.skipped.values()), refresh=False)
-
-
-_WORKER_MANIFEST = re.compile(r"manifest-w(\d{5})-of-(\d{5})\.json")
-
-
-def merge_workers(store: str, allow_incomplete: bool = False) -> Manifest:
-    """Combine the worker manifests of a multi-worker build into manifest.json."""
-    fs, root = storefs.resolve(store)
-    found = {}
-    for info in fs.get_file_info(pafs.FileSelector(root)):
-        m = _WORKER_MANIFEST.fullmatch(info.base_name)
-        if m:
-            found[int(m.group(1))] = (int(m.group(2)), info.base_name)
-    if not found:
-        raise ManifestError(f"{store}: no worker manifests (manifest-wIIIII-of-NNNNN.json) to merge")
-    counts = {n for n, _ in found.values()}
-    if len(counts) != 1:
-        raise ManifestError(f"{store}: worker manifests of different worker counts {sorted(counts)}")
-    (count,) = counts
-    missing = sorted(set(range(count)) - set(found))
-    parts = [Manifest.load(fs, root, found[i][1]) for i in sorted(found)]
-    incomplete = [i for i, p in zip(sorted(found), parts, strict=True) if p.status != "complete"]
-    if (missing or incomplete) and not allow_incomplete:
-        raise ManifestError(f"{store}: workers {missing} have not started and workers {incomplete} have not "
-                            "finished; rerun them (with --resume), or merge anyway with --allow-incomplete")
-    if len({p.fingerprint() for p in parts}) != 1:
-        raise ManifestError(f"{store}: the workers were run with different settings; they cannot form one store")
-    merged = dataclasses.replace(parts[0], shards=[s for p in parts for s in p.shards],
-                                 status="complete" if not (missing or incomplete) else "in_progress")
-    merged.save(fs, root)
-    return merged

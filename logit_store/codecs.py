@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FORMAT_VERSION = 1
 CODEC_NAME = "sqrtp-rankdelta-v1"
 DEFAULT_LEVELS = 255
 DEFAULT_ID_ORDER_HEAD = 4096
@@ -177,12 +176,24 @@ class SampledTargets:
 
 @dataclass
 class Payload:
-    """Encoded targets of one row: the binary column values of format v1."""
+    """Encoded targets of one row: its values of the codec's binary `columns`, which are, in this order,
+    target_ids, target_values, target_tail and (sampled only) target_sizes. `bytes` when encoded; the reader
+    passes zero-copy uint8 views of the Arrow buffers instead."""
 
-    ids: bytes
-    values: bytes
-    tail: bytes
-    sizes: bytes = b""
+    ids: bytes | np.ndarray
+    values: bytes | np.ndarray
+    tail: bytes | np.ndarray
+    sizes: bytes | np.ndarray = b""
+
+    def column_values(self, n: int) -> tuple:
+        """The values of the first n columns, in column order."""
+        return (self.ids, self.values, self.tail, self.sizes)[:n]
+
+
+# What every codec's `decode` returns for P positions of S slots each: ids [P, S] int64, log-probs [P, S] float32,
+# mask [P, S] bool (which slots hold a candidate; the others hold 0) and tail [P] float32 (log of the mass outside
+# the candidates, -inf when there is none). The reader and the trainer see only this, whatever the target kind.
+Decoded = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 def _check_ids(ids: np.ndarray, vocab_size: int) -> None:
@@ -195,6 +206,7 @@ class TopKCodec:
     """`topk` targets: k sorted ids per position + sqrt-quantised probabilities + a quantised tail mass."""
 
     kind = "topk"
+    columns = ("target_ids", "target_values", "target_tail")
 
     def __init__(self, k: int, vocab_size: int, levels: int = DEFAULT_LEVELS):
         if not 1 <= levels <= 255:
@@ -230,8 +242,8 @@ class TopKCodec:
         return Payload(planes, quantize_logprobs(lp.ravel()[perm], self.levels).tobytes(),
                        quantize_logprobs(tail, self.levels).tobytes())
 
-    def decode(self, p: Payload, n_positions: int, order: IdOrder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """-> ids [P, k] int64, logprobs [P, k] float32, tail [P] float32, renormalised to sum to 1."""
+    def decode(self, p: Payload, n_positions: int, order: IdOrder) -> Decoded:
+        """-> ids [P, k], logprobs [P, k], mask [P, k] (all True), tail [P]: renormalised to sum to 1."""
         deltas = _from_planes(p.ids, self.width).reshape(n_positions, self.k)
         ids = order.ids.take(np.cumsum(deltas, axis=1, dtype=np.int32))  # fixed width: per-row prefix sums
         codes = np.frombuffer(p.values, dtype=np.uint8).reshape(n_positions, self.k)
@@ -239,13 +251,15 @@ class TopKCodec:
         # Renormalise over (candidates + tail): quantisation leaves the sum slightly off 1. Probabilities come
         # from a 256-entry table, so no exp over [P, k].
         lse = np.log(self._plut.take(codes).sum(1) + self._plut.take(tail_codes)).astype(np.float32)
-        return ids, self._lut.take(codes) - lse[:, None], self._lut.take(tail_codes) - lse
+        lp, tail = self._lut.take(codes) - lse[:, None], self._lut.take(tail_codes) - lse
+        return ids, lp, np.ones(ids.shape, dtype=bool), tail
 
 
 class SampledCodec:
     """`sampled` targets (RS-KD): unique ids per position with their draw counts out of N."""
 
     kind = "sampled"
+    columns = (*TopKCodec.columns, "target_sizes")
 
     def __init__(self, samples: int, vocab_size: int):
         if not 1 <= samples <= 255:
@@ -279,15 +293,26 @@ class SampledCodec:
         return Payload(planes, counts.tobytes(), np.asarray(t.tail_counts, dtype=np.uint8).tobytes(),
                        sizes.astype(np.uint8).tobytes())
 
-    def decode(self, p: Payload, n_positions: int, order: IdOrder):
-        """-> flat ids [n] int64, flat log(count/N) [n] float32, tail log(count/N) [P], sizes [P]."""
+    def decode(self, p: Payload, n_positions: int, order: IdOrder) -> Decoded:
+        """-> ids [P, S], log(count/N) [P, S], mask [P, S], tail log(count/N) [P]; S = the largest support.
+
+        Position p's candidates fill its first sizes[p] slots, in stored order."""
         sizes = np.frombuffer(p.sizes, dtype=np.uint8).astype(np.int64)
         if sizes.size != n_positions:
             raise TargetError(f"{sizes.size} target sizes for {n_positions} positions")
-        ids = order.ids.take(_decode_sorted_ranks(p.ids, sizes, self.width))
-        lp = self._log_share.take(np.frombuffer(p.values, dtype=np.uint8))
+        flat_ids = order.ids.take(_decode_sorted_ranks(p.ids, sizes, self.width))
+        flat_lp = self._log_share.take(np.frombuffer(p.values, dtype=np.uint8))
         tail = self._log_share.take(np.frombuffer(p.tail, dtype=np.uint8))
-        return ids, lp, tail, sizes
+        width = int(sizes.max()) if sizes.size else 0
+        # slot of each flat entry in the [P, width] grid: row * width + column
+        starts = np.cumsum(sizes) - sizes
+        slot = np.arange(flat_ids.size) + np.repeat(np.arange(n_positions) * width - starts, sizes)
+        ids = np.zeros(n_positions * width, np.int64)
+        lp = np.zeros(n_positions * width, np.float32)
+        mask = np.zeros(n_positions * width, bool)
+        ids[slot], lp[slot], mask[slot] = flat_ids, flat_lp, True
+        shape = (n_positions, width)
+        return ids.reshape(shape), lp.reshape(shape), mask.reshape(shape), tail
 
 
 def sampled_from_draws(draws: np.ndarray, tail_id: int = -1) -> SampledTargets:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 
 import pyarrow.fs as pafs
+
+from . import format as storeformat
 
 
 def resolve(url: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
@@ -38,9 +39,9 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
 
 
 def temp_name(path: str) -> str:
-    """A sibling name no reader looks at: written there first, then renamed over `path`."""
+    """A sibling name no reader looks at (`format.temp_name`): written there first, then renamed over `path`."""
     parent, _, name = path.rpartition("/")
-    return f"{parent}/.tmp-{uuid.uuid4().hex[:12]}-{name}"
+    return f"{parent}/{storeformat.temp_name(name)}"
 
 
 def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:

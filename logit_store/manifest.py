@@ -1,4 +1,6 @@
-"""The manifest: what a store's data means (so a shared store is reused safely) and which shards hold it."""
+"""The manifest: what a store's data means (so a shared store is reused safely) and which shards hold it.
+
+Also `merge_workers`, which combines the manifests of a multi-worker build into the store's own."""
 
 from __future__ import annotations
 
@@ -12,10 +14,8 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from . import fs as storefs
-from .codecs import CODEC_NAME, DEFAULT_ID_ORDER_HEAD, DEFAULT_LEVELS, FORMAT_VERSION, id_width
-
-MANIFEST_NAME = "manifest.json"
-FORMAT_NAME = "kd-logit-store"
+from .codecs import CODEC_NAME, DEFAULT_ID_ORDER_HEAD, DEFAULT_LEVELS, id_width
+from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, WORKER_MANIFEST
 
 
 class ManifestError(ValueError):
@@ -38,6 +38,13 @@ class TargetSpec:
             raise ManifestError("target kind 'sampled' needs samples (N)")
         if self.kind not in ("topk", "sampled"):
             raise ManifestError(f"unknown target kind {self.kind!r}: expected 'topk' or 'sampled'")
+
+    def __str__(self) -> str:
+        """`topk k=64`, `sampled N=50 from top-128`, `sampled N=50 (exact)`."""
+        if self.kind == "topk":
+            return f"topk k={self.k}"
+        source = f" from top-{self.sampled_from_top_k}" if self.sampled_from_top_k else " (exact)"
+        return f"sampled N={self.samples}{source}"
 
 
 @dataclass
@@ -159,6 +166,34 @@ class Manifest:
             return cls.from_dict(d)
         except (KeyError, TypeError) as e:
             raise ManifestError(f"{path}: malformed manifest ({e})") from e
+
+
+def merge_workers(store: str, allow_incomplete: bool = False) -> Manifest:
+    """Combine the worker manifests of a multi-worker build into manifest.json."""
+    fs, root = storefs.resolve(store)
+    found = {}
+    for info in fs.get_file_info(pafs.FileSelector(root)):
+        m = WORKER_MANIFEST.fullmatch(info.base_name)
+        if m:
+            found[int(m.group(1))] = (int(m.group(2)), info.base_name)
+    if not found:
+        raise ManifestError(f"{store}: no worker manifests (manifest-wIIIII-of-NNNNN.json) to merge")
+    counts = {n for n, _ in found.values()}
+    if len(counts) != 1:
+        raise ManifestError(f"{store}: worker manifests of different worker counts {sorted(counts)}")
+    (count,) = counts
+    missing = sorted(set(range(count)) - set(found))
+    parts = [Manifest.load(fs, root, found[i][1]) for i in sorted(found)]
+    incomplete = [i for i, p in zip(sorted(found), parts, strict=True) if p.status != "complete"]
+    if (missing or incomplete) and not allow_incomplete:
+        raise ManifestError(f"{store}: workers {missing} have not started and workers {incomplete} have not "
+                            "finished; rerun them (with --resume), or merge anyway with --allow-incomplete")
+    if len({p.fingerprint() for p in parts}) != 1:
+        raise ManifestError(f"{store}: the workers were run with different settings; they cannot form one store")
+    merged = dataclasses.replace(parts[0], shards=[s for p in parts for s in p.shards],
+                                 status="complete" if not (missing or incomplete) else "in_progress")
+    merged.save(fs, root)
+    return merged
 
 
 def _vllm_version() -> str | None:

@@ -9,11 +9,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from . import fs as storefs
-from .codecs import IdOrder, SampledCodec, SampledTargets, TargetError, TopKCodec, TopKTargets
-from .manifest import MANIFEST_NAME, Manifest, ManifestError, ShardInfo
-
-ID_ORDER_KEY = b"kd.id_order"
-FORMAT_VERSION_KEY = b"kd.format_version"
+from .codecs import IdOrder, SampledTargets, TargetError, TopKTargets
+from .format import MANIFEST_NAME, make_codec, original_name, shard_metadata, shard_name, shard_schema
+from .manifest import Manifest, ManifestError, ShardInfo
 
 
 @dataclass
@@ -28,27 +26,6 @@ class StoreRow:
     loss_mask: np.ndarray
     targets: TopKTargets | SampledTargets
     source_index: int = -1  # index of the input example the row came from (for tracing and resume)
-
-
-def make_codec(manifest: Manifest) -> TopKCodec | SampledCodec:
-    t = manifest.target
-    if t.kind == "topk":
-        return TopKCodec(t.k, manifest.vocab_size, manifest.codec.levels)
-    return SampledCodec(t.samples, manifest.vocab_size)
-
-
-def shard_schema(kind: str) -> pa.Schema:
-    fields = [
-        pa.field("source_index", pa.int64()),
-        pa.field("input_ids", pa.list_(pa.int32())),
-        pa.field("loss_mask", pa.list_(pa.bool_())),
-        pa.field("target_ids", pa.binary()),
-        pa.field("target_values", pa.binary()),
-        pa.field("target_tail", pa.binary()),
-    ]
-    if kind == "sampled":
-        fields.append(pa.field("target_sizes", pa.binary()))
-    return pa.schema(fields)
 
 
 class ShardWriter:
@@ -91,7 +68,7 @@ class ShardWriter:
         self.manifest = manifest
         self._remove_stale_temp_files()
         self._next_shard = len([s for s in manifest.shards if s.file.startswith(prefix + "-")])
-        self._schema = shard_schema(manifest.target.kind)
+        self._schema = shard_schema(self.codec)
         self._ipc = pa.ipc.IpcWriteOptions(
             compression=pa.Codec(manifest.codec.compression, compression_level=manifest.codec.compression_level))
         self._pending: list[StoreRow] = []
@@ -157,15 +134,13 @@ class ShardWriter:
 
     def _open_shard(self) -> None:
         # The id order comes from the shard's first record batch: a good sample of what the shard uses.
-        kind = self.manifest.target.kind
         sample = np.concatenate([np.asarray(r.targets.ids).ravel() for r in self._pending])
         order = IdOrder.from_ids(sample, self.manifest.vocab_size, self.manifest.codec.id_order_head)
-        name = f"{self.prefix}-{self._next_shard:05d}.arrow"
+        name = shard_name(self.prefix, self._next_shard)
         path = storefs.join(self.root, name)
         tmp = storefs.temp_name(path)
         sink = storefs.HashingSink(self.fs.open_output_stream(tmp))
-        schema = shard_schema(kind).with_metadata({ID_ORDER_KEY: order.to_bytes(), FORMAT_VERSION_KEY: b"1"})
-        writer = pa.ipc.new_file(sink, schema, options=self._ipc)
+        writer = pa.ipc.new_file(sink, self._schema.with_metadata(shard_metadata(order)), options=self._ipc)
         self._shard = dict(name=name, path=path, tmp=tmp, sink=sink, writer=writer, order=order,
                            rows=0, tokens=0, positions=0, batch_rows=[])
 
@@ -182,12 +157,9 @@ class ShardWriter:
             pa.array([r.source_index for r in self._pending], pa.int64()),
             pa.ListArray.from_arrays(offsets, pa.array(ids)),
             pa.ListArray.from_arrays(offsets, pa.array(mask)),
-            pa.array([p.ids for p in payloads], pa.binary()),
-            pa.array([p.values for p in payloads], pa.binary()),
-            pa.array([p.tail for p in payloads], pa.binary()),
         ]
-        if self.manifest.target.kind == "sampled":
-            columns.append(pa.array([p.sizes for p in payloads], pa.binary()))
+        per_row = [p.column_values(len(self.codec.columns)) for p in payloads]
+        columns += [pa.array(column, pa.binary()) for column in zip(*per_row, strict=True)]  # the codec's columns
         sh["writer"].write_batch(pa.RecordBatch.from_arrays(columns, schema=self._schema))
         sh["rows"] += len(self._pending)
         sh["tokens"] += int(lengths.sum())
@@ -215,7 +187,6 @@ class ShardWriter:
     def _remove_stale_temp_files(self) -> None:
         """Temp files of ours left by a crashed run: never listed in a manifest, so never read; delete them."""
         for info in self.fs.get_file_info(pafs.FileSelector(self.root)):
-            if info.base_name.startswith(".tmp-"):
-                original = info.base_name[len(".tmp-") + 13:]
-                if original == self.manifest_name or original.startswith(self.prefix + "-"):
-                    self.fs.delete_file(info.path)
+            original = original_name(info.base_name)
+            if original is not None and (original == self.manifest_name or original.startswith(self.prefix + "-")):
+                self.fs.delete_file(info.path)

@@ -14,8 +14,9 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers import PreTrainedModel
 
-from student.convert import MoELoRAConfig, decoder_layers, load_base, parse_layers
-from student.moe_lora import _in_out_features, _mlp_family
+from student.config import MoELoRAConfig, default_alpha, parse_layers
+from student.convert import decoder_layers, load_base
+from student.moe_lora import mlp_layout, projection_features
 
 
 @dataclass
@@ -35,9 +36,9 @@ def count_parameters(model: nn.Module) -> ParamCount:
 def _projection_names(model: nn.Module) -> tuple[list[str], list[str]]:
     """(attention, MLP) projection module names of one decoder layer."""
     layer = decoder_layers(model)[0]
-    _, ins, out, _ = _mlp_family(layer.mlp)
+    layout = mlp_layout(layer.mlp)
     attn = ["q_proj", "k_proj", "v_proj", "o_proj"] if hasattr(layer, "self_attn") else ["c_attn", "c_proj"]
-    return attn, ins + [out]
+    return attn, layout.inputs + [layout.output]
 
 
 def dense_lora_targets(model: nn.Module) -> str:
@@ -51,17 +52,18 @@ def build_dense_lora(
     base: str | os.PathLike | PreTrainedModel,
     rank: int,
     alpha: float | None = None,
-    dropout: float = 0.0,
+    lora_dropout: float = 0.0,
     keep: str | list[int] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> PreTrainedModel:
-    """Base model with plain LoRA (B = 0, so exact at init) on all attention and MLP projections."""
+    """Base model with plain LoRA (B = 0, so exact at init) on all attention and MLP projections; `alpha` unset
+    is 2 × rank, the MoELoRAConfig rule."""
     model = base if isinstance(base, nn.Module) else load_base(base, keep=keep, dtype=dtype)[0]
     model.requires_grad_(False)
     cfg = LoraConfig(
         r=rank,
-        lora_alpha=alpha if alpha is not None else 2 * rank,
-        lora_dropout=dropout,
+        lora_alpha=default_alpha(rank) if alpha is None else alpha,
+        lora_dropout=lora_dropout,
         target_modules=dense_lora_targets(model),
         fan_in_fan_out=model.config.model_type == "gpt2",
     )
@@ -87,9 +89,9 @@ def moe_lora_trainable(model: nn.Module, config: MoELoRAConfig) -> int:
         count += config.attn_rank * _attn_params_per_rank(model, attn)
     for i in parse_layers(config.moe_layers, len(layers)):
         mlp = layers[i].mlp
-        _, ins, _, _ = _mlp_family(mlp)
-        hidden, inter = _in_out_features(getattr(mlp, ins[0]))
-        n_exp = config.experts_per_layer.get(i, config.num_experts)
+        ins = mlp_layout(mlp).inputs
+        hidden, inter = projection_features(getattr(mlp, ins[0]))
+        n_exp = config.experts_at(i)
         per_expert = config.rank * (len(ins) * (hidden + inter) + inter + hidden)
         count += n_exp * per_expert + n_exp * hidden  # LoRA factors + router
     return count
@@ -101,7 +103,7 @@ def _attn_params_per_rank(model: nn.Module, attn: list[str]) -> int:
         parent = layer.self_attn if hasattr(layer, "self_attn") else layer.attn
         for name in attn:
             mod = getattr(parent, name)
-            fin, fout = _in_out_features(getattr(mod, "base_layer", mod))
+            fin, fout = projection_features(getattr(mod, "base_layer", mod))
             total += fin + fout
     return total
 
@@ -112,7 +114,7 @@ def dense_lora_params_per_rank(model: nn.Module) -> int:
     for layer in decoder_layers(model):
         for name in mlp:
             mod = getattr(layer.mlp, name)
-            fin, fout = _in_out_features(getattr(mod, "base_layer", mod))
+            fin, fout = projection_features(getattr(mod, "base_layer", mod))
             total += fin + fout
     return total
 

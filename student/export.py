@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM, PreTrainedModel
 
+from student.config import student_spec
 from student.convert import decoder_layers
 from student.io import load_student, resolve_student_dir
 from student.moe_lora import MoELoRAMLP
@@ -98,14 +99,16 @@ def expert_weights(moe: MoELoRAMLP) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([gate, up], dim=1), down
 
 
-def mixtral_config(model: PreTrainedModel, num_experts: int, top_k: int, balance_coef: float) -> MixtralConfig:
+def mixtral_config(
+    model: PreTrainedModel, num_experts: int, experts_per_token: int, balance_coef: float
+) -> MixtralConfig:
     src = model.config.to_dict()
     kw = {k: src[k] for k in _COPIED_CONFIG_KEYS if src.get(k) is not None}
     kw["num_hidden_layers"] = len(decoder_layers(model))
     return MixtralConfig(
         **kw,
         num_local_experts=num_experts,
-        num_experts_per_tok=top_k,
+        num_experts_per_tok=experts_per_token,
         router_aux_loss_coef=balance_coef,
         architectures=["MixtralForCausalLM"],
     )
@@ -115,9 +118,9 @@ def mixtral_config(model: PreTrainedModel, num_experts: int, top_k: int, balance
 def to_mixtral(student: PreTrainedModel, dtype: torch.dtype = torch.float32) -> MixtralForCausalLM:
     """An in-memory MixtralForCausalLM computing what the student computes."""
     moes = _check_exportable(student)
-    spec = student.kd_student
-    n_exp, top_k = moes[0].num_experts, spec.config.top_k
-    cfg = mixtral_config(student, n_exp, top_k, spec.config.balance_coef)
+    spec = student_spec(student)
+    n_exp = moes[0].num_experts
+    cfg = mixtral_config(student, n_exp, spec.config.experts_per_token, spec.config.balance_coef)
     out = MixtralForCausalLM(cfg).to(torch.float32).eval()
     src_inner, dst_inner = student.model, out.model
     dst_inner.embed_tokens.weight.copy_(src_inner.embed_tokens.weight)
@@ -157,7 +160,7 @@ def export_student(
     if not isinstance(student, nn.Module):
         source = str(resolve_student_dir(student))
         student = load_student(source, base_path=base_path)
-    spec = student.kd_student
+    spec = student_spec(student)
     if dtype is None:
         saved = getattr(student.config, "dtype", None)
         dtype = getattr(torch, saved) if isinstance(saved, str) else (saved or torch.float32)

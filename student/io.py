@@ -8,9 +8,9 @@ was trained on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from logit_store.fingerprint import model_fingerprint
-from student.convert import MoELoRAConfig, StudentSpec, convert_to_moe_lora, load_base
+from student import run as runs
+from student.config import MoELoRAConfig, student_spec
+from student.convert import convert_to_moe_lora, fingerprint_model_dir, load_base
 from student.moe_lora import MoELoRAMLP
 
 STUDENT_FORMAT = "moekd-moe-lora-student"
@@ -31,13 +32,6 @@ WEIGHTS_NAME = "adapters.safetensors"
 
 class BaseMismatchError(ValueError):
     """The base model offered for a saved student is not the one it was built on."""
-
-
-def fingerprint_model_dir(path: str | os.PathLike) -> str:
-    """The exact fingerprint (every config and weight byte) of the base a student was built on."""
-    if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a transformers model directory (no config.json)")
-    return model_fingerprint(str(path), sample=None)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -51,16 +45,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _spec(model: nn.Module) -> StudentSpec:
-    spec = getattr(model, "kd_student", None)
-    if spec is None:
-        raise ValueError("model is not a MoE-LoRA student (no kd_student spec): build it with build_student()")
-    return spec
-
-
 def save_student(model: PreTrainedModel, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     """Write student.json + adapters.safetensors to out_dir (created); `extra` is stored verbatim."""
-    spec = _spec(model)
+    spec = student_spec(model)
     if not spec.base_path or not spec.base_fingerprint:
         raise ValueError(
             "the student has no base reference (path + fingerprint), so it could not be reloaded: "
@@ -104,16 +91,11 @@ def read_student_meta(student_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def resolve_student_dir(path: str | os.PathLike) -> Path:
-    """A student directory, or a run holding one (run/student, run/final, newest run/checkpoint-N)."""
+    """A student directory, or a run holding one (run/student, run/final/student, newest run/checkpoint-N)."""
     root = Path(path)
-    candidates = [root, root / "student", root / "final", root / "final" / "student"]
-    ckpts = sorted(
-        (p for p in root.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)),
-        key=lambda p: int(p.name.split("-")[1]),
-        reverse=True,
-    )
-    for c in ckpts:
-        candidates += [c, c / "student"]
+    candidates = [root, root / runs.STUDENT, root / runs.FINAL, runs.final_student_dir(root)]
+    for c in reversed(runs.checkpoints(root)):
+        candidates += [c, c / runs.STUDENT]
     for c in candidates:
         if (c / CONFIG_NAME).is_file():
             return c
@@ -147,9 +129,11 @@ def load_student(
             "model directory (base_path / --base)."
         )
     config = MoELoRAConfig.from_dict(meta["config"])
+    if config.keep_layers is None and base["keep_layers"] is not None:  # saved before keep_layers was in the config
+        config = dataclasses.replace(config, keep_layers=",".join(map(str, base["keep_layers"])))
     model, kept = load_base(base_path, keep=base["keep_layers"], dtype=dtype)
     convert_to_moe_lora(model, config)
-    spec: StudentSpec = model.kd_student
+    spec = student_spec(model)
     spec.base_path, spec.base_fingerprint, spec.keep_layers = os.path.abspath(base_path), fingerprint, kept
     tensors = load_file(str(student_dir / WEIGHTS_NAME))
     expected = adapter_state_dict(model)

@@ -79,7 +79,7 @@ def distill_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """KD (+ CE) loss from the student's final hidden states [B, T, H] (after the final norm) and its LM head.
 
-    `batch` is a `logit_store.reader.collate` batch: position t's targets describe token t + 1, like the logits.
+    `batch` is a `logit_store.stream.KDBatch`: position t's targets describe token t + 1, like the logits.
     Returns (loss, metrics); metrics are detached tensors (kd, ce, loss, tokens, student/teacher tail mass).
     """
     cfg = config or DistillLossConfig()

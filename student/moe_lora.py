@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from student.config import EXPERT_IMPLS, default_alpha
 from student.fused_experts import KERNELS, RoutedSwiGLULoRA
-
-# "auto": grouped GEMM on CUDA; on CPU the compiled SwiGLU expert kernel where it applies, else the autograd
-# loop. "fused" runs the compiled path's functions eagerly: slow, for testing the autograd function alone.
-IMPLS = ("auto", "compiled", "fused", "loop", "grouped")
 
 
 class UnsupportedModelError(ValueError):
@@ -45,19 +43,29 @@ class RouterStats:
     counts: torch.Tensor  # [E] routed (token, slot) assignments per expert, detached
 
 
-def _mlp_family(mlp: nn.Module) -> tuple[str, list[str], str, str]:
-    """(kind, input projection names, output projection name, activation attribute) of a dense MLP."""
+class MLPLayout(NamedTuple):
+    """Where the parts of a dense MLP are: its kind and the attribute names of its projections and activation."""
+
+    kind: str  # "gated" (act(gate) * up, then down) or "gpt2" (act(c_fc), then c_proj)
+    inputs: list[str]  # input projections (gate_proj, up_proj / c_fc)
+    output: str  # output projection (down_proj / c_proj)
+    activation: str  # activation module attribute
+
+
+def mlp_layout(mlp: nn.Module) -> MLPLayout:
+    """The layout of a dense MLP of a supported family; UnsupportedModelError for any other."""
     if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-        return "gated", ["gate_proj", "up_proj"], "down_proj", "act_fn"
+        return MLPLayout("gated", ["gate_proj", "up_proj"], "down_proj", "act_fn")
     if all(hasattr(mlp, n) for n in ("c_fc", "c_proj", "act")):
-        return "gpt2", ["c_fc"], "c_proj", "act"
+        return MLPLayout("gpt2", ["c_fc"], "c_proj", "act")
     raise UnsupportedModelError(
         f"cannot convert MLP of type {type(mlp).__name__}: supported are gated MLPs with gate_proj/up_proj/"
         "down_proj/act_fn (Llama, Mistral, Qwen2, SmolLM2) and GPT-2 MLPs with c_fc/c_proj/act"
     )
 
 
-def _in_out_features(proj: nn.Module) -> tuple[int, int]:
+def projection_features(proj: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an MLP projection: a Linear or GPT-2's transposed Conv1D."""
     if isinstance(proj, nn.Linear):
         return proj.in_features, proj.out_features
     if type(proj).__name__ == "Conv1D":  # GPT-2's transposed linear: weight is [in, out]
@@ -89,6 +97,9 @@ def _expert_counts(top_i: torch.Tensor, num_experts: int, weight: torch.Tensor |
 class MoELoRAMLP(nn.Module):
     """A dense MLP turned into a top-k mixture of LoRA experts that share its frozen weights.
 
+    Each token goes to `experts_per_token` of `num_experts` experts; `alpha` unset is 2 × rank (the
+    MoELoRAConfig rule). Students build these through `student.convert` from a MoELoRAConfig.
+
     Trainable: `router` (fp32 [E, H]) and the stacked expert LoRA factors
     in_A [E, P*r, H], in_B [E, P, r, I] (P = 2 input projections gate/up, or 1 for GPT-2's c_fc),
     out_A [E, r, I], out_B [E, r, H]. The B factors are stored transposed (rank first): their weight-gradient
@@ -100,36 +111,39 @@ class MoELoRAMLP(nn.Module):
         self,
         base: nn.Module,
         num_experts: int = 8,
-        top_k: int = 2,
+        experts_per_token: int = 2,
         rank: int = 16,
-        alpha: float = 32.0,
-        dropout: float = 0.0,
+        alpha: float | None = None,
+        lora_dropout: float = 0.0,
         router_init_std: float = 0.02,
         impl: str = "auto",
+        layer_index: int | None = None,
     ) -> None:
         super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if not 1 <= experts_per_token <= num_experts:
+            raise ValueError(f"experts_per_token must be in [1, num_experts={num_experts}], got {experts_per_token}")
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        self.kind, self.in_names, self.out_name, self.act_name = _mlp_family(base)
+        if impl not in EXPERT_IMPLS:
+            raise ValueError(f"impl must be one of {EXPERT_IMPLS}, got {impl!r}")
+        self.kind, self.in_names, self.out_name, self.act_name = mlp_layout(base)
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
-        hidden, inter = _in_out_features(getattr(base, self.in_names[0]))
+        hidden, inter = projection_features(getattr(base, self.in_names[0]))
         self.hidden_size, self.intermediate_size = hidden, inter
-        self.num_experts, self.top_k, self.rank = num_experts, top_k, rank
+        self.num_experts, self.experts_per_token, self.rank = num_experts, experts_per_token, rank
+        alpha = default_alpha(rank) if alpha is None else alpha
         self.alpha, self.scaling = alpha, alpha / rank
         self.impl = impl
+        self.layer_index = layer_index  # which decoder layer of its model this is (None: standalone)
         n_in = len(self.in_names)
         self.router = nn.Linear(hidden, num_experts, bias=False, dtype=torch.float32)
         self.in_A = nn.Parameter(torch.empty(num_experts, n_in * rank, hidden, dtype=torch.float32))
         self.in_B = nn.Parameter(torch.zeros(num_experts, n_in, rank, inter, dtype=torch.float32))
         self.out_A = nn.Parameter(torch.empty(num_experts, rank, inter, dtype=torch.float32))
         self.out_B = nn.Parameter(torch.zeros(num_experts, rank, hidden, dtype=torch.float32))
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.reset_parameters(router_init_std)
         self.router_stats: RouterStats | None = None
         # [N] bool over the flattened tokens of the next forwards: which are real (not padding). Set by
@@ -148,8 +162,8 @@ class MoELoRAMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"kind={self.kind}, experts={self.num_experts}, top_k={self.top_k}, rank={self.rank}, "
-            f"alpha={self.alpha}, hidden={self.hidden_size}, intermediate={self.intermediate_size}"
+            f"kind={self.kind}, experts={self.num_experts}, experts_per_token={self.experts_per_token}, "
+            f"rank={self.rank}, alpha={self.alpha}, hidden={self.hidden_size}, intermediate={self.intermediate_size}"
         )
 
     def _activation(self, pre: list[torch.Tensor]) -> torch.Tensor:
@@ -157,14 +171,15 @@ class MoELoRAMLP(nn.Module):
         return act(pre[0]) * pre[1] if self.kind == "gated" else act(pre[0])
 
     def route(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """fp32 router, also under autocast: (logits [N, E], top-k renormalised weights [N, k], top-k ids [N, k]).
+        """fp32 router, also under autocast: (logits [N, E], top-k renormalised weights [N, k], top-k expert ids
+        [N, k]), k = experts_per_token.
 
         No host synchronisation (no boolean indexing, no bincount): on CUDA the layer runs without waiting
         for the GPU."""
         with torch.autocast(x2.device.type, enabled=False):
             logits = F.linear(x2.float(), self.router.weight.float())
             probs = logits.softmax(dim=-1)
-            top_w, top_i = probs.topk(self.top_k, dim=-1)
+            top_w, top_i = probs.topk(self.experts_per_token, dim=-1)
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
             real = self.token_mask
             if real is not None and real.numel() == x2.shape[0]:  # padding takes no part in the stats
@@ -174,14 +189,14 @@ class MoELoRAMLP(nn.Module):
             n = weight.sum().clamp(min=1)
             counts = _expert_counts(top_i, self.num_experts, weight)
             # Switch/Mixtral balance loss: E * sum_e f_e * P_e; f_e (routed fraction) carries no gradient.
-            frac = counts / (n * self.top_k)
+            frac = counts / (n * self.experts_per_token)
             balance = self.num_experts * (frac * ((probs * weight[:, None]).sum(dim=0) / n)).sum()
             z = (torch.logsumexp(logits, dim=-1).square() * weight).sum() / n
         self.router_stats = RouterStats(balance=balance, z=z, counts=counts.detach().round().long())
         return logits, top_w, top_i
 
     def resolve_impl(self, x: torch.Tensor) -> str:
-        """Which expert implementation runs for this input (see `impl`)."""
+        """Which expert implementation runs for this input (see `impl` and student.config.EXPERT_IMPLS)."""
         if self.impl == "compiled" and KERNELS.failed:
             return "loop"  # torch.compile is unavailable here; the eager kernels are slower than the loop
         if self.impl != "auto":
@@ -218,7 +233,7 @@ class MoELoRAMLP(nn.Module):
         # Group the N*k (token, expert) assignments by expert.
         flat_e = top_i.reshape(-1)
         order = torch.argsort(flat_e, stable=True)
-        tok = order // self.top_k
+        tok = order // self.experts_per_token
         w = top_w.reshape(-1)[order]
         count_t = _expert_counts(top_i, self.num_experts)
         # Python counts (a host sync) only for the paths that slice per expert; the grouped GEMM takes offsets.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from student.train import read_metrics
+from student.run import read_metrics
 
 
 def plot_run(run: str | os.PathLike, out: str | os.PathLike | None = None) -> list[Path]:

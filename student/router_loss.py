@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from student.config import is_moe_student, student_spec
 from student.moe_lora import MoELoRAMLP
 
 
@@ -25,7 +26,7 @@ class RouterLosses:
 def router_losses(model: nn.Module, balance_coef: float | None = None, z_coef: float | None = None) -> RouterLosses:
     """Aux losses of the latest forward. Coefficients default to the student's MoELoRAConfig."""
     layers = [m for m in model.modules() if isinstance(m, MoELoRAMLP)]
-    spec = getattr(model, "kd_student", None)
+    spec = student_spec(model) if is_moe_student(model) else None
     if balance_coef is None:
         balance_coef = spec.config.balance_coef if spec is not None else 0.0
     if z_coef is None:
@@ -56,7 +57,7 @@ def expert_usage(model: nn.Module) -> dict[int, list[float]]:
         if m.router_stats is None:
             continue
         counts = m.router_stats.counts.float()
-        out[getattr(m, "layer_index", i)] = (counts / counts.sum().clamp_min(1)).tolist()
+        out[i if m.layer_index is None else m.layer_index] = (counts / counts.sum().clamp_min(1)).tolist()
     return out
 
 

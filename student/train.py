@@ -9,18 +9,18 @@ checkpoints every N steps, exact resume, DDP under torchrun, metrics.jsonl and a
 Loss normalisation is global: each optimizer step sums the KD/CE loss over all tokens of all micro-batches on
 all ranks and divides by their total count, so N processes give the loss and gradients of one process that
 sees the same global batch.
+
+The options are `student.config.TrainConfig` (the student's shape included); what a run directory holds, and
+under which names, is `student.run`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,93 +31,35 @@ from torch import nn
 from logit_store import KDStream, LogitStore, StoreLoader
 from logit_store.fingerprint import tokenizer_fingerprint
 from student import distributed
+from student.config import TrainConfig, is_moe_student
 from student.losses import DistillLossConfig, distill_loss
 from student.router_loss import count_only, expert_usage, router_losses
-
-RUN_CONFIG = "train_config.json"
-METRICS = "metrics.jsonl"
+from student.run import (
+    METRICS,
+    STUDENT,
+    TRAIN_STATE,
+    TRAINABLE,
+    append_metrics,
+    checkpoint_dir,
+    checkpoints,
+    final_student_dir,
+    is_run,
+    load_config,
+    temp_checkpoint_dir,
+    truncate_metrics,
+    write_config,
+)
 
 
 class TrainError(ValueError):
     """A training setup that cannot work (tokenizer/store mismatch, bad options)."""
 
 
-@dataclass
-class TrainConfig:
-    """Everything `kdstudent train` takes (as flags, or in a YAML/JSON file)."""
-
-    store: str = field(metadata={"help": "logit store to distil from (path or URL)"})
-    base: str = field(metadata={"help": "dense base model directory the student starts from"})
-    out: str = field(metadata={"help": "run directory: checkpoints, metrics.jsonl, final student"})
-    student: str = field(default="moe-lora", metadata={"help": "student kind", "choices": ["moe-lora", "lora", "full"]})
-    keep_layers: str | None = field(default=None, metadata={"help": "keep only these base layers (e.g. ::2)"})
-    experts: int = field(default=8, metadata={"help": "moe-lora: experts per MoE layer"})
-    experts_top_k: int = field(default=2, metadata={"help": "moe-lora: experts per token"})
-    rank: int = field(default=16, metadata={"help": "LoRA rank (experts for moe-lora; all projections for lora)"})
-    alpha: float | None = field(default=None, metadata={
-        "help": "LoRA alpha (default 2 × rank, so the update's scale alpha/rank is 2 at any rank and students of "
-                "different ranks train at the same pace)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    moe_layers: str = field(default="all", metadata={"help": "moe-lora: which MLPs become MoE layers"})
-    attn_rank: int = field(default=16, metadata={"help": "moe-lora: attention LoRA rank (0 = frozen)"})
-    expert_impl: str = field(default="auto", metadata={
-        "help": "moe-lora: expert implementation (auto: grouped GEMM on CUDA under bf16, the compiled kernel on CPU)",
-        "choices": ["auto", "compiled", "fused", "loop", "grouped"]})
-    balance_coef: float = field(default=0.01, metadata={"help": "moe-lora: load-balancing loss coefficient"})
-    z_coef: float = field(default=0.0, metadata={"help": "moe-lora: router z-loss coefficient"})
-    loss: str = field(default="fkl", metadata={"help": "KD loss on the stored support + tail",
-                                               "choices": ["fkl", "rkl", "skl", "srkl", "jsd"]})
-    skew_alpha: float = field(default=0.1, metadata={"help": "skew of skl/srkl"})
-    jsd_beta: float = field(default=0.5, metadata={"help": "generalised JSD beta"})
-    temperature: float = field(default=1.0, metadata={"help": "distillation temperature"})
-    kd_weight: float = field(default=1.0, metadata={"help": "weight of the KD loss"})
-    ce_weight: float = field(default=0.0, metadata={"help": "weight of cross-entropy on the labels"})
-    loss_chunk: int = field(default=1024, metadata={"help": "positions per LM-head chunk"})
-    batch_size: int = field(default=8, metadata={"help": "rows per micro-batch per process"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_steps: int = field(default=100, metadata={"help": "optimizer steps"})
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps, then cosine decay to 0"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast"})
-    base_dtype: str = field(default="float32", metadata={
-        "help": "dtype the frozen base is loaded in; adapters, routers and LoRA factors stay fp32. bfloat16 halves "
-                "the base's memory and, on CUDA, runs the MoE experts as grouped GEMMs (needs --bf16)",
-        "choices": ["float32", "bfloat16"]})
-    sharding: str = field(default="ddp", metadata={
-        "help": "under torchrun: ddp (every process holds the student) or fsdp (FSDP2: parameters, gradients and "
-                "optimizer state sharded; see docs/TRAINING.md)", "choices": ["ddp", "fsdp"]})
-    fsdp_frozen: str = field(default="shard", metadata={
-        "help": "fsdp: shard the frozen base too (for a base larger than one device) or replicate it on every "
-                "process (never communicated; only the trainable part is sharded)", "choices": ["shard", "replicate"]})
-    fsdp_replicas: int = field(default=1, metadata={
-        "help": "fsdp: replica groups of a 2-D (replicate x shard) mesh, HSDP; 1 = shard over all processes"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
-    seed: int = field(default=0, metadata={"help": "seed of student init, data order and dropout"})
-    shuffle: bool = field(default=True, metadata={"help": "shuffle the store's rows (seeded, per epoch)"})
-    shuffle_buffer: int = field(default=1024, metadata={"help": "rows shuffled together"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers per process"})
-    log_every: int = field(default=10, metadata={"help": "steps between metrics lines"})
-    save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0 = only at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept"})
-    eval_store: str | None = field(default=None, metadata={"help": "held-out store evaluated every eval_every"})
-    eval_every: int = field(default=0, metadata={"help": "steps between evaluations (0 = only at the end)"})
-    eval_rows: int = field(default=256, metadata={"help": "rows of the eval store used per evaluation"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-
-    def loss_config(self) -> DistillLossConfig:
-        return DistillLossConfig(kind=self.loss, alpha=self.skew_alpha, beta=self.jsd_beta,
-                                 temperature=self.temperature, kd_weight=self.kd_weight, ce_weight=self.ce_weight,
-                                 chunk_size=self.loss_chunk, reduction="sum")
-
-
 # ================================================================ student construction
 def build_model(cfg: TrainConfig) -> nn.Module:
     """The student of the configured kind, trainable parameters initialised from cfg.seed."""
-    from student.baselines import build_dense_lora, build_full_finetune, count_parameters
-    from student.convert import MoELoRAConfig, build_student
+    from student.baselines import build_dense_lora, build_full_finetune
+    from student.convert import build_student
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.base_dtype)
     if dtype is None:
@@ -131,11 +73,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
                          "products run under the same autocast")
     torch.manual_seed(cfg.seed)
     if cfg.student == "moe-lora":
-        moe = MoELoRAConfig(num_experts=cfg.experts, top_k=cfg.experts_top_k, rank=cfg.rank,
-                            alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.rank,
-                            dropout=cfg.lora_dropout, moe_layers=cfg.moe_layers, attn_rank=cfg.attn_rank,
-                            balance_coef=cfg.balance_coef, z_coef=cfg.z_coef, expert_impl=cfg.expert_impl)
-        model = build_student(cfg.base, moe, keep=cfg.keep_layers, seed=cfg.seed, dtype=dtype)
+        model = build_student(cfg.base, cfg.student_config(), seed=cfg.seed, dtype=dtype)
     elif cfg.student == "lora":
         model = build_dense_lora(cfg.base, cfg.rank, cfg.alpha, cfg.lora_dropout, keep=cfg.keep_layers, dtype=dtype)
     elif cfg.student == "full":
@@ -145,7 +83,6 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     for p in model.parameters():  # peft creates LoRA factors in the base's dtype: train them in fp32
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    model.kd_params = count_parameters(model)
     return model
 
 
@@ -171,7 +108,7 @@ class DistillStep(nn.Module):
     def __init__(self, model: nn.Module, loss_cfg: DistillLossConfig):
         super().__init__()
         self.model, self.loss_cfg = model, loss_cfg
-        self.is_moe = hasattr(model, "kd_student")
+        self.is_moe = is_moe_student(model)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.is_moe:
@@ -221,11 +158,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoints(run: str | os.PathLike) -> list[Path]:
-    found = [p for p in Path(run).glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
 def save_checkpoint(run: Path, step: int, model: nn.Module, opt, sched, loader: StoreLoader,
                     cfg: TrainConfig, final: bool = True) -> Path:
     """All ranks call it (reader states are gathered); rank 0 writes `checkpoint-STEP` atomically.
@@ -247,8 +179,8 @@ def save_checkpoint(run: Path, step: int, model: nn.Module, opt, sched, loader: 
         dist.all_gather_object(rngs, _rng_state())
     else:
         rngs = [_rng_state()]
-    done = run / f"checkpoint-{step}"
-    tmp = run / f".tmp-checkpoint-{step}"
+    done = checkpoint_dir(run, step)
+    tmp = temp_checkpoint_dir(run, step)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -261,18 +193,18 @@ def save_checkpoint(run: Path, step: int, model: nn.Module, opt, sched, loader: 
         full = _trainable_state(model)
     if rank == 0:
         if full is not None:
-            save_file(full, str(tmp / "trainable.safetensors"))
+            save_file(full, str(tmp / TRAINABLE))
         state = {"step": step, "scheduler": sched.state_dict(), "rng": rngs, "readers": readers,
                  "world_size": world, "sharding": "fsdp" if sharded else "ddp"}
         if not sharded:
             state["optimizer"] = opt.state_dict()
-        torch.save(state, tmp / "train_state.pt")
-        (tmp / RUN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-        if hasattr(model, "kd_student") and full is not None:
+        torch.save(state, tmp / TRAIN_STATE)
+        write_config(tmp, cfg)
+        if is_moe_student(model) and full is not None:
             from student.io import save_student
 
             with _full_weights(model, full):
-                save_student(model, tmp / "student", extra={"step": step})
+                save_student(model, tmp / STUDENT, extra={"step": step})
         shutil.rmtree(done, ignore_errors=True)
         os.replace(tmp, done)
         for old in checkpoints(run)[: -cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
@@ -307,19 +239,19 @@ def _full_weights(model: nn.Module, full: dict[str, torch.Tensor]):
 def _load_trainable(model: nn.Module, checkpoint: Path) -> None:
     from safetensors.torch import load_file
 
-    if not (checkpoint / "trainable.safetensors").is_file() and (checkpoint / distributed.DCP_DIR).is_dir():
+    if not (checkpoint / TRAINABLE).is_file() and (checkpoint / distributed.DCP_DIR).is_dir():
         distributed.load_sharded_into_plain(checkpoint / distributed.DCP_DIR, model)
         return
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, t in load_file(str(checkpoint / "trainable.safetensors")).items():
+        for name, t in load_file(str(checkpoint / TRAINABLE)).items():
             params[name].copy_(t)
 
 
 def load_checkpoint(path: Path, model: nn.Module, opt, sched, loader: StoreLoader) -> int:
 
     rank, world = _dist()
-    state = torch.load(path / "train_state.pt", weights_only=False)
+    state = torch.load(path / TRAIN_STATE, weights_only=False)
     if state["world_size"] != world:
         raise TrainError(f"{path} was written by {state['world_size']} processes, this run has {world}: the "
                          "reader position cannot be resumed exactly; use the same number of processes")
@@ -354,6 +286,8 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a training; returns the last metrics line."""
     from transformers import get_cosine_schedule_with_warmup
 
+    from student.baselines import count_parameters
+
     rank, world, device = _setup_distributed()
     run = Path(cfg.out)
     if rank == 0:
@@ -364,6 +298,7 @@ def train(cfg: TrainConfig) -> dict:
     np.random.seed(cfg.seed)
     store = LogitStore.open(cfg.store)
     model = build_model(cfg).to(device)
+    trainable = count_parameters(model)
     check_tokenizer(cfg, store, model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -389,12 +324,11 @@ def train(cfg: TrainConfig) -> dict:
     step = 0
     if cfg.resume and checkpoints(run):
         step = load_checkpoint(checkpoints(run)[-1], model, opt, sched, loader)
-        if rank == 0 and (run / METRICS).exists():  # drop what a crashed run logged after its last checkpoint
-            kept = [r for r in read_metrics(run) if r["step"] <= step]
-            (run / METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if rank == 0:  # drop what a crashed run logged after its last checkpoint
+            truncate_metrics(run, step)
     if rank == 0:
-        (run / RUN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-        print(f"student {cfg.student}: {model.kd_params}; {world} process(es), global batch "
+        write_config(run, cfg)
+        print(f"student {cfg.student}: {trainable}; {world} process(es), global batch "
               f"{cfg.batch_size * cfg.grad_accum * world} rows" + (f"; resuming at step {step}" if step else ""))
     bar = None
     if cfg.progress and rank == 0:
@@ -444,9 +378,9 @@ def train(cfg: TrainConfig) -> dict:
         if rank == 0:
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 record = dict(last)
-                if hasattr(model, "kd_student"):
+                if is_moe_student(model):
                     record["expert_usage"] = expert_usage(model)
-                _append(run / METRICS, record)
+                append_metrics(run, record)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
@@ -463,19 +397,18 @@ def train(cfg: TrainConfig) -> dict:
             if fsdp:
                 step_module.reshard()
             if rank == 0:
-                _append(run / METRICS, {"step": step, "eval": result})
+                append_metrics(run, {"step": step, "eval": result})
             model.train()
     if bar is not None:
         bar.close()
     final = save_checkpoint(run, step, model, opt, sched, loader, cfg)
-    if rank == 0 and hasattr(model, "kd_student"):
+    if rank == 0 and is_moe_student(model):
         from safetensors.torch import load_file
 
         from student.io import save_student
 
-        with _full_weights(model, load_file(str(final / "trainable.safetensors"))):
-            save_student(model, run / "final" / "student",
-                         extra={"step": step, "train_config": dataclasses.asdict(cfg)})
+        with _full_weights(model, load_file(str(final / TRAINABLE))):
+            save_student(model, final_student_dir(run), extra={"step": step, "train_config": cfg.to_dict()})
     if world > 1:
         dist.barrier()
     return last
@@ -486,29 +419,18 @@ def _grad_norm(params) -> torch.Tensor:
     return distributed.grad_norm(grads) if grads else torch.zeros(())
 
 
-def _append(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def load_trained(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
     """The student of a run (any kind, from its newest checkpoint), or a saved MoE-LoRA student directory."""
 
     run = Path(path)
-    if not (run / RUN_CONFIG).is_file():
+    if not is_run(run):
         from student.io import load_student
 
         return load_student(run).to(device)
-    cfg = TrainConfig(**json.loads((run / RUN_CONFIG).read_text()))
+    cfg = load_config(run)
     found = checkpoints(run)
     if not found:
         raise TrainError(f"{run} has no checkpoint yet")
     model = build_model(cfg)
     _load_trainable(model, found[-1])
     return model.to(device).eval()
-
-
-def read_metrics(run: str | os.PathLike) -> list[dict]:
-    path = Path(run) / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-

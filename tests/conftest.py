@@ -23,9 +23,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory) -> str:
     """A tiny trained Llama teacher + BPE tokenizer saved to disk (transformers- and vLLM-loadable)."""
-    from logit_store.synthetic import make_tiny_teacher
+    import torch
+
+    from assets.synthetic import make_tiny_teacher
 
     folder = str(tmp_path_factory.mktemp("tiny_teacher"))
-    make_tiny_teacher(folder, n_docs=120, steps=30)
+    # The same teacher whichever test modules were imported first (test_losses sets torch to 1 thread at import):
+    # float results, and so the teacher's weights, depend on the thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    try:
+        make_tiny_teacher(folder, n_docs=120, steps=30)
+    finally:
+        torch.set_num_threads(threads)
     return folder
 

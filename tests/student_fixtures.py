@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from logit_store.synthetic import synthetic_corpus, train_tokenizer
+from assets.synthetic import synthetic_corpus, train_tokenizer
 
 VOCAB = 320
-EOS = 0  # "<|endoftext|>" in logit_store.synthetic.train_tokenizer
+EOS = 0  # "<|endoftext|>" in assets.synthetic.train_tokenizer
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -33,7 +33,8 @@ def test_topk_round_trip_error_is_bounded(vocab, k, levels):
         exact.ids[:, 0] = vocab - 1 - np.arange(40)
     codec = TopKCodec(k, vocab, levels)
     order = IdOrder.from_ids(exact.ids, vocab, head_size=64)
-    ids, lp, tail = codec.decode(codec.encode(exact, order), 40, order)
+    ids, lp, mask, tail = codec.decode(codec.encode(exact, order), 40, order)
+    assert mask.all()
     assert ids.dtype == np.int64 and ids.shape == (40, k)
     # decoded distributions are normalised over candidates + tail
     np.testing.assert_allclose(np.logaddexp(np.logaddexp.reduce(lp, 1), tail), 0, atol=1e-5)
@@ -58,7 +59,8 @@ def test_sampled_round_trip_is_lossless(vocab):
     codec = SampledCodec(50, vocab)
     codec.validate(t)
     order = IdOrder.from_ids(t.ids, vocab)
-    ids, lp, tail, sizes = codec.decode(codec.encode(t, order), 30, order)
+    ids, lp, mask, tail = codec.decode(codec.encode(t, order), 30, order)
+    sizes, ids, lp = mask.sum(1), ids[mask], lp[mask]  # the grid's candidates, flat, position by position
     assert (sizes == t.sizes).all() and np.isneginf(tail).all()
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     for p, (s, n) in enumerate(zip(starts, sizes, strict=False)):

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+from assets.synthetic import synthetic_corpus
 from logit_store import Manifest, ShardWriter, StoreRow, TargetSpec
 from logit_store.fingerprint import tokenizer_fingerprint
-from logit_store.synthetic import synthetic_corpus
 from logit_store.teachers.hf import HFTeacher
 from student.distributed import load_sharded_into_plain
-from student.train import TrainConfig, build_model, read_metrics, train
+from student.run import read_metrics
+from student.train import TrainConfig, build_model, train
 
 SEQ, ROWS_PER_UNIT, STEPS = 32, 2, 6
 # balance loss off: it is computed per process (as Switch/Mixtral do), so only without it do N processes equal one

@@ -19,9 +19,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def _pair(dtype=torch.float32, device="cpu", hidden=64, inter=128, experts=6, rank=8):
     torch.manual_seed(0)
     mlp = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=1))
-    loop = MoELoRAMLP(mlp, num_experts=experts, top_k=2, rank=rank, impl="loop")
+    loop = MoELoRAMLP(mlp, num_experts=experts, experts_per_token=2, rank=rank, impl="loop")
     randomize_adapters(loop)
-    grouped = MoELoRAMLP(mlp, num_experts=experts, top_k=2, rank=rank, impl="grouped")
+    grouped = MoELoRAMLP(mlp, num_experts=experts, experts_per_token=2, rank=rank, impl="grouped")
     grouped.load_state_dict(loop.state_dict())
     mlp.to(device=device, dtype=dtype)  # the frozen base in `dtype`; adapters and routers stay fp32
     loop.to(device)

@@ -140,3 +140,9 @@ def test_shards_open_with_hf_datasets(tmp_path):
     assert ds.num_rows == 40
     assert ds[3]["input_ids"] == rows[3].input_ids.tolist()
     assert ds[3]["source_index"] == 3
+
+
+def test_target_spec_describes_itself():
+    assert str(TargetSpec("topk", k=64)) == "topk k=64"
+    assert str(TargetSpec("sampled", samples=50, sampled_from_top_k=128)) == "sampled N=50 from top-128"
+    assert str(TargetSpec("sampled", samples=50)) == "sampled N=50 (exact)"

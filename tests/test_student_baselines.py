@@ -14,13 +14,14 @@ from student.baselines import (
     matching_dense_lora_rank,
     moe_lora_trainable,
 )
-from student.convert import MoELoRAConfig, build_student, load_base
+from student.config import MoELoRAConfig
+from student.convert import build_student, load_base
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_counts_and_parameter_matching(family, tmp_path):
     base_dir = save_tiny_model(tmp_path / family, family, num_layers=3)
-    cfg = MoELoRAConfig(num_experts=4, rank=8, moe_layers="top-half", experts_per_layer={2: 3})
+    cfg = MoELoRAConfig(experts=4, rank=8, moe_layers="top-half", layer_experts="2:3")
     student = build_student(base_dir, cfg)
     base, _ = load_base(base_dir)
     # The analytic count is what the built student really trains.

@@ -1,15 +1,21 @@
-"""kdstudent CLI end to end on a tiny model: convert, params, info, export (and its refusal for GPT-2)."""
+"""kdstudent CLI end to end on a tiny model: convert, params, info, export (and its refusal for GPT-2), and the
+student's shape given to convert, params and train alike."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 from student_fixtures import sample_ids, save_tiny_model
 from transformers import AutoModelForCausalLM
 
+from cli.config import parse_config
 from cli.kdstudent import main
-from student.io import load_student
+from student.baselines import count_parameters
+from student.config import MoELoRAConfig, TrainConfig
+from student.io import load_student, read_student_meta
+from student.train import build_model
 
 
 def test_convert_info_params_export(tmp_path, capsys):
@@ -28,7 +34,7 @@ def test_convert_info_params_export(tmp_path, capsys):
 
     assert main(["info", str(student_dir)]) == 0
     info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
-    assert info["base"]["keep_layers"] == [0, 2] and info["config"]["num_experts"] == 4
+    assert info["base"]["keep_layers"] == [0, 2] and info["config"]["experts"] == 4
 
     assert main(["export", str(student_dir), "--to", "mixtral", "--out", str(tmp_path / "mx")]) == 0
     ids = sample_ids()
@@ -44,3 +50,21 @@ def test_export_of_gpt2_student_fails_with_message(tmp_path, capsys):
     assert main(["export", str(tmp_path / "s"), "--to", "mixtral", "--out", str(tmp_path / "mx")]) == 2
     err = capsys.readouterr().err
     assert "not supported for 'gpt2'" in err and "llama" in err
+
+
+def test_convert_params_and_train_build_the_same_student_from_the_same_options(tmp_path, capsys):
+    base = save_tiny_model(tmp_path / "base", "llama", num_layers=4)
+    shape = ["--keep-layers", "0,1,3", "--experts", "4", "--experts-per-token", "1", "--rank", "4",
+             "--moe-layers", "top-half", "--layer-experts", "2:3", "--attn-rank", "8", "--lora-dropout", "0.1",
+             "--router-init-std", "0.05", "--balance-coef", "0.02", "--z-coef", "0.001", "--expert-impl", "loop"]
+    assert main(["convert", str(base), "--out", str(tmp_path / "student"), *shape]) == 0
+    converted = MoELoRAConfig.from_dict(read_student_meta(tmp_path / "student")["config"])
+    assert main(["params", str(base), *shape]) == 0
+    counted = int(re.search(r"moe_lora\s+trainable\s+([\d,]+)", capsys.readouterr().out).group(1).replace(",", ""))
+    cfg = parse_config(TrainConfig, ["--store", "unused", "--base", str(base), "--out", str(tmp_path / "run"), *shape],
+                       "kdstudent train", "")
+
+    assert cfg.student_config().to_dict() == converted.to_dict()
+    assert (converted.alpha, converted.attn_alpha) == (8.0, 16.0)  # unset alpha: 2 × rank, resolved and saved
+    trained = count_parameters(build_model(cfg)).trainable
+    assert trained == count_parameters(load_student(tmp_path / "student")).trainable == counted

@@ -9,15 +9,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from student.convert import (
-    MoELoRAConfig,
-    build_student,
-    convert_to_moe_lora,
-    decoder_layers,
-    moe_modules,
-    parse_experts_per_layer,
-    parse_layers,
-)
+from student.config import MoELoRAConfig, parse_layer_experts, parse_layers
+from student.convert import build_student, convert_to_moe_lora, decoder_layers, moe_modules
 from student.moe_lora import MoELoRAMLP, UnsupportedModelError
 
 
@@ -60,7 +53,7 @@ def test_student_equals_base_bitwise_at_init(family, moe_layers, impl, family_di
     base = AutoModelForCausalLM.from_pretrained(path).eval()
     last = parse_layers(moe_layers, len(decoder_layers(base)))[-1]  # a per-layer expert count override
     cfg = MoELoRAConfig(
-        num_experts=4, top_k=2, rank=8, moe_layers=moe_layers, experts_per_layer={last: 3}, expert_impl=impl
+        experts=4, experts_per_token=2, rank=8, moe_layers=moe_layers, layer_experts=f"{last}:3", expert_impl=impl
     )
     student = build_student(path, cfg).eval()
     ids = sample_ids()
@@ -72,7 +65,7 @@ def test_student_equals_base_bitwise_at_init(family, moe_layers, impl, family_di
 
 
 def test_only_router_and_lora_are_trainable(llama_dir):
-    student = build_student(llama_dir, MoELoRAConfig(num_experts=4, rank=4, attn_rank=4))
+    student = build_student(llama_dir, MoELoRAConfig(experts=4, rank=4, attn_rank=4))
     trainable = [n for n, p in student.named_parameters() if p.requires_grad]
     assert trainable, "student has no trainable parameters"
     for n in trainable:
@@ -84,7 +77,7 @@ def test_only_router_and_lora_are_trainable(llama_dir):
 
 
 def test_attention_lora_can_be_disabled(llama_dir):
-    student = build_student(llama_dir, MoELoRAConfig(num_experts=2, rank=4, attn_rank=0))
+    student = build_student(llama_dir, MoELoRAConfig(experts=2, rank=4, attn_rank=0))
     assert not any("lora_A" in n for n, _ in student.named_parameters())
 
 
@@ -93,11 +86,11 @@ def _reference_moe(layer: MoELoRAMLP, x: torch.Tensor) -> torch.Tensor:
     mlp, s, r = layer.base, layer.scaling, layer.rank
     x2 = x.reshape(-1, x.shape[-1])
     probs = (x2.float() @ layer.router.weight.T).softmax(-1)
-    w, idx = probs.topk(layer.top_k, dim=-1)
+    w, idx = probs.topk(layer.experts_per_token, dim=-1)
     w = w / w.sum(-1, keepdim=True)
     out = torch.zeros_like(x2)
     for t in range(x2.shape[0]):
-        for j in range(layer.top_k):
+        for j in range(layer.experts_per_token):
             e = idx[t, j]
             wg = mlp.gate_proj.weight + s * layer.in_B[e, 0].T @ layer.in_A[e, :r]
             wu = mlp.up_proj.weight + s * layer.in_B[e, 1].T @ layer.in_A[e, r:]
@@ -110,7 +103,7 @@ def _reference_moe(layer: MoELoRAMLP, x: torch.Tensor) -> torch.Tensor:
 def test_moe_layer_matches_textbook_mixture():
     torch.manual_seed(0)
     mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=48))
-    layer = MoELoRAMLP(mlp, num_experts=5, top_k=2, rank=4, alpha=8)
+    layer = MoELoRAMLP(mlp, num_experts=5, experts_per_token=2, rank=4, alpha=8)
     randomize_adapters(layer)
     x = torch.randn(2, 7, 32)
     with torch.no_grad():
@@ -123,9 +116,9 @@ def test_fast_paths_match_the_autograd_loop(impl):
     per-expert loop computes, gradients included."""
     torch.manual_seed(0)
     mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=1))
-    loop = MoELoRAMLP(mlp, num_experts=6, top_k=2, rank=4, impl="loop")
+    loop = MoELoRAMLP(mlp, num_experts=6, experts_per_token=2, rank=4, impl="loop")
     randomize_adapters(loop)
-    fast = MoELoRAMLP(mlp, num_experts=6, top_k=2, rank=4, impl=impl)
+    fast = MoELoRAMLP(mlp, num_experts=6, experts_per_token=2, rank=4, impl=impl)
     fast.load_state_dict(loop.state_dict())
     x = torch.randn(3, 11, 32)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -143,9 +136,9 @@ def test_fast_paths_match_the_autograd_loop(impl):
 def test_fused_path_with_lora_dropout_trains_and_is_exact_in_eval(impl):
     torch.manual_seed(0)
     mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=1))
-    loop = MoELoRAMLP(mlp, num_experts=4, rank=4, dropout=0.3, impl="loop")
+    loop = MoELoRAMLP(mlp, num_experts=4, rank=4, lora_dropout=0.3, impl="loop")
     randomize_adapters(loop)
-    fused = MoELoRAMLP(mlp, num_experts=4, rank=4, dropout=0.3, impl=impl)
+    fused = MoELoRAMLP(mlp, num_experts=4, rank=4, lora_dropout=0.3, impl=impl)
     fused.load_state_dict(loop.state_dict())
     x = torch.randn(2, 9, 32)
     y = fused.train()(x.requires_grad_())
@@ -167,7 +160,7 @@ def test_gradients_reach_every_expert_parameter():
 
 
 def test_keep_layers_builds_smaller_student_that_generates(llama_dir):
-    student = build_student(llama_dir, MoELoRAConfig(num_experts=2, rank=4), keep="::2").eval()
+    student = build_student(llama_dir, MoELoRAConfig(experts=2, rank=4, keep_layers="::2")).eval()
     assert student.config.num_hidden_layers == 2
     assert student.kd_student.keep_layers == [0, 2]
     # The kept blocks are the teacher's blocks 0 and 2, and the KV cache is indexed consistently.
@@ -188,7 +181,7 @@ def test_parse_layer_specs():
     assert parse_layers("1::2", 5) == [1, 3]
     assert parse_layers("0,2-3,-1", 6) == [0, 2, 3, 5]
     assert parse_layers("none", 3) == []
-    assert parse_experts_per_layer("0:4, 3:16") == {0: 4, 3: 16}
+    assert parse_layer_experts("0:4, 3:16") == {0: 4, 3: 16}
     with pytest.raises(ValueError, match="out of range"):
         parse_layers("7", 4)
 
@@ -203,10 +196,10 @@ def test_unsupported_models_get_clear_errors(llama_dir):
         MoELoRAMLP(Odd())
     model = AutoModelForCausalLM.from_pretrained(llama_dir)
     with pytest.raises(ValueError, match="not MoE layers"):
-        convert_to_moe_lora(model, MoELoRAConfig(moe_layers="0", experts_per_layer={1: 4}))
-    with pytest.raises(ValueError, match="top_k"):
+        convert_to_moe_lora(model, MoELoRAConfig(moe_layers="0", layer_experts="1:4"))
+    with pytest.raises(ValueError, match="experts_per_token"):
         MoELoRAMLP(
             LlamaMLP(LlamaConfig(hidden_size=8, intermediate_size=8, num_attention_heads=1)),
             num_experts=2,
-            top_k=3,
+            experts_per_token=3,
         )

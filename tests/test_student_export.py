@@ -12,7 +12,8 @@ import torch
 from student_fixtures import randomize_adapters, sample_ids, save_tiny_model
 from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
-from student.convert import MoELoRAConfig, build_student
+from student.config import MoELoRAConfig
+from student.convert import build_student
 from student.export import UnsupportedExportError, export_student
 from student.io import save_student
 
@@ -22,8 +23,8 @@ def exported(tmp_path_factory):
     """A trained-looking tiny Llama student (layer 1 left dense, 2 of 4 base layers kept), saved and exported."""
     root = tmp_path_factory.mktemp("export")
     base = save_tiny_model(root / "base", "llama", num_layers=4)
-    cfg = MoELoRAConfig(num_experts=4, top_k=2, rank=4, moe_layers="0,2")
-    student = build_student(base, cfg, keep="0,1,3").eval()
+    cfg = MoELoRAConfig(experts=4, experts_per_token=2, rank=4, moe_layers="0,2", keep_layers="0,1,3")
+    student = build_student(base, cfg).eval()
     randomize_adapters(student)
     save_student(student, root / "run" / "student")
     out = export_student(root / "run", root / "mixtral", to="mixtral")
@@ -86,14 +87,14 @@ def test_vllm_serves_export_like_the_student(exported, tmp_path):
 
 def test_gpt2_export_is_refused_naming_supported_families(tmp_path):
     base = save_tiny_model(tmp_path / "gpt2", "gpt2")
-    student = build_student(base, MoELoRAConfig(num_experts=2, rank=4))
+    student = build_student(base, MoELoRAConfig(experts=2, rank=4))
     with pytest.raises(UnsupportedExportError, match="not supported for 'gpt2'.*llama, mistral"):
         export_student(student, tmp_path / "out")
 
 
 def test_per_layer_expert_counts_are_refused(tmp_path):
     base = save_tiny_model(tmp_path / "llama", "llama")
-    student = build_student(base, MoELoRAConfig(num_experts=2, rank=4, experts_per_layer={1: 4}))
+    student = build_student(base, MoELoRAConfig(experts=2, rank=4, layer_experts="1:4"))
     with pytest.raises(UnsupportedExportError, match="uniform expert count"):
         export_student(student, tmp_path / "out")
     with pytest.raises(UnsupportedExportError, match="unknown export target"):
@@ -102,12 +103,12 @@ def test_per_layer_expert_counts_are_refused(tmp_path):
 
 def test_mistral_exports_and_qwen2_is_refused(tmp_path):
     ids = sample_ids()
-    mistral = build_student(save_tiny_model(tmp_path / "mistral", "mistral"), MoELoRAConfig(num_experts=2, rank=4))
+    mistral = build_student(save_tiny_model(tmp_path / "mistral", "mistral"), MoELoRAConfig(experts=2, rank=4))
     randomize_adapters(mistral.eval())
     out = export_student(mistral, tmp_path / "mx")
     with torch.no_grad():
         want, got = mistral(ids).logits, AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
     assert (want - got).abs().max().item() < 1e-4
-    qwen = build_student(save_tiny_model(tmp_path / "qwen2", "qwen2"), MoELoRAConfig(num_experts=2, rank=4))
+    qwen = build_student(save_tiny_model(tmp_path / "qwen2", "qwen2"), MoELoRAConfig(experts=2, rank=4))
     with pytest.raises(UnsupportedExportError, match="qwen2.*biases"):
         export_student(qwen, tmp_path / "qx")

@@ -10,12 +10,12 @@ import torch
 from student_fixtures import randomize_adapters, sample_ids, save_tiny_model
 from transformers import AutoModelForCausalLM
 
-from student.convert import MoELoRAConfig, build_student
+from student.config import MoELoRAConfig
+from student.convert import build_student, fingerprint_model_dir
 from student.io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     BaseMismatchError,
-    fingerprint_model_dir,
     load_student,
     resolve_student_dir,
     save_student,
@@ -35,8 +35,9 @@ def _logits(model, ids):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_round_trip_reproduces_logits_exactly(family, tmp_path, llama_dir):
     base_dir = llama_dir if family == "llama" else save_tiny_model(tmp_path / "gpt2", "gpt2")
-    cfg = MoELoRAConfig(num_experts=4, rank=4, moe_layers="top-half", experts_per_layer={1: 3}, dropout=0.1)
-    student = build_student(base_dir, cfg, keep="0,1,3" if family == "llama" else None).eval()
+    cfg = MoELoRAConfig(experts=4, rank=4, moe_layers="top-half", layer_experts="1:3", lora_dropout=0.1,
+                        keep_layers="0,1,3" if family == "llama" else None)
+    student = build_student(base_dir, cfg).eval()
     randomize_adapters(student)
     ids = sample_ids()
     ref = _logits(student, ids)
@@ -55,7 +56,7 @@ def test_round_trip_reproduces_logits_exactly(family, tmp_path, llama_dir):
 
 
 def test_moved_base_loads_with_explicit_path(tmp_path, llama_dir):
-    student = build_student(llama_dir, MoELoRAConfig(num_experts=2, rank=4)).eval()
+    student = build_student(llama_dir, MoELoRAConfig(experts=2, rank=4)).eval()
     randomize_adapters(student)
     save_student(student, tmp_path / "s")
     moved = shutil.copytree(llama_dir, tmp_path / "moved")
@@ -64,7 +65,7 @@ def test_moved_base_loads_with_explicit_path(tmp_path, llama_dir):
 
 
 def test_different_base_is_refused(tmp_path, llama_dir):
-    student = build_student(llama_dir, MoELoRAConfig(num_experts=2, rank=4))
+    student = build_student(llama_dir, MoELoRAConfig(experts=2, rank=4))
     save_student(student, tmp_path / "s")
     other = save_tiny_model(tmp_path / "other", "llama", num_layers=4, seed=123)  # same shapes, other weights
     with pytest.raises(BaseMismatchError, match="fingerprint") as err:
@@ -75,7 +76,7 @@ def test_different_base_is_refused(tmp_path, llama_dir):
 
 
 def test_resolve_student_dir_picks_newest_checkpoint(tmp_path, llama_dir):
-    student = build_student(llama_dir, MoELoRAConfig(num_experts=2, rank=4))
+    student = build_student(llama_dir, MoELoRAConfig(experts=2, rank=4))
     save_student(student, tmp_path / "run" / "checkpoint-2")
     save_student(student, tmp_path / "run" / "checkpoint-10" / "student")
     assert resolve_student_dir(tmp_path / "run") == tmp_path / "run" / "checkpoint-10" / "student"
@@ -87,7 +88,7 @@ def test_student_without_base_reference_cannot_be_saved(tmp_path, llama_dir):
     from student.convert import convert_to_moe_lora
 
     model = AutoModelForCausalLM.from_pretrained(llama_dir)
-    convert_to_moe_lora(model, MoELoRAConfig(num_experts=2, rank=4))
+    convert_to_moe_lora(model, MoELoRAConfig(experts=2, rank=4))
     with pytest.raises(ValueError, match="no base reference"):
         save_student(model, tmp_path / "s")
 

@@ -9,7 +9,8 @@ from student_fixtures import randomize_adapters, sample_ids, save_tiny_model
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from student.convert import MoELoRAConfig, build_student, moe_modules
+from student.config import MoELoRAConfig
+from student.convert import build_student, moe_modules
 from student.moe_lora import MoELoRAMLP
 from student.router_loss import expert_usage, router_losses, usage_imbalance
 
@@ -34,8 +35,8 @@ def _skewed_toy(balance_coef: float, steps: int = 60) -> tuple[float, float, lis
     torch.manual_seed(0)
     hidden, n_exp = 32, 8
     mlp = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=64))
-    layer = MoELoRAMLP(mlp, num_experts=n_exp, top_k=2, rank=4)
-    target = MoELoRAMLP(mlp, num_experts=n_exp, top_k=2, rank=4)
+    layer = MoELoRAMLP(mlp, num_experts=n_exp, experts_per_token=2, rank=4)
+    target = MoELoRAMLP(mlp, num_experts=n_exp, experts_per_token=2, rank=4)
     randomize_adapters(target, std=0.3, seed=5)
     direction = torch.randn(hidden)
     x = torch.randn(256, hidden) + 1.5 * direction / direction.norm()
@@ -75,7 +76,7 @@ def test_balance_loss_is_one_when_uniform():
     layer = MoELoRAMLP(
         LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=16, num_attention_heads=1)),
         num_experts=4,
-        top_k=1,
+        experts_per_token=1,
     )
     with torch.no_grad():
         layer.router.weight.zero_()  # uniform probabilities; topk ties pick expert 0 -> f = (1, 0, 0, 0)
@@ -103,7 +104,7 @@ def _loss_and_grads(model, ids, checkpointing: bool):
 
 
 def test_router_losses_are_counted_once_under_gradient_checkpointing(llama_dir, one_thread):
-    cfg = MoELoRAConfig(num_experts=4, rank=4, balance_coef=0.1, z_coef=0.01)
+    cfg = MoELoRAConfig(experts=4, rank=4, balance_coef=0.1, z_coef=0.01)
     student = build_student(llama_dir, cfg)
     randomize_adapters(student)
     ids = sample_ids()
@@ -119,7 +120,7 @@ def test_router_losses_are_counted_once_under_gradient_checkpointing(llama_dir, 
 
 
 def test_reentrant_checkpointing_is_refused_with_advice(llama_dir):
-    student = build_student(llama_dir, MoELoRAConfig(num_experts=2, rank=4))
+    student = build_student(llama_dir, MoELoRAConfig(experts=2, rank=4))
     student.train()
     student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     student(sample_ids())
@@ -128,7 +129,7 @@ def test_reentrant_checkpointing_is_refused_with_advice(llama_dir):
 
 
 def test_expert_usage_per_layer(llama_dir):
-    student = build_student(llama_dir, MoELoRAConfig(num_experts=4, rank=4, experts_per_layer={1: 3}))
+    student = build_student(llama_dir, MoELoRAConfig(experts=4, rank=4, layer_experts="1:3"))
     with torch.no_grad():
         student(sample_ids())
     usage = expert_usage(student)
@@ -141,7 +142,7 @@ def test_expert_usage_per_layer(llama_dir):
 def test_padding_takes_no_part_in_router_stats(llama_dir, one_thread):
     from student.router_loss import count_only
 
-    student = build_student(llama_dir, MoELoRAConfig(num_experts=4, rank=4))
+    student = build_student(llama_dir, MoELoRAConfig(experts=4, rank=4))
     randomize_adapters(student)
     row = sample_ids(batch=1, seq=16)
     ids = torch.cat([row, torch.cat([row[:, :9], torch.zeros(1, 7, dtype=row.dtype)], 1)])

@@ -9,11 +9,13 @@ import sys
 import numpy as np
 import pytest
 
+from assets.synthetic import synthetic_corpus
 from logit_store import Manifest, ShardWriter, StoreRow, TargetSpec
 from logit_store.fingerprint import tokenizer_fingerprint
-from logit_store.synthetic import synthetic_corpus
 from logit_store.teachers.hf import HFTeacher
-from student.train import TrainConfig, TrainError, read_metrics, train
+from student.config import TrainConfig
+from student.run import read_metrics
+from student.train import TrainError, train
 
 SEQ, ROWS_PER_UNIT = 32, 2
 
@@ -85,7 +87,7 @@ def test_baseline_students_train(store, tiny_teacher_dir, tmp_path, kind):
 
 
 def test_a_student_with_another_tokenizer_is_refused(store, tmp_path):
-    from logit_store.synthetic import make_tiny_teacher
+    from assets.synthetic import make_tiny_teacher
 
     other = str(tmp_path / "other")
     make_tiny_teacher(other, n_docs=30, steps=1, seed=5)  # its BPE is trained on other text

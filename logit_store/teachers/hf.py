@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..codecs import SampledTargets, TopKTargets, sampled_from_draws
-from . import Row, Teacher, TeacherError, draws_from_topk
+from .base import Row, Teacher, TeacherError, draws_from_topk
 
 _DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

