@@ -17,6 +17,7 @@ corrections are exact zeros), which is what "the student equals its base at init
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from student.config import EXPERT_IMPLS, default_alpha
-from student.fused_experts import KERNELS, RoutedSwiGLULoRA
+from student.fused_experts import KERNELS, Groups, RoutedSwiGLULoRA, padded_capacity
 
 
 class UnsupportedModelError(ValueError):
@@ -136,6 +137,9 @@ class MoELoRAMLP(nn.Module):
         alpha = default_alpha(rank) if alpha is None else alpha
         self.alpha, self.scaling = alpha, alpha / rank
         self.impl = impl
+        # fused/compiled paths: lay the routed rows out padded to the largest expert's count (batched matmuls)
+        # while that adds at most this fraction - 1 of rows; 0 = always the ragged per-expert loop
+        self.max_padding = 1.3
         self.layer_index = layer_index  # which decoder layer of its model this is (None: standalone)
         n_in = len(self.in_names)
         self.router = nn.Linear(hidden, num_experts, bias=False, dtype=torch.float32)
@@ -241,11 +245,21 @@ class MoELoRAMLP(nn.Module):
         down = getattr(self.base, self.out_name)
 
         if fused:
+            inv = torch.argsort(order)
+            cap = padded_capacity(counts, self.max_padding)
+            if cap:  # expert e's rows at [e * cap, e * cap + counts[e]); padding rows: token 0, weight 0
+                e_sorted = flat_e[order]
+                starts = torch.tensor([0, *itertools.accumulate(counts[:-1])], device=x.device)
+                pos = e_sorted * cap + torch.arange(order.numel(), device=x.device) - starts[e_sorted]
+                rows = self.num_experts * cap
+                tok = tok.new_zeros(rows).index_copy_(0, pos, tok)
+                w = w.new_zeros(rows).index_copy(0, pos, w)
+                inv = pos[inv]
             xs = self.lora_dropout(x2.index_select(0, tok))
             p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) and self.training else 0.0
             h, yd = RoutedSwiGLULoRA.apply(
-                xs, pre[0], pre[1], a, tok, torch.argsort(order), w, self.in_A, self.in_B, self.out_A, self.out_B,
-                counts, self.scaling, p, impl == "compiled",
+                xs, pre[0], pre[1], a, tok, inv, w, self.in_A, self.in_B, self.out_A, self.out_B,
+                Groups(counts, cap, self.num_experts), self.scaling, p, impl == "compiled",
             )  # fmt: skip
             return down(h.reshape(*lead, -1)) + yd.reshape(*lead, -1)
 
