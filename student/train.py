@@ -4,7 +4,8 @@ A plain loop rather than transformers' Trainer: the loss needs the model body's 
 head (never [batch, seq, vocab] logits), and the reader's position is part of a checkpoint; both fight the
 Trainer's compute_loss/sampler/resume machinery. What the Trainer would give is here: gradient accumulation,
 bf16 autocast, AdamW, warmup + cosine schedule (transformers' get_cosine_schedule_with_warmup), clipping,
-checkpoints every N steps, exact resume, DDP under torchrun, metrics.jsonl and a tqdm bar.
+checkpoints every N steps, exact resume, DDP or FSDP2 under torchrun (`--sharding`; student/distributed.py),
+metrics.jsonl and a tqdm bar.
 
 Loss normalisation is global: each optimizer step sums the KD/CE loss over all tokens of all micro-batches on
 all ranks and divides by their total count, so N processes give the loss and gradients of one process that
