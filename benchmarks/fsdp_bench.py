@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     common = ["--store", store, "--base", base, "--attn_rank", "16", "--batch_size", str(args.batch),
               "--grad_accum", str(args.grad_accum), "--max_steps", str(args.steps), "--log_every", "1",
               "--no_progress", "--no_shuffle", "--warmup_steps", "0"]
-    out = {"config": dict(vars(args), trainable_bytes=trainable, frozen_bytes=frozen), "results": {}}
+    out = {"config": dict(vars(args), trainable_bytes=trainable, frozen_bytes=frozen), "results": {},
+           "loadavg_before": os.getloadavg()}
     print(f"student: trainable {trainable / 2**20:.1f} MiB, frozen {frozen / 2**20:.1f} MiB (fp32); "
           f"{args.nproc} processes, {args.layers} layers, batch {args.batch} x {args.seq} x accum {args.grad_accum}",
           flush=True)
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:<15} {step_s:.3f} s/step; per step and process: all-gather "
               f"{per_step['all_gather_single'] / 2**20:.1f} MiB, reduce-scatter "
               f"{per_step['reduce_scatter_single'] / 2**20:.1f} MiB; final loss {recs[-1]['loss']:.6f}", flush=True)
+    out["loadavg_after"] = os.getloadavg()
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
