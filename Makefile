@@ -10,7 +10,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-all lint demo teacher bench bench-store bench-moe bench-build bench-loss bench-train bench-quality clean
+.PHONY: install test test-all lint demo teacher bench bench-store bench-moe bench-build bench-loss bench-train bench-quality gpu-check clean
 
 install: $(STAMP)
 
@@ -50,6 +50,11 @@ bench-build: teacher
 
 bench-moe: install
 	$(PY) -m benchmarks.moe_bench --json benchmarks/results/moe_bench.json
+
+# One GPU, bare machine, <= 5 min: capture, training tok/s + memory, MoE fast path, chunked loss, bf16 numerics.
+# `python -m benchmarks.gpu_check --dry-run` runs the same code at tiny sizes on a CPU.
+gpu-check: install
+	$(PY) -m benchmarks.gpu_check --json benchmarks/results/gpu_check.json
 
 # The MoE-KD vs dense-KD study (docs/RESULTS.md): hours on a CPU, so not part of `make bench`.
 # SCALE=quick is a minutes-long smoke run; SCALE=gpu is the larger study for a GPU node.

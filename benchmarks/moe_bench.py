@@ -8,7 +8,9 @@ network whose earlier layers train):
   mixlora-style  base gate/up once per token, per-expert LoRA + a full down projection per routed token
   moe-loop       this package, autograd path: base projections once, only LoRA deltas per expert
   moe-fused      this package, hand-written SwiGLU expert autograd function, elementwise parts eager
-  moe-compiled   the same with its two elementwise functions fused by torch.compile (the CPU default)
+  moe-compiled   the same with its two elementwise functions fused by torch.compile (the CPU default); routed
+                 rows padded per expert so the LoRA products are batched matmuls (when that pads <= 30 %)
+  moe-compiled-ragged  the same with rows ragged by expert: a loop of small matmuls per product (before)
   moe-grouped    this package with torch._grouped_mm (the CUDA path; on CPU for reference only)
 
     python -m benchmarks.moe_bench [--quick] [--json out.json]
@@ -123,6 +125,9 @@ def run(
         impl: MoELoRAMLP(base, experts, experts_per_token, rank, alpha=2 * rank, impl=impl)
         for impl in ("loop", "fused", "compiled", "grouped")
     }
+    # the compiled path with its rows ragged by expert (a matmul loop per expert) instead of padded (batched)
+    moe["compiled-ragged"] = MoELoRAMLP(base, experts, experts_per_token, rank, alpha=2 * rank, impl="compiled")
+    moe["compiled-ragged"].max_padding = 0.0
     with torch.no_grad():  # trained-looking adapters and router, so routing is not degenerate
         ref = moe["loop"]
         ref.in_B.normal_(std=0.01)
@@ -140,6 +145,7 @@ def run(
         "moe-loop": moe["loop"],
         "moe-fused": moe["fused"],
         "moe-compiled": moe["compiled"],
+        "moe-compiled-ragged": moe["compiled-ragged"],
         "moe-grouped": moe["grouped"],
     }
     if only:

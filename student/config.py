@@ -138,6 +138,19 @@ class TrainConfig(MoELoRAConfig):
     warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps, then cosine decay to 0"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast"})
+    base_dtype: str = field(default="float32", metadata={
+        "help": "dtype the frozen base is loaded in; adapters, routers and LoRA factors stay fp32. bfloat16 halves "
+                "the base's memory and, on CUDA, runs the MoE experts as grouped GEMMs (needs --bf16; not with "
+                "--student full, which keeps fp32 master weights)", "choices": ["float32", "bfloat16"]})
+    sharding: str = field(default="ddp", metadata={
+        "help": "under torchrun: ddp (every process holds the whole student) or fsdp (FSDP2: parameters, gradients "
+                "and optimizer state sharded over the processes; docs/TRAINING.md)", "choices": ["ddp", "fsdp"]})
+    fsdp_frozen: str = field(default="shard", metadata={
+        "help": "fsdp: shard the frozen base too (a base larger than one device) or replicate it on every process "
+                "(never communicated; only the trainable part is sharded)", "choices": ["shard", "replicate"]})
+    fsdp_replicas: int = field(default=1, metadata={
+        "help": "fsdp: replica groups of a 2-D (replicate x shard) mesh, i.e. HSDP: shard within groups of "
+                "processes/R (a node), replicate across them; 1 = shard over all processes"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     seed: int = field(default=0, metadata={"help": "seed of student init, data order and dropout"})
     shuffle: bool = field(default=True, metadata={"help": "shuffle the store's rows (seeded, per epoch)"})

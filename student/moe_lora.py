@@ -17,6 +17,7 @@ corrections are exact zeros), which is what "the student equals its base at init
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from student.config import EXPERT_IMPLS, default_alpha
-from student.fused_experts import KERNELS, RoutedSwiGLULoRA
+from student.fused_experts import KERNELS, Groups, RoutedSwiGLULoRA, padded_capacity
 
 
 class UnsupportedModelError(ValueError):
@@ -86,6 +87,14 @@ def _segment_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int], offsets
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
+def _expert_counts(top_i: torch.Tensor, num_experts: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """[E] (weighted) number of (token, slot) assignments per expert; a scatter-add, so no host sync on CUDA
+    (torch.bincount reads the input's maximum back to size its output)."""
+    flat = top_i.reshape(-1)
+    src = torch.ones_like(flat) if weight is None else weight[:, None].expand(top_i.shape).reshape(-1)
+    return torch.zeros(num_experts, dtype=src.dtype, device=flat.device).scatter_add_(0, flat, src)
+
+
 class MoELoRAMLP(nn.Module):
     """A dense MLP turned into a top-k mixture of LoRA experts that share its frozen weights.
 
@@ -128,6 +137,9 @@ class MoELoRAMLP(nn.Module):
         alpha = default_alpha(rank) if alpha is None else alpha
         self.alpha, self.scaling = alpha, alpha / rank
         self.impl = impl
+        # fused/compiled paths: lay the routed rows out padded to the largest expert's count (batched matmuls)
+        # while that adds at most this fraction - 1 of rows; 0 = always the ragged per-expert loop
+        self.max_padding = 1.3
         self.layer_index = layer_index  # which decoder layer of its model this is (None: standalone)
         n_in = len(self.in_names)
         self.router = nn.Linear(hidden, num_experts, bias=False, dtype=torch.float32)
@@ -163,23 +175,28 @@ class MoELoRAMLP(nn.Module):
         return act(pre[0]) * pre[1] if self.kind == "gated" else act(pre[0])
 
     def route(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """fp32 router: (logits [N, E], top-k renormalised weights [N, k], top-k expert ids [N, k]),
-        k = experts_per_token."""
-        logits = F.linear(x2.float(), self.router.weight.float())
-        probs = logits.softmax(dim=-1)
-        top_w, top_i = probs.topk(self.experts_per_token, dim=-1)
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        real = self.token_mask
-        if real is not None and real.numel() == x2.shape[0]:  # padding takes no part in the stats
-            s_probs, s_top, s_logits = probs[real], top_i[real], logits[real]
-        else:
-            s_probs, s_top, s_logits = probs, top_i, logits
-        counts = torch.bincount(s_top.reshape(-1), minlength=self.num_experts)
-        # Switch/Mixtral balance loss: E * sum_e f_e * P_e; f_e (routed fraction) carries no gradient.
-        frac = counts.to(probs.dtype) / max(s_top.numel(), 1)
-        balance = self.num_experts * (frac * s_probs.mean(dim=0)).sum()
-        z = torch.logsumexp(s_logits, dim=-1).square().mean()
-        self.router_stats = RouterStats(balance=balance, z=z, counts=counts.detach())
+        """fp32 router, also under autocast: (logits [N, E], top-k renormalised weights [N, k], top-k expert ids
+        [N, k]), k = experts_per_token.
+
+        No host synchronisation (no boolean indexing, no bincount): on CUDA the layer runs without waiting
+        for the GPU."""
+        with torch.autocast(x2.device.type, enabled=False):
+            logits = F.linear(x2.float(), self.router.weight.float())
+            probs = logits.softmax(dim=-1)
+            top_w, top_i = probs.topk(self.experts_per_token, dim=-1)
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+            real = self.token_mask
+            if real is not None and real.numel() == x2.shape[0]:  # padding takes no part in the stats
+                weight = real.to(probs.dtype)
+            else:
+                weight = torch.ones(x2.shape[0], dtype=probs.dtype, device=x2.device)
+            n = weight.sum().clamp(min=1)
+            counts = _expert_counts(top_i, self.num_experts, weight)
+            # Switch/Mixtral balance loss: E * sum_e f_e * P_e; f_e (routed fraction) carries no gradient.
+            frac = counts / (n * self.experts_per_token)
+            balance = self.num_experts * (frac * ((probs * weight[:, None]).sum(dim=0) / n)).sum()
+            z = (torch.logsumexp(logits, dim=-1).square() * weight).sum() / n
+        self.router_stats = RouterStats(balance=balance, z=z, counts=counts.detach().round().long())
         return logits, top_w, top_i
 
     def resolve_impl(self, x: torch.Tensor) -> str:
@@ -188,12 +205,17 @@ class MoELoRAMLP(nn.Module):
             return "loop"  # torch.compile is unavailable here; the eager kernels are slower than the loop
         if self.impl != "auto":
             return self.impl
-        if x.is_cuda:  # grouped GEMM for bf16 activations (its CUDA kernel's dtype), else the loop
-            return "grouped" if x.dtype == torch.bfloat16 else "loop"
+        if x.is_cuda:  # grouped GEMM (its CUDA kernel takes bf16) for bf16 activations or bf16 autocast
+            bf16 = x.dtype == torch.bfloat16 or (
+                torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+            )
+            # the kernel needs 16-byte aligned rows: bf16 dimensions that are multiples of 8
+            aligned = all(n % 8 == 0 for n in (self.rank, self.hidden_size, self.intermediate_size))
+            return "grouped" if bf16 and aligned else "loop"
         fusable = (
             self.kind == "gated"
             and type(getattr(self.base, self.act_name)).__name__ in ("SiLU", "SiLUActivation")
-            and x.dtype == self.in_A.dtype
+            and x.dtype == self.in_A.dtype == torch.float32  # the hand-written kernel is fp32
             and not torch.is_autocast_enabled(x.device.type)
         )
         return "compiled" if fusable and not KERNELS.failed else "loop"
@@ -217,23 +239,35 @@ class MoELoRAMLP(nn.Module):
         order = torch.argsort(flat_e, stable=True)
         tok = order // self.experts_per_token
         w = top_w.reshape(-1)[order]
-        count_t = torch.bincount(flat_e, minlength=self.num_experts)
-        counts = count_t.tolist()
+        count_t = _expert_counts(top_i, self.num_experts)
+        # Python counts (a host sync) only for the paths that slice per expert; the grouped GEMM takes offsets.
+        counts = None if impl == "grouped" else count_t.tolist()
         down = getattr(self.base, self.out_name)
 
         if fused:
+            inv = torch.argsort(order)
+            cap = padded_capacity(counts, self.max_padding)
+            if cap:  # expert e's rows at [e * cap, e * cap + counts[e]); padding rows: token 0, weight 0
+                e_sorted = flat_e[order]
+                starts = torch.tensor([0, *itertools.accumulate(counts[:-1])], device=x.device)
+                pos = e_sorted * cap + torch.arange(order.numel(), device=x.device) - starts[e_sorted]
+                rows = self.num_experts * cap
+                tok = tok.new_zeros(rows).index_copy_(0, pos, tok)
+                w = w.new_zeros(rows).index_copy(0, pos, w)
+                inv = pos[inv]
             xs = self.lora_dropout(x2.index_select(0, tok))
             p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) and self.training else 0.0
             h, yd = RoutedSwiGLULoRA.apply(
-                xs, pre[0], pre[1], a, tok, torch.argsort(order), w, self.in_A, self.in_B, self.out_A, self.out_B,
-                counts, self.scaling, p, impl == "compiled",
+                xs, pre[0], pre[1], a, tok, inv, w, self.in_A, self.in_B, self.out_A, self.out_B,
+                Groups(counts, cap, self.num_experts), self.scaling, p, impl == "compiled",
             )  # fmt: skip
             return down(h.reshape(*lead, -1)) + yd.reshape(*lead, -1)
 
         offsets = torch.cumsum(count_t, 0).to(torch.int32) if impl == "grouped" else None
         r, s, n_in = self.rank, self.scaling, len(self.in_names)
         w = w.unsqueeze(-1)
-        lora_dtype = self.in_A.dtype
+        # LoRA products in the adapters' dtype; on CUDA the grouped GEMM computes in bf16 (its kernel's dtype).
+        lora_dtype = torch.bfloat16 if offsets is not None and x.is_cuda else self.in_A.dtype
         xs = self.lora_dropout(x2.index_select(0, tok).to(lora_dtype))
         t = s * _segment_matmul(xs, self.in_A.transpose(1, 2), counts, offsets)  # [M, P*r], scaled while it is small
         a_e = self._activation(
@@ -250,7 +284,7 @@ class MoELoRAMLP(nn.Module):
         u = (s * w) * _segment_matmul(
             self.lora_dropout(a_e.to(lora_dtype)), self.out_A.transpose(1, 2), counts, offsets
         )
-        d = _segment_matmul(u, self.out_B, counts, offsets)
+        d = _segment_matmul(u.to(lora_dtype), self.out_B, counts, offsets)
         y = y.reshape(-1, self.hidden_size).index_add(0, tok, d.to(y.dtype)).reshape(*lead, -1)
         if self.kind == "gpt2":
             y = self.base.dropout(y)

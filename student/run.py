@@ -6,7 +6,10 @@
                             {"step", "eval": {...}}
       checkpoint-STEP/      trainable.safetensors, train_state.pt (optimizer, scheduler, reader positions, RNG),
                             train_config.json and, for a MoE-LoRA student, student/ (a saved student); the newest
-                            --keep-checkpoints are kept. Written as .tmp-checkpoint-STEP, then renamed.
+                            --keep-checkpoints are kept. Written as .tmp-checkpoint-STEP, then renamed. Under
+                            --sharding fsdp: dcp/ (every process's shards of the trainable weights and optimizer
+                            state, torch.distributed.checkpoint) instead of the optimizer in train_state.pt, and
+                            trainable.safetensors + student/ in the run's last checkpoint only.
       final/student/        the trained MoE-LoRA student (student.io format)
       plots/                `kdstudent plot`
 

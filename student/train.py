@@ -4,7 +4,8 @@ A plain loop rather than transformers' Trainer: the loss needs the model body's 
 head (never [batch, seq, vocab] logits), and the reader's position is part of a checkpoint; both fight the
 Trainer's compute_loss/sampler/resume machinery. What the Trainer would give is here: gradient accumulation,
 bf16 autocast, AdamW, warmup + cosine schedule (transformers' get_cosine_schedule_with_warmup), clipping,
-checkpoints every N steps, exact resume, DDP under torchrun, metrics.jsonl and a tqdm bar.
+checkpoints every N steps, exact resume, DDP or FSDP2 under torchrun (`--sharding`; student/distributed.py),
+metrics.jsonl and a tqdm bar.
 
 Loss normalisation is global: each optimizer step sums the KD/CE loss over all tokens of all micro-batches on
 all ranks and divides by their total count, so N processes give the loss and gradients of one process that
@@ -30,6 +31,7 @@ from torch import nn
 
 from logit_store import KDStream, LogitStore, StoreLoader
 from logit_store.fingerprint import tokenizer_fingerprint
+from student import distributed
 from student.config import TrainConfig, is_moe_student
 from student.losses import DistillLossConfig, distill_loss
 from student.router_loss import count_only, expert_usage, router_losses
@@ -60,14 +62,29 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     from student.baselines import build_dense_lora, build_full_finetune
     from student.convert import build_student
 
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.base_dtype)
+    if dtype is None:
+        raise TrainError(f"--base_dtype {cfg.base_dtype!r}: float32 or bfloat16")
+    if dtype != torch.float32 and cfg.student == "full":
+        raise TrainError("--student full trains every weight, which needs fp32 master weights (bf16 weights lose "
+                         "AdamW updates smaller than their rounding step): use --base_dtype float32 with --bf16 "
+                         "(autocast; under --sharding fsdp the weights are also gathered in bf16)")
+    if dtype != torch.float32 and not cfg.bf16:
+        raise TrainError("--base_dtype bfloat16 computes the base in bf16: pass --bf16 too, so the fp32 adapters' "
+                         "products run under the same autocast")
     torch.manual_seed(cfg.seed)
     if cfg.student == "moe-lora":
-        return build_student(cfg.base, cfg.student_config(), seed=cfg.seed)
-    if cfg.student == "lora":
-        return build_dense_lora(cfg.base, cfg.rank, cfg.alpha, cfg.lora_dropout, keep=cfg.keep_layers)
-    if cfg.student == "full":
-        return build_full_finetune(cfg.base, keep=cfg.keep_layers)
-    raise TrainError(f"unknown student kind {cfg.student!r}: moe-lora, lora or full")
+        model = build_student(cfg.base, cfg.student_config(), seed=cfg.seed, dtype=dtype)
+    elif cfg.student == "lora":
+        model = build_dense_lora(cfg.base, cfg.rank, cfg.alpha, cfg.lora_dropout, keep=cfg.keep_layers, dtype=dtype)
+    elif cfg.student == "full":
+        model = build_full_finetune(cfg.base, keep=cfg.keep_layers)
+    else:
+        raise TrainError(f"unknown student kind {cfg.student!r}: moe-lora, lora or full")
+    for p in model.parameters():  # peft creates LoRA factors in the base's dtype: train them in fp32
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 def check_tokenizer(cfg: TrainConfig, store: LogitStore, model: nn.Module) -> None:
@@ -110,23 +127,8 @@ class DistillStep(nn.Module):
 
 
 # ================================================================ distributed helpers
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _setup_distributed() -> tuple[int, int, torch.device]:
-    """Join the torchrun process group if launched by torchrun (gloo on CPU, nccl on GPU)."""
-    if "RANK" in os.environ and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    rank, world = _dist()
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
+_dist = distributed.rank_world
+_setup_distributed = distributed.setup_process_group
 
 
 def _all_sum(x: float, device: torch.device) -> float:
@@ -158,11 +160,15 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run: Path, step: int, model: nn.Module, opt, sched, loader: StoreLoader,
-                    cfg: TrainConfig) -> Path:
-    """All ranks call it (reader states are gathered); rank 0 writes `checkpoint-STEP` atomically."""
+                    cfg: TrainConfig, final: bool = True) -> Path:
+    """All ranks call it (reader states are gathered); rank 0 writes `checkpoint-STEP` atomically.
+
+    Under FSDP every rank also writes its shards (`dcp/`), and the gathered full trainable state
+    (`trainable.safetensors`, `student/`) is written only for the `final` checkpoint."""
     from safetensors.torch import save_file
 
     rank, world = _dist()
+    sharded = cfg.sharding == "fsdp" and world > 1
     reader = loader.state_dict()
     readers = [None] * world
     if world > 1:
@@ -174,31 +180,69 @@ def save_checkpoint(run: Path, step: int, model: nn.Module, opt, sched, loader: 
         dist.all_gather_object(rngs, _rng_state())
     else:
         rngs = [_rng_state()]
-    final = checkpoint_dir(run, step)
+    done = checkpoint_dir(run, step)
+    tmp = temp_checkpoint_dir(run, step)
     if rank == 0:
-        tmp = temp_checkpoint_dir(run, step)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(_trainable_state(model), str(tmp / TRAINABLE))
-        torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs,
-                    "readers": readers, "world_size": world}, tmp / TRAIN_STATE)
+    full = None
+    if sharded:
+        dist.barrier()  # tmp exists for every rank
+        distributed.save_sharded(tmp / distributed.DCP_DIR, model, opt)
+        full = distributed.full_trainable_state(model) if final else None
+    elif rank == 0:
+        full = _trainable_state(model)
+    if rank == 0:
+        if full is not None:
+            save_file(full, str(tmp / TRAINABLE))
+        state = {"step": step, "scheduler": sched.state_dict(), "rng": rngs, "readers": readers,
+                 "world_size": world, "sharding": "fsdp" if sharded else "ddp"}
+        if not sharded:
+            state["optimizer"] = opt.state_dict()
+        torch.save(state, tmp / TRAIN_STATE)
         write_config(tmp, cfg)
-        if is_moe_student(model):
+        if is_moe_student(model) and full is not None:
             from student.io import save_student
 
-            save_student(model, tmp / STUDENT, extra={"step": step})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+            with _full_weights(model, full):
+                save_student(model, tmp / STUDENT, extra={"step": step})
+        shutil.rmtree(done, ignore_errors=True)
+        os.replace(tmp, done)
         for old in checkpoints(run)[: -cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     if world > 1:
         dist.barrier()
-    return final
+    return done
+
+
+@contextlib.contextmanager
+def _full_weights(model: nn.Module, full: dict[str, torch.Tensor]):
+    """Temporarily show gathered full tensors in place of (sharded) trainable parameters, for writers that read
+    `model.named_parameters()` (save_student)."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        yield
+        return
+    saved = {}
+    for name, t in full.items():
+        owner, _, leaf = name.rpartition(".")
+        mod = model.get_submodule(owner)
+        saved[name] = (mod, leaf, mod._parameters[leaf])
+        mod._parameters[leaf] = nn.Parameter(t, requires_grad=True)
+    try:
+        yield
+    finally:
+        for mod, leaf, p in saved.values():
+            mod._parameters[leaf] = p
 
 
 def _load_trainable(model: nn.Module, checkpoint: Path) -> None:
     from safetensors.torch import load_file
 
+    if not (checkpoint / TRAINABLE).is_file() and (checkpoint / distributed.DCP_DIR).is_dir():
+        distributed.load_sharded_into_plain(checkpoint / distributed.DCP_DIR, model)
+        return
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, t in load_file(str(checkpoint / TRAINABLE)).items():
@@ -212,8 +256,15 @@ def load_checkpoint(path: Path, model: nn.Module, opt, sched, loader: StoreLoade
     if state["world_size"] != world:
         raise TrainError(f"{path} was written by {state['world_size']} processes, this run has {world}: the "
                          "reader position cannot be resumed exactly; use the same number of processes")
-    _load_trainable(model, path)
-    opt.load_state_dict(state["optimizer"])
+    sharded = any(distributed.is_fsdp(m) for m in model.modules())
+    if state.get("sharding", "ddp") != ("fsdp" if sharded else "ddp"):
+        raise TrainError(f"{path} was written with --sharding {state.get('sharding', 'ddp')}: resume it with the "
+                         "same --sharding")
+    if sharded:
+        distributed.load_sharded(path / distributed.DCP_DIR, model, opt)
+    else:
+        _load_trainable(model, path)
+        opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     loader.load_state_dict(state["readers"][rank])
     _set_rng_state(state["rng"][rank])
@@ -254,7 +305,16 @@ def train(cfg: TrainConfig) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     step_module: nn.Module = DistillStep(model, cfg.loss_config())
-    if world > 1:
+    if cfg.sharding not in distributed.SHARDINGS:
+        raise TrainError(f"--sharding {cfg.sharding!r}: one of {distributed.SHARDINGS}")
+    fsdp = cfg.sharding == "fsdp" and world > 1
+    if fsdp:
+        try:
+            distributed.apply_fsdp(step_module, model, device, frozen=cfg.fsdp_frozen, bf16=cfg.bf16,
+                                   replicas=cfg.fsdp_replicas)
+        except ValueError as e:
+            raise TrainError(str(e)) from e
+    elif world > 1:
         step_module = nn.parallel.DistributedDataParallel(step_module)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -288,11 +348,15 @@ def train(cfg: TrainConfig) -> dict:
         for i, batch in enumerate(micro):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             sync = i == len(micro) - 1 or world == 1
-            ctx = step_module.no_sync() if not sync else contextlib.nullcontext()
+            if fsdp:
+                distributed.set_gradient_sync(step_module, sync)
+                ctx = contextlib.nullcontext()
+            else:
+                ctx = step_module.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 with autocast:
                     loss_sum, m = step_module(batch)
-                # DDP averages gradients over ranks: scale by world to get the global-token mean
+                # DDP and FSDP average gradients over ranks: scale by world to get the global-token mean
                 loss = loss_sum * (world / max(global_tokens, 1)) + m["aux"] / len(micro)
                 loss.backward()
             for key in ("kd", "ce"):
@@ -310,7 +374,7 @@ def train(cfg: TrainConfig) -> dict:
         ce = _all_sum(sums["ce"], device) / max(global_tokens, 1)
         last = {"step": step, "epoch": stream.epoch, "loss": cfg.kd_weight * kd + cfg.ce_weight * ce, "kd": kd,
                 "ce": ce, "balance": sums["balance"], "z": sums["z"], "lr": sched.get_last_lr()[0],
-                "grad_norm": float(grad_norm), "tokens": int(global_tokens),
+                "grad_norm": distributed.to_local_float(grad_norm), "tokens": int(global_tokens),
                 "tokens_per_s": tokens_seen / max(time.time() - start, 1e-9)}
         if rank == 0:
             if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -322,29 +386,38 @@ def train(cfg: TrainConfig) -> dict:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            save_checkpoint(run, step, model, opt, sched, loader, cfg)
-        if cfg.eval_store and rank == 0 and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            save_checkpoint(run, step, model, opt, sched, loader, cfg, final=False)
+        due = cfg.eval_store and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps)
+        if due and (rank == 0 or fsdp):  # a sharded model evaluates on every rank (its gathers are collective)
             from student.evaluate import evaluate
 
+            if fsdp:
+                step_module.unshard()  # the root's parameters (embeddings, head); blocks gather in their hooks
             result = evaluate(model, cfg.eval_store, batch_size=cfg.batch_size, max_rows=cfg.eval_rows, device=device,
                               chunk_size=cfg.loss_chunk)
-            append_metrics(run, {"step": step, "eval": result})
+            if fsdp:
+                step_module.reshard()
+            if rank == 0:
+                append_metrics(run, {"step": step, "eval": result})
             model.train()
     if bar is not None:
         bar.close()
-    save_checkpoint(run, step, model, opt, sched, loader, cfg)
+    final = save_checkpoint(run, step, model, opt, sched, loader, cfg)
     if rank == 0 and is_moe_student(model):
+        from safetensors.torch import load_file
+
         from student.io import save_student
 
-        save_student(model, final_student_dir(run), extra={"step": step, "train_config": cfg.to_dict()})
+        with _full_weights(model, load_file(str(final / TRAINABLE))):
+            save_student(model, final_student_dir(run), extra={"step": step, "train_config": cfg.to_dict()})
     if world > 1:
         dist.barrier()
     return last
 
 
 def _grad_norm(params) -> torch.Tensor:
-    grads = [p.grad.norm() for p in params if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.zeros(())
+    grads = [p for p in params if p.grad is not None]
+    return distributed.grad_norm(grads) if grads else torch.zeros(())
 
 
 def load_trained(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:

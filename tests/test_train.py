@@ -135,3 +135,13 @@ def test_bf16_autocast_and_gradient_checkpointing_train(store, tiny_teacher_dir,
                       grad_accum=2))
     losses = [loss for _, loss in _losses(tmp_path)]
     assert len(losses) == 3 and all(np.isfinite(losses)) and last["tokens"] == 2 * 4 * (SEQ - 1)
+
+
+def test_a_bf16_base_trains_and_evaluates(store, tiny_teacher_dir, tmp_path, capsys):
+    from cli import kdstudent
+
+    last = train(_cfg(store, tiny_teacher_dir, tmp_path, max_steps=3, bf16=True, base_dtype="bfloat16", rank=8))
+    assert np.isfinite(last["loss"]) and last["grad_norm"] > 0
+    capsys.readouterr()
+    assert kdstudent.main(["eval", "--model", str(tmp_path), "--store", store, "--json"]) == 0
+    assert np.isfinite(json.loads(capsys.readouterr().out)["teacher_kl"])
