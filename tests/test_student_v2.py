@@ -361,21 +361,25 @@ def test_every_expert_path_computes_the_mlps_own_activation(act):
     loop = MoELoRAMLP(mlp, num_experts=6, rank=4, shared_rank=3, impl="loop")
     randomize_adapters(loop, std=0.3)
     _randomize_shared(loop, std=0.3)
+    mlp.requires_grad_(True)  # as under --train_base: the base's own weights get gradients too
     xa = x.clone().requires_grad_()
     ya = loop(xa)
     ya.square().sum().backward()
+    want = {n: p.grad.clone() for n, p in loop.named_parameters()}
     assert (ya - mlp(x)).abs().max() > 0.1  # the adapters matter
     for impl in ("fused", "compiled", "grouped"):
         fast = MoELoRAMLP(mlp, num_experts=6, rank=4, shared_rank=3, impl=impl)
         fast.load_state_dict(loop.state_dict())
+        mlp.requires_grad_(True).zero_grad()
         xb = x.clone().requires_grad_()
         yb = fast(xb)
         torch.testing.assert_close(yb, ya, msg=lambda m, impl=impl: f"{impl}: {m}")
         yb.square().sum().backward()
         torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
-        for name, p in loop.named_parameters():
-            if p.requires_grad:
-                torch.testing.assert_close(dict(fast.named_parameters())[name].grad, p.grad, rtol=1e-4, atol=1e-5)
+        got = dict(fast.named_parameters())
+        assert want.keys() == got.keys() and any(n.startswith("base.") for n in want)
+        for name, grad in want.items():
+            torch.testing.assert_close(got[name].grad, grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_fused_paths_refuse_activations_they_do_not_compute(tmp_path):
