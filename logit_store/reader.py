@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 
 from . import fs as storefs
 from .codecs import IdOrder, Payload, TargetError
-from .format import ID_ORDER_KEY, MANIFEST_NAME, make_codec, shard_schema
+from .format import DOMAIN_COLUMN, ID_ORDER_KEY, MANIFEST_NAME, make_codec, shard_schema
 from .manifest import Manifest
 
 
@@ -29,6 +29,7 @@ class DecodedRow:
     target_logprobs: np.ndarray  # [P, S] float32 (log p for topk, log(count/N) for sampled)
     target_mask: np.ndarray  # [P, S] bool: which of the S slots hold a candidate
     target_tail: np.ndarray  # [P] float32: log of the teacher mass outside the listed candidates
+    domain: str | None = None  # the row's domain, in a store built with domains
 
     @property
     def positions(self) -> np.ndarray:
@@ -132,7 +133,7 @@ class LogitStore:
             return ["sha256 mismatch: the file changed or is corrupted"]
         self._files.pop(s.file, None)
         reader = self.shard_reader(s.file)
-        expected = shard_schema(self.codec)
+        expected = shard_schema(self.codec, with_domain=s.domains is not None)
         if not reader.schema.remove_metadata().equals(expected):
             return [f"schema {reader.schema.remove_metadata()} differs from format v1's {expected}"]
         batch_rows = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
@@ -141,17 +142,25 @@ class LogitStore:
         if not decode:
             return []
         faults, tokens, positions = [], 0, 0
+        domains: dict[str, dict[str, int]] = {}
         for b in range(reader.num_record_batches):
             try:
                 for r in self.decode_batch(s.file, reader.get_batch(b)):
                     tokens += r.input_ids.size
                     positions += r.target_ids.shape[0]
                     _check_row(r, self.manifest.vocab_size)
+                    if r.domain is not None:
+                        counts = domains.setdefault(r.domain, {"rows": 0, "tokens": 0, "target_positions": 0})
+                        counts["rows"] += 1
+                        counts["tokens"] += r.input_ids.size
+                        counts["target_positions"] += r.target_ids.shape[0]
             except (TargetError, ValueError, IndexError) as e:
                 faults.append(f"record batch {b}: cannot be decoded ({e})")
         if not faults and (tokens, positions) != (s.tokens, s.target_positions):
             faults.append(f"holds {tokens} tokens / {positions} targets, manifest says "
                           f"{s.tokens} / {s.target_positions}")
+        if not faults and s.domains is not None and domains != s.domains:
+            faults.append(f"rows / tokens / targets per domain are {domains}, manifest says {s.domains}")
         return faults
 
 
@@ -174,6 +183,8 @@ class BatchRows:
         self.mask = batch.column("loss_mask").values.to_numpy(zero_copy_only=False)
         self.source = batch.column("source_index").to_numpy()
         self.payload_cols = [_binary_slices(batch.column(c)) for c in store.codec.columns]
+        has_domain = batch.schema.get_field_index(DOMAIN_COLUMN) >= 0
+        self.domains = batch.column(DOMAIN_COLUMN).to_pylist() if has_domain else None
 
     def __len__(self) -> int:
         return self.source.size
@@ -185,7 +196,8 @@ class BatchRows:
         mask = self.mask[lo:hi]
         payload = Payload(*(col(i) for col in self.payload_cols))
         ids, lp, tmask, tail = self.store.codec.decode(payload, int(mask.sum()), self.order)
-        return DecodedRow(int(self.source[i]), self.ids[lo:hi].astype(np.int64), mask, ids, lp, tmask, tail)
+        domain = self.domains[i] if self.domains is not None else None
+        return DecodedRow(int(self.source[i]), self.ids[lo:hi].astype(np.int64), mask, ids, lp, tmask, tail, domain)
 
 
 def _check_row(r: DecodedRow, vocab_size: int) -> None:
