@@ -120,6 +120,19 @@ def test_domain_options_are_checked_before_anything_loads(tiny_teacher_dir, tmp_
         build(_cfg(tiny_teacher_dir, data, tmp_path / "d", domain_field="src"))
 
 
+def test_workers_merge_their_domain_counts(tiny_teacher_dir, hf_teacher, mixed, tmp_path):
+    from logit_store.manifest import merge_workers
+
+    path, _ = mixed
+    data = _jsonl(tmp_path / "d.jsonl", _records())
+    for i in range(2):
+        build(_cfg(tiny_teacher_dir, data, tmp_path / "s", domain_field="src", shard_tokens=150, num_workers=2,
+                   worker_index=i), teacher=hf_teacher)
+    merged = merge_workers(str(tmp_path / "s"))
+    assert merged.domains == LogitStore.open(path).manifest.domains
+    assert LogitStore.open(str(tmp_path / "s")).verify() == []
+
+
 class _CrashingTeacher:
     """Fault injection: the teacher fails on its (calls + 1)-th call, as a build killed at that point would stop."""
 
