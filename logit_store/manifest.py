@@ -71,6 +71,15 @@ class ShardInfo:
     domains: dict[str, dict[str, int]] | None = None
 
 
+def count_domain_row(counts: dict[str, dict[str, int]], domain: str, tokens: int, target_positions: int) -> None:
+    """Add one row to per-domain counts, kept as `ShardInfo.domains` holds them: {name: {rows, tokens,
+    target_positions}}."""
+    c = counts.setdefault(domain, {"rows": 0, "tokens": 0, "target_positions": 0})
+    c["rows"] += 1
+    c["tokens"] += tokens
+    c["target_positions"] += target_positions
+
+
 @dataclass
 class Manifest:
     target: TargetSpec

@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 from . import fs as storefs
 from .codecs import IdOrder, Payload, TargetError
 from .format import DOMAIN_COLUMN, ID_ORDER_KEY, MANIFEST_NAME, make_codec, shard_schema
-from .manifest import Manifest
+from .manifest import Manifest, count_domain_row
 
 
 @dataclass
@@ -150,10 +150,7 @@ class LogitStore:
                     positions += r.target_ids.shape[0]
                     _check_row(r, self.manifest.vocab_size)
                     if r.domain is not None:
-                        counts = domains.setdefault(r.domain, {"rows": 0, "tokens": 0, "target_positions": 0})
-                        counts["rows"] += 1
-                        counts["tokens"] += r.input_ids.size
-                        counts["target_positions"] += r.target_ids.shape[0]
+                        count_domain_row(domains, r.domain, r.input_ids.size, r.target_ids.shape[0])
             except (TargetError, ValueError, IndexError) as e:
                 faults.append(f"record batch {b}: cannot be decoded ({e})")
         if not faults and (tokens, positions) != (s.tokens, s.target_positions):

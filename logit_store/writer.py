@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 from . import fs as storefs
 from .codecs import IdOrder, SampledTargets, TargetError, TopKTargets
 from .format import MANIFEST_NAME, make_codec, original_name, shard_metadata, shard_name, shard_schema
-from .manifest import Manifest, ManifestError, ShardInfo
+from .manifest import Manifest, ManifestError, ShardInfo, count_domain_row
 
 
 @dataclass
@@ -173,10 +173,7 @@ class ShardWriter:
         if sh["domains"] is not None:
             columns.append(pa.array([r.domain for r in self._pending], pa.string()))
             for r in self._pending:
-                counts = sh["domains"].setdefault(r.domain, {"rows": 0, "tokens": 0, "target_positions": 0})
-                counts["rows"] += 1
-                counts["tokens"] += len(r.input_ids)
-                counts["target_positions"] += int(np.asarray(r.loss_mask).sum())
+                count_domain_row(sh["domains"], r.domain, len(r.input_ids), int(np.asarray(r.loss_mask).sum()))
         sh["writer"].write_batch(pa.RecordBatch.from_arrays(columns, schema=sh["schema"]))
         sh["rows"] += len(self._pending)
         sh["tokens"] += int(lengths.sum())

@@ -99,10 +99,12 @@ def test_kdstore_info_shows_rows_and_tokens_per_domain(mixed, capsys):
     assert all("domains" in s for s in info["manifest"]["shards"])
 
 
-def test_one_domain_for_a_whole_build(tiny_teacher_dir, hf_teacher, tmp_path):
+def test_one_domain_for_a_whole_build(tiny_teacher_dir, tmp_path, capsys):
     data = _jsonl(tmp_path / "d.jsonl", [{"text": t} for t in synthetic_corpus(5, seed=2)])
-    build(_cfg(tiny_teacher_dir, data, tmp_path / "s", domain="legal", pack=True, max_seq_len=32),
-          teacher=hf_teacher)
+    assert kdstore.main(["build", "--teacher", tiny_teacher_dir, "--data", data, "--text-field", "text", "--out",
+                         str(tmp_path / "s"), "--backend", "hf", "--top-k", "8", "--domain", "legal", "--pack",
+                         "--max-seq-len", "32", "--no-progress"]) == 0
+    assert "domains         1: legal " in capsys.readouterr().out
     store = LogitStore.open(str(tmp_path / "s"))
     assert {r.domain for r in store} == {"legal"} and store.manifest.input["domain"] == "legal"
     assert store.manifest.domains["legal"]["rows"] == store.manifest.rows and store.verify() == []
