@@ -38,6 +38,7 @@ def _describe(store: LogitStore) -> dict:
         "bytes_per_token": round(m.bytes / m.tokens, 2) if m.tokens else None,
         "shards": len(m.shards),
         "created": m.created,
+        "domains": m.domains,  # {} for a store built without domains
     }
 
 
@@ -47,10 +48,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"summary": d, "manifest": store.manifest.to_dict()}, indent=1))
         return 0
+    domains = d.pop("domains")
     for key, value in d.items():
         if isinstance(value, int) and not isinstance(value, bool) and key != "format_version":
             value = f"{value:,}"
         print(f"{key:22s} {value}")
+    if domains:
+        print(f"{'domains':22s} {len(domains)}")
+        print(f"  {'domain':20s} {'rows':>12s} {'tokens':>14s} {'with targets':>14s}")
+        for name, c in domains.items():
+            print(f"  {name:20s} {c['rows']:>12,} {c['tokens']:>14,} {c['target_positions']:>14,}")
     return 0
 
 
@@ -191,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge the complete shards even if some workers have not finished")
     s.set_defaults(func=cmd_merge)
 
-    s = sub.add_parser("info", help="what a store holds: teacher, tokenizer, targets, rows, tokens, bytes",
-                       description="Summarise a store from its manifest (reads no shard).")
+    s = sub.add_parser("info", help="what a store holds: teacher, tokenizer, targets, rows, tokens, bytes, domains",
+                       description="Summarise a store from its manifest (reads no shard), with rows and tokens "
+                                   "per domain for a store built with domains.")
     s.add_argument("store", help="store directory or URL")
     s.add_argument("--json", action="store_true", help="print the summary and the whole manifest as JSON")
     s.set_defaults(func=cmd_info)

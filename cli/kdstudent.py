@@ -5,7 +5,7 @@ kdstudent params BASE_DIR [shape options]        trainable counts: MoE-LoRA, mat
 kdstudent info STUDENT_OR_RUN_DIR
 kdstudent export STUDENT_OR_RUN_DIR --to mixtral --out DIR [--base BASE_DIR] [--dtype bfloat16]
 kdstudent train --store STORE --base BASE_DIR --out RUN [...]   (or: kdstudent train config.yaml; --help)
-kdstudent eval --model RUN --store VAL_STORE [--json]
+kdstudent eval --model RUN --store VAL_STORE [--store VAL_STORE_2 ...] [--json]
 kdstudent plot RUN
 """
 
@@ -105,23 +105,16 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from student.evaluate import evaluate
+    from student.evaluate import evaluate_stores, format_report
     from student.train import load_trained
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = evaluate(load_trained(args.model, device), args.store, batch_size=args.batch_size,
-                      max_rows=args.max_rows, device=device)
-    if args.json:
-        print(json.dumps(result, indent=1))
+    result = evaluate_stores(load_trained(args.model, device), args.store, batch_size=args.batch_size,
+                             max_rows=args.max_rows, device=device)
+    if args.json:  # one store: its result, as `evaluate` returns it; several: per store and pooled
+        print(json.dumps(result["stores"][args.store[0]] if len(args.store) == 1 else result, indent=1))
         return 0
-    print(f"{'metric':12s} value")
-    for key in ("teacher_kl", "ce", "ppl", "top1_agree", "ece", "tokens"):
-        print(f"{key:12s} {result[key]:.4f}" if isinstance(result[key], float) else f"{key:12s} {result[key]}")
-    for layer, fractions in result.get("expert_usage", {}).items():
-        print(f"experts L{layer:<3s} " + " ".join(f"{f:.2f}" for f in fractions))
-    for layer, r in result.get("routing", {}).items():
-        print(f"routing L{layer:<3s} effective experts {r['effective_experts']:.2f}, "
-              f"per token {r['effective_experts_per_token']:.2f}")
+    print(format_report(result))
     return 0
 
 
@@ -159,11 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     sub.add_parser("train", add_help=False, help="distil a student from a logit store (kdstudent train --help)")
-    p = sub.add_parser("eval", help="teacher-KL, perplexity, top-1 agreement, calibration, expert usage on a store")
+    p = sub.add_parser("eval", help="teacher-KL, perplexity, top-1 agreement, calibration, expert usage on stores, "
+                                    "per domain and pooled")
     p.add_argument("--model", required=True, help="a training run (any student kind) or a saved student directory")
-    p.add_argument("--store", required=True, help="held-out logit store")
+    p.add_argument("--store", required=True, action="append",
+                   help="held-out logit store; give it several times to report each store and all of them pooled")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-rows", type=int, default=None, help="evaluate only the first N rows")
+    p.add_argument("--max-rows", type=int, default=None, help="evaluate only the first N rows of each store")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_eval)
 

@@ -48,7 +48,8 @@ class BuildConfig:
     data: str = field(metadata={"help": "input: a .jsonl/.json/.parquet/.csv/.arrow file or folder of them, a "
                                         "Dataset.save_to_disk directory, or a hub dataset name"})
     out: str = field(metadata={"help": "store directory or URL (file://, s3://, memory://, ...)"})
-    backend: str = field(default="vllm", metadata={"help": "teacher backend", "choices": ["vllm", "hf"]})
+    backend: str | None = field(default=None, metadata={
+        "help": "teacher backend (default: vllm for --top-k, hf for --samples)", "choices": ["vllm", "hf"]})
     text_field: str | None = field(default=None, metadata={"help": "field with plain text (loss on every token)"})
     messages_field: str | None = field(default=None, metadata={
         "help": "field with chat messages [{role, content}], rendered with the tokenizer's chat template; loss "
@@ -56,6 +57,10 @@ class BuildConfig:
     prompt_field: str | None = field(default=None, metadata={"help": "field with the prompt (loss on the response)"})
     response_field: str | None = field(default=None, metadata={"help": "field with the response"})
     input_ids_field: str | None = field(default=None, metadata={"help": "field with pre-tokenised ids"})
+    domain_field: str | None = field(default=None, metadata={
+        "help": "string field naming each example's domain (code, chat, ...): the store records it per row and "
+                "counts rows and tokens per domain; examples without it are skipped and counted"})
+    domain: str | None = field(default=None, metadata={"help": "one domain for every row of this build"})
     split: str = field(default="train", metadata={"help": "split, for saved dataset dicts and hub datasets"})
     data_format: str | None = field(default=None, metadata={"help": "json|parquet|csv|arrow|text (default: from "
                                                                        "the file extension)"})
@@ -71,11 +76,11 @@ class BuildConfig:
     temperature: float = field(default=1.0, metadata={"help": "--generate: sampling temperature (0 = greedy)"})
     seed: int = field(default=0, metadata={"help": "seed for sampled targets and generation (per input row)"})
     top_k: int | None = field(default=None, metadata={"help": "store the top-K candidates (default 64)"})
-    samples: int | None = field(default=None, metadata={"help": "store N sampled draws per position (RS-KD) "
-                                                                  "instead of top-k"})
+    samples: int | None = field(default=None, metadata={
+        "help": "store N draws per position from the teacher's full distribution (RS-KD) instead of top-k; "
+                "needs the hf backend (the default with --samples)"})
     sample_from_top_k: int | None = field(default=None, metadata={
-        "help": "draw samples from the teacher's top-K + tail (vllm needs it; default 128 there); hf draws "
-                "exactly from the full distribution when unset"})
+        "help": "not accepted: draws from a top-K plus one tail bucket bias the KD gradient (docs/BUILD.md)"})
     levels: int = field(default=255, metadata={"help": "probability quantisation levels (top-k codec)"})
     compression_level: int = field(default=9, metadata={"help": "zstd level"})
     shard_tokens: int = field(default=1 << 22, metadata={"help": "tokens per shard file"})
@@ -104,8 +109,25 @@ class BuildConfig:
             self.worker_index = int(env) if env and self.num_workers > 1 else 0
         if not 0 <= self.worker_index < self.num_workers:
             raise InputError(f"--worker-index {self.worker_index} not in [0, --num-workers={self.num_workers})")
-        if self.samples and self.backend == "vllm" and not self.sample_from_top_k:
-            self.sample_from_top_k = 128
+        if self.backend is None:
+            self.backend = "hf" if self.samples else "vllm"
+        if self.samples and self.backend == "vllm":
+            raise InputError("--samples needs --backend hf: vLLM returns only the teacher's top-K candidates, so "
+                             "its draws would come from the top-K plus one tail bucket, and the loss cannot tell "
+                             "that bucket from the unsampled top-K ids (biased gradients; docs/BUILD.md, 'Sampled "
+                             "targets'). Use --backend hf (the default with --samples), or --top-k K with vllm")
+        if self.sample_from_top_k:
+            raise InputError("--sample-from-top-k is not accepted: draws from a top-K plus one tail bucket give "
+                             "biased KD gradients (docs/BUILD.md, 'Sampled targets'). Leave it unset: --samples "
+                             "draws exactly from the full distribution (--backend hf)")
+        if self.domain is not None and self.domain_field:
+            raise InputError("choose --domain NAME (one domain for the whole build) or --domain-field FIELD "
+                             "(a domain per example), not both")
+        if self.domain is not None and not self.domain:
+            raise InputError("--domain must be a non-empty name")
+        if self.domain_field and self.pack:
+            raise InputError("--pack joins examples into one row, which then has no single domain: drop --pack, "
+                             "or build one store (or one --domain build) per domain")
         if self.max_seq_len < 2:
             raise InputError("--max-seq-len must be at least 2")
 
@@ -126,6 +148,7 @@ class BuildSummary:
     seconds: float = 0.0
     load_seconds: float = 0.0  # loading the input, tokenizer and teacher
     new_tokens: int = 0
+    domains: dict = field(default_factory=dict)  # rows / tokens / target_positions per domain (Manifest.domains)
 
     @property
     def tokens_per_s(self) -> float:
@@ -142,6 +165,9 @@ class BuildSummary:
                  f"{sum(self.skipped.values()):,} skipped",
                  f"time            {self.seconds:.1f} s ({self.load_seconds:.1f} s loading), "
                  f"{self.tokens_per_s:,.0f} tokens/s"]
+        if self.domains:
+            lines.append(f"domains         {len(self.domains)}: " + ", ".join(
+                f"{name} {c['rows']:,} rows ({c['tokens']:,} tokens)" for name, c in self.domains.items()))
         lines += [f"  skipped: {n:,} x {reason}" for reason, n in sorted(self.skipped.items())]
         lines += [f"  e.g. {e}" for e in self.first_errors]
         return "\n".join(lines)
@@ -152,7 +178,8 @@ def build(cfg: BuildConfig, teacher: Teacher | None = None) -> BuildSummary:
     from transformers import AutoTokenizer
 
     start = time.time()
-    fields = FieldSpec(cfg.text_field, cfg.messages_field, cfg.prompt_field, cfg.response_field, cfg.input_ids_field)
+    fields = FieldSpec(cfg.text_field, cfg.messages_field, cfg.prompt_field, cfg.response_field, cfg.input_ids_field,
+                       cfg.domain_field)
     fields.mode(cfg.generate)  # fail on bad options before loading anything
     check_teacher_path(cfg.teacher)
     tok_path = cfg.tokenizer or cfg.teacher
@@ -207,7 +234,7 @@ def build(cfg: BuildConfig, teacher: Teacher | None = None) -> BuildSummary:
         if bar is not None:
             _update(bar, stats, summary, start)
             bar.close()
-    summary.rows, summary.tokens = final.rows, final.tokens
+    summary.rows, summary.tokens, summary.domains = final.rows, final.tokens, final.domains
     summary.target_positions, summary.bytes, summary.shards = final.target_positions, final.bytes, len(final.shards)
     summary.examples, summary.truncated = stats.examples, stats.truncated
     summary.skipped, summary.first_errors = dict(stats.skipped), stats.first_errors
@@ -230,11 +257,11 @@ def _process(batch: list[Example], cfg: BuildConfig, teacher: Teacher, writer: S
             ex.loss_mask = mask
     rows = [(ex.input_ids, ex.loss_mask) for ex in batch]
     if cfg.samples:
-        targets = teacher.sample(rows, cfg.samples, seeds, cfg.sample_from_top_k)
+        targets = teacher.sample(rows, cfg.samples, seeds, None)  # exact draws (BuildConfig refuses top-K draws)
     else:
         targets = teacher.topk(rows, cfg.top_k)
     for ex, tgt in zip(batch, targets, strict=True):
-        writer.write(StoreRow(ex.input_ids, ex.loss_mask, tgt, ex.source_index))
+        writer.write(StoreRow(ex.input_ids, ex.loss_mask, tgt, ex.source_index, ex.domain or cfg.domain))
     return sum(ex.input_ids.size for ex in batch)
 
 
@@ -245,13 +272,16 @@ def _manifest(cfg: BuildConfig, teacher: Teacher, tokenizer, dataset, fields: Fi
         target = TargetSpec("sampled", samples=cfg.samples, sampled_from_top_k=cfg.sample_from_top_k)
     else:
         target = TargetSpec("topk", k=cfg.top_k)
+    source = {"source": cfg.data, "split": cfg.split, "fingerprint": getattr(dataset, "_fingerprint", None),
+              "examples": len(dataset), "limit": cfg.limit, "fields": fields.used(), "num_workers": cfg.num_workers}
+    if cfg.domain is not None:  # only when set, so that stores without domains keep their fingerprint
+        source["domain"] = cfg.domain
     return Manifest(
         target=target, vocab_size=teacher.vocab_size,
         codec=CodecSpec(levels=cfg.levels, compression_level=cfg.compression_level),
         teacher=teacher.describe(),
         tokenizer=describe_tokenizer(tokenizer, cfg.tokenizer or cfg.teacher),
-        input={"source": cfg.data, "split": cfg.split, "fingerprint": getattr(dataset, "_fingerprint", None),
-               "examples": len(dataset), "limit": cfg.limit, "fields": fields.used(), "num_workers": cfg.num_workers},
+        input=source,
         sequence={"max_seq_len": cfg.max_seq_len, "packing": cfg.pack, "add_eos": cfg.add_eos,
                   "generate": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature}
                   if cfg.generate else None, "seed": cfg.seed},

@@ -60,6 +60,10 @@ def original_name(name: str) -> str | None:
 # ---------------------------------------------------------------- shards
 ID_ORDER_KEY = b"kd.id_order"  # the shard's id-order head, little-endian uint32
 FORMAT_VERSION_KEY = b"kd.format_version"
+# Optional last column: the row's domain (a non-empty string), present in the shards of a store built with
+# domains (kdstore build --domain / --domain-field) and absent otherwise, so stores without domains keep the
+# exact schema earlier versions wrote.
+DOMAIN_COLUMN = "domain"
 
 
 def make_codec(manifest) -> TopKCodec | SampledCodec:
@@ -71,13 +75,15 @@ def make_codec(manifest) -> TopKCodec | SampledCodec:
     return SampledCodec(t.samples, manifest.vocab_size)
 
 
-def shard_schema(codec: TopKCodec | SampledCodec) -> pa.Schema:
-    """Columns of a shard, in order: the row's tokens, then the codec's binary target columns."""
+def shard_schema(codec: TopKCodec | SampledCodec, with_domain: bool = False) -> pa.Schema:
+    """Columns of a shard, in order: the row's tokens, the codec's binary target columns, then (`with_domain`)
+    the row's domain."""
     return pa.schema([
         pa.field("source_index", pa.int64()),
         pa.field("input_ids", pa.list_(pa.int32())),
         pa.field("loss_mask", pa.list_(pa.bool_())),
         *(pa.field(name, pa.binary()) for name in codec.columns),
+        *([pa.field(DOMAIN_COLUMN, pa.string())] if with_domain else []),
     ])
 
 

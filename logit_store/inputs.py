@@ -30,6 +30,7 @@ class FieldSpec:
     prompt_field: str | None = None  # prompt (+ response): loss on the response
     response_field: str | None = None
     input_ids_field: str | None = None  # pre-tokenised, loss on every token
+    domain_field: str | None = None  # a string field naming each example's domain (code, chat, ...)
 
     def mode(self, generate: bool = False) -> str:
         chosen = [m for m, f in (("text", self.text_field), ("messages", self.messages_field),
@@ -56,6 +57,7 @@ class Example:
     input_ids: np.ndarray
     loss_mask: np.ndarray | None  # None: a prompt for --generate
     truncated: bool = False
+    domain: str | None = None  # from FieldSpec.domain_field
 
 
 @dataclass
@@ -112,6 +114,7 @@ class ExampleTokenizer:
     def __call__(self, index: int, record: dict, stats: InputStats) -> Example | None:
         try:
             ids, mask = getattr(self, f"_{self.mode}")(record)
+            domain = self._field(record, self.fields.domain_field) if self.fields.domain_field else None
         except _Skip as s:
             stats.skip(index, s.reason, s.detail)
             return None
@@ -131,7 +134,7 @@ class ExampleTokenizer:
         if mask is None and ids.size >= self.max_seq_len:
             stats.skip(index, "prompt leaves no room for a response within --max-seq-len")
             return None
-        return Example(index, ids, mask, truncated)
+        return Example(index, ids, mask, truncated, domain)
 
     # ------------------------------------------------------------ field modes
     def _field(self, record: dict, name: str, kind: type | tuple = str):

@@ -66,6 +66,18 @@ class ShardInfo:
     bytes: int
     sha256: str
     batch_rows: list[int]  # rows per Arrow record batch: the units the reader splits across ranks/workers
+    # rows / tokens / target_positions per domain, for a store built with domains; None (and absent from the
+    # JSON, so stores without domains read as before) otherwise
+    domains: dict[str, dict[str, int]] | None = None
+
+
+def count_domain_row(counts: dict[str, dict[str, int]], domain: str, tokens: int, target_positions: int) -> None:
+    """Add one row to per-domain counts, kept as `ShardInfo.domains` holds them: {name: {rows, tokens,
+    target_positions}}."""
+    c = counts.setdefault(domain, {"rows": 0, "tokens": 0, "target_positions": 0})
+    c["rows"] += 1
+    c["tokens"] += tokens
+    c["target_positions"] += target_positions
 
 
 @dataclass
@@ -110,6 +122,22 @@ class Manifest:
     def bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
 
+    @property
+    def domains(self) -> dict[str, dict[str, int]]:
+        """rows / tokens / target_positions per domain over all shards, by domain name ({} without domains)."""
+        out: dict[str, dict[str, int]] = {}
+        for s in self.shards:
+            for name, counts in (s.domains or {}).items():
+                total = out.setdefault(name, {"rows": 0, "tokens": 0, "target_positions": 0})
+                for key in total:
+                    total[key] += counts[key]
+        return dict(sorted(out.items()))
+
+    @property
+    def domain_names(self) -> list[str]:
+        """The store's domains, sorted: a batch's `domain` index points into this list."""
+        return list(self.domains)
+
     def fingerprint(self) -> str:
         """Identifies what the data means (teacher, tokenizer, targets, codec, input, sequence), not the files."""
         keys = ("format_version", "target", "vocab_size", "codec", "teacher", "tokenizer", "input", "sequence")
@@ -120,8 +148,13 @@ class Manifest:
     # ------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        for shard in d["shards"]:
+            if shard["domains"] is None:
+                del shard["domains"]
         d["totals"] = {"rows": self.rows, "tokens": self.tokens, "target_positions": self.target_positions,
                        "bytes": self.bytes}
+        if self.domains:
+            d["totals"]["domains"] = self.domains
         return d
 
     def to_json(self) -> str:

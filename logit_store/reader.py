@@ -22,6 +22,7 @@ from . import fs as storefs
 from .codecs import IdOrder, Payload, TargetError
 from .format import (
     BUILD_SHARD_PREFIX,
+    DOMAIN_COLUMN,
     ID_ORDER_KEY,
     MANIFEST_NAME,
     SHARD_FILE,
@@ -32,7 +33,7 @@ from .format import (
     shard_schema,
     worker_names,
 )
-from .manifest import Manifest, ShardInfo
+from .manifest import Manifest, ShardInfo, count_domain_row
 
 
 @dataclass
@@ -46,6 +47,7 @@ class DecodedRow:
     target_logprobs: np.ndarray  # [P, S] float32 (log p for topk, log(count/N) for sampled)
     target_mask: np.ndarray  # [P, S] bool: which of the S slots hold a candidate
     target_tail: np.ndarray  # [P] float32: log of the teacher mass outside the listed candidates
+    domain: str | None = None  # the row's domain, in a store built with domains
 
     @property
     def positions(self) -> np.ndarray:
@@ -157,7 +159,7 @@ class LogitStore:
                 name = f"{at}.file" if field == "file" else field
                 raise fault(f"written as {field} = {have!r}, but the manifest says {name} = {want!r} (the manifest "
                             "was edited, or the file is another shard's)", name)
-        expected = shard_schema(self.codec)
+        expected = shard_schema(self.codec, with_domain=s.domains is not None)
         if not reader.schema.remove_metadata().equals(expected):
             raise fault(f"schema {reader.schema.remove_metadata()} differs from the one format v1 gives target "
                         f"{self.manifest.target} ({expected}); target was edited?", "target")
@@ -261,12 +263,17 @@ class LogitStore:
         if not decode:
             return []
         faults = []
+        domains: dict[str, dict[str, int]] = {}
         for b in range(reader.num_record_batches):
             try:
                 for r in self.decode_batch(s.file, reader.get_batch(b)):
                     _check_row(r, self.manifest.vocab_size)
+                    if r.domain is not None:
+                        count_domain_row(domains, r.domain, r.input_ids.size, r.target_ids.shape[0])
             except (TargetError, ValueError, IndexError) as e:
                 faults.append(f"record batch {b}: cannot be decoded ({e})")
+        if not faults and s.domains is not None and domains != s.domains:
+            faults.append(f"rows / tokens / targets per domain are {domains}, manifest says {s.domains}")
         return faults
 
 
@@ -289,6 +296,8 @@ class BatchRows:
         self.mask = batch.column("loss_mask").values.to_numpy(zero_copy_only=False)
         self.source = batch.column("source_index").to_numpy()
         self.payload_cols = [_binary_slices(batch.column(c)) for c in store.codec.columns]
+        has_domain = batch.schema.get_field_index(DOMAIN_COLUMN) >= 0
+        self.domains = batch.column(DOMAIN_COLUMN).to_pylist() if has_domain else None
 
     def __len__(self) -> int:
         return self.source.size
@@ -300,7 +309,8 @@ class BatchRows:
         mask = self.mask[lo:hi]
         payload = Payload(*(col(i) for col in self.payload_cols))
         ids, lp, tmask, tail = self.store.codec.decode(payload, int(mask.sum()), self.order)
-        return DecodedRow(int(self.source[i]), self.ids[lo:hi].astype(np.int64), mask, ids, lp, tmask, tail)
+        domain = self.domains[i] if self.domains is not None else None
+        return DecodedRow(int(self.source[i]), self.ids[lo:hi].astype(np.int64), mask, ids, lp, tmask, tail, domain)
 
 
 def _check_row(r: DecodedRow, vocab_size: int) -> None:

@@ -34,10 +34,13 @@ class KDBatch(TypedDict):
     target_mask: torch.Tensor  # [B, T, S] bool: which slots hold a candidate
     target_tail: torch.Tensor  # [B, T] float32: log of the teacher mass outside the candidates (-inf: none)
     source_index: torch.Tensor  # [B] int64: the input example each row came from (-1 if unknown)
+    domain: torch.Tensor  # [B] int64: the row's domain as an index into the store's domain_names (-1: none)
 
 
-def collate(rows: list[DecodedRow], pad_id: int = 0) -> KDBatch:
-    """Rows -> a `KDBatch`: right-padded tensors aligned with the student's logits (position t predicts t + 1)."""
+def collate(rows: list[DecodedRow], pad_id: int = 0, domains: list[str] | None = None) -> KDBatch:
+    """Rows -> a `KDBatch`: right-padded tensors aligned with the student's logits (position t predicts t + 1).
+
+    `domains`: the names a row's domain is looked up in (`Manifest.domain_names`) for the `domain` index."""
     bsz, seq = len(rows), max(r.input_ids.size for r in rows)
     width = max((r.target_ids.shape[1] for r in rows), default=0)
     input_ids = np.full((bsz, seq), pad_id, np.int64)
@@ -60,8 +63,17 @@ def collate(rows: list[DecodedRow], pad_id: int = 0) -> KDBatch:
         t_tail[b, pos] = r.target_tail
     out = dict(input_ids=input_ids, attention_mask=attention, labels=labels, loss_mask=loss_mask,
                target_ids=t_ids, target_logprobs=t_lp, target_mask=t_mask, target_tail=t_tail,
-               source_index=np.array([r.source_index for r in rows], np.int64))
+               source_index=np.array([r.source_index for r in rows], np.int64),
+               domain=np.array([_domain_index(r.domain, domains) for r in rows], np.int64))
     return KDBatch(**{k: torch.from_numpy(v) for k, v in out.items()})
+
+
+def _domain_index(domain: str | None, domains: list[str] | None) -> int:
+    if domain is None:
+        return -1
+    if not domains or domain not in domains:
+        raise ValueError(f"row of domain {domain!r}, which is not among the store's domains {domains}")
+    return domains.index(domain)
 
 
 class KDStream(IterableDataset):
@@ -166,7 +178,7 @@ class KDStream(IterableDataset):
                 rows.append(cache[u][int(row_in[i])])
                 if last_use[u] == i:
                     del cache[u]
-            batch = collate(rows, self.pad_id)
+            batch = collate(rows, self.pad_id, self.store.manifest.domain_names)
             if info is None:
                 self.rows_done[worker] = hi
                 self.batches_done += 1

@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 from . import fs as storefs
 from .codecs import IdOrder, SampledTargets, TargetError, TopKTargets
 from .format import MANIFEST_NAME, make_codec, original_name, shard_footer, shard_metadata, shard_name, shard_schema
-from .manifest import Manifest, ManifestError, ShardInfo
+from .manifest import Manifest, ManifestError, ShardInfo, count_domain_row
 
 
 @dataclass
@@ -26,6 +26,7 @@ class StoreRow:
     loss_mask: np.ndarray
     targets: TopKTargets | SampledTargets
     source_index: int = -1  # index of the input example the row came from (for tracing and resume)
+    domain: str | None = None  # the row's domain (code, chat, ...): in a store, every row has one or none does
 
 
 class ShardWriter:
@@ -68,7 +69,8 @@ class ShardWriter:
         self.manifest = manifest
         self._remove_stale_temp_files()
         self._next_shard = len([s for s in manifest.shards if s.file.startswith(prefix + "-")])
-        self._schema = shard_schema(self.codec)
+        # whether rows carry a domain: fixed by the shards already written, else by the first row
+        self._with_domain = manifest.shards[-1].domains is not None if manifest.shards else None
         self._ipc = pa.ipc.IpcWriteOptions(
             compression=pa.Codec(manifest.codec.compression, compression_level=manifest.codec.compression_level))
         self._pending: list[StoreRow] = []
@@ -128,7 +130,14 @@ class ShardWriter:
                 raise TargetError(f"{len(row.targets)} target positions for {int(mask.sum())} loss positions")
             if not mask.any():
                 raise TargetError("no position carries a loss")
+            if row.domain is not None and (not isinstance(row.domain, str) or not row.domain):
+                raise TargetError(f"domain must be a non-empty string, got {row.domain!r}")
+            if self._with_domain is not None and self._with_domain != (row.domain is not None):
+                raise TargetError("has a domain, but this store's rows have none" if row.domain is not None else
+                                  "has no domain, but this store's rows carry one: give every row a domain")
             self.codec.validate(row.targets)
+            if self._with_domain is None:
+                self._with_domain = row.domain is not None
         except TargetError as e:
             raise TargetError(f"{where}: {e}") from None
 
@@ -140,10 +149,11 @@ class ShardWriter:
         path = storefs.join(self.root, name)
         tmp = storefs.temp_name(path)
         sink = storefs.HashingSink(self.fs.open_output_stream(tmp))
-        writer = pa.ipc.new_file(sink, self._schema.with_metadata(shard_metadata(order)), options=self._ipc,
+        schema = shard_schema(self.codec, with_domain=bool(self._with_domain))
+        writer = pa.ipc.new_file(sink, schema.with_metadata(shard_metadata(order)), options=self._ipc,
                                  metadata=shard_footer(name, self.manifest))
-        self._shard = dict(name=name, path=path, tmp=tmp, sink=sink, writer=writer, order=order,
-                           rows=0, tokens=0, positions=0, batch_rows=[])
+        self._shard = dict(name=name, path=path, tmp=tmp, sink=sink, writer=writer, order=order, schema=schema,
+                           rows=0, tokens=0, positions=0, batch_rows=[], domains={} if self._with_domain else None)
 
     def _flush_batch(self) -> None:
         if self._shard is None:
@@ -161,7 +171,11 @@ class ShardWriter:
         ]
         per_row = [p.column_values(len(self.codec.columns)) for p in payloads]
         columns += [pa.array(column, pa.binary()) for column in zip(*per_row, strict=True)]  # the codec's columns
-        sh["writer"].write_batch(pa.RecordBatch.from_arrays(columns, schema=self._schema))
+        if sh["domains"] is not None:
+            columns.append(pa.array([r.domain for r in self._pending], pa.string()))
+            for r in self._pending:
+                count_domain_row(sh["domains"], r.domain, len(r.input_ids), int(np.asarray(r.loss_mask).sum()))
+        sh["writer"].write_batch(pa.RecordBatch.from_arrays(columns, schema=sh["schema"]))
         sh["rows"] += len(self._pending)
         sh["tokens"] += int(lengths.sum())
         sh["positions"] += int(mask.sum())
@@ -180,7 +194,8 @@ class ShardWriter:
         self.fs.move(sh["tmp"], sh["path"])
         self.manifest.shards.append(ShardInfo(
             file=sh["name"], rows=sh["rows"], tokens=sh["tokens"], target_positions=sh["positions"],
-            bytes=sh["sink"].size, sha256=sh["sink"].sha256.hexdigest(), batch_rows=sh["batch_rows"]))
+            bytes=sh["sink"].size, sha256=sh["sink"].sha256.hexdigest(), batch_rows=sh["batch_rows"],
+            domains=dict(sorted(sh["domains"].items())) if sh["domains"] is not None else None))
         self.manifest.save(self.fs, self.root, self.manifest_name)
         self._shard = None
         self._next_shard += 1

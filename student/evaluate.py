@@ -1,6 +1,12 @@
-"""`kdstudent eval`: how close a student is to its teacher on a held-out store, and how good it is on its own."""
+"""`kdstudent eval`: how close a student is to its teacher on held-out stores, and how good it is on its own.
+
+Every metric is a mean over loss positions (tokens), so results add up: a store's figures are the token-weighted
+pool of its domains', and `evaluate_stores` pools several stores as if they were one.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -10,30 +16,80 @@ from student.losses import DistillLossConfig, distill_loss
 from student.router_loss import count_only, effective_experts, expert_usage, routing_metrics
 
 ECE_BINS = 15
+METRICS = ("teacher_kl", "ce", "ppl", "top1_agree", "ece", "tokens", "rows")
+
+
+@dataclass
+class _Tally:
+    """Sums over loss positions of one group of rows (a domain, a store, a pool); `result()` turns them to means."""
+
+    kd: float = 0.0
+    ce: float = 0.0
+    agree: float = 0.0
+    tokens: int = 0
+    rows: int = 0
+    conf: torch.Tensor = field(default_factory=lambda: torch.zeros(ECE_BINS, dtype=torch.float64))
+    correct: torch.Tensor = field(default_factory=lambda: torch.zeros(ECE_BINS, dtype=torch.float64))
+    count: torch.Tensor = field(default_factory=lambda: torch.zeros(ECE_BINS, dtype=torch.float64))
+
+    def add(self, other: _Tally) -> _Tally:
+        self.kd, self.ce, self.agree = self.kd + other.kd, self.ce + other.ce, self.agree + other.agree
+        self.tokens, self.rows = self.tokens + other.tokens, self.rows + other.rows
+        self.conf, self.correct, self.count = self.conf + other.conf, self.correct + other.correct, \
+            self.count + other.count
+        return self
+
+    def result(self) -> dict:
+        n = max(self.tokens, 1)
+        return {"teacher_kl": self.kd / n, "ce": self.ce / n, "ppl": float(torch.tensor(self.ce / n).exp()),
+                "top1_agree": self.agree / n, "ece": float((self.conf - self.correct).abs().sum() / n),
+                "tokens": self.tokens, "rows": self.rows}
+
+
+def _pool(tallies) -> _Tally:
+    total = _Tally()
+    for t in tallies:
+        total.add(t)
+    return total
+
+
+def _tally_rows(hidden: torch.Tensor, batch: dict, head: nn.Module, kd_cfg: DistillLossConfig,
+                chunk_size: int) -> _Tally:
+    """The sums of a batch's rows (hidden [B, T, H] from the student's body, `batch` a KDBatch)."""
+    t = _Tally(rows=hidden.shape[0])
+    _, m = distill_loss(hidden, head.weight, batch, kd_cfg, getattr(head, "bias", None))
+    t.kd, t.ce = float(m["kd"]), float(m["ce"])
+    mask = batch["loss_mask"]
+    h = hidden[mask]
+    labels = batch["labels"][mask]
+    t_lp = batch["target_logprobs"][mask].masked_fill(~batch["target_mask"][mask], float("-inf"))
+    teacher_top1 = batch["target_ids"][mask].gather(1, t_lp.argmax(1, keepdim=True))[:, 0]
+    for lo in range(0, h.shape[0], chunk_size):
+        logits = h[lo:lo + chunk_size] @ head.weight.T
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias
+        probs = logits.float().softmax(-1)
+        conf, pred = probs.max(-1)
+        t.agree += float((pred == teacher_top1[lo:lo + chunk_size]).sum())
+        correct = (pred == labels[lo:lo + chunk_size]).double().cpu()
+        b = (conf.double() * ECE_BINS).long().clamp(max=ECE_BINS - 1).cpu()
+        t.conf.index_add_(0, b, conf.double().cpu())
+        t.correct.index_add_(0, b, correct)
+        t.count.index_add_(0, b, torch.ones_like(correct))
+    t.tokens = int(mask.sum())
+    return t
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, store: str | LogitStore, batch_size: int = 8, max_rows: int | None = None,
-             device: torch.device | str = "cpu", chunk_size: int = 1024) -> dict:
-    """Per-token means over the store's loss positions:
-
-    teacher_kl   KL(teacher || student) on the stored support + tail bucket (forward KL)
-    ce, ppl      the student's cross-entropy on the actual next tokens, and exp(ce)
-    top1_agree   how often the student's most likely token is the teacher's
-    ece          expected calibration error of the student's top-1 prediction (15 equal-width bins)
-    expert_usage mean fraction of routed assignments per expert and MoE layer (MoE students)
-    routing      per MoE layer: effective_experts (exp of the entropy of expert_usage) and
-                 effective_experts_per_token (1 / sum of squared routing weights, mean over tokens)
-    """
-    was_training = model.training
-    model.eval()
+def _evaluate_store(model: nn.Module, store: str | LogitStore, batch_size: int, max_rows: int | None,
+                    device: torch.device | str, chunk_size: int) -> tuple[dict[str | None, _Tally], dict, dict]:
+    """Per-domain tallies of one store (key None: rows without a domain) token-weighted expert usage sums and
+    token-weighted sums of the effective experts per token (MoE students)."""
     stream = KDStream(store, batch_size, shuffle=False, rank=0, world_size=1)
+    names = stream.store.manifest.domain_names
     head = model.get_output_embeddings()
     kd_cfg = DistillLossConfig(kind="fkl", ce_weight=1.0, chunk_size=chunk_size, reduction="sum")
-    totals = {"kd": 0.0, "ce": 0.0, "agree": 0.0, "tokens": 0}
-    conf_sum = torch.zeros(ECE_BINS, dtype=torch.float64)
-    correct_sum = torch.zeros(ECE_BINS, dtype=torch.float64)
-    count = torch.zeros(ECE_BINS, dtype=torch.float64)
+    tallies: dict[str | None, _Tally] = {}
     usage: dict[int, torch.Tensor] = {}
     per_token: dict[int, float] = {}
     rows = 0
@@ -42,41 +98,107 @@ def evaluate(model: nn.Module, store: str | LogitStore, batch_size: int = 8, max
         count_only(model, batch["attention_mask"])
         hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         hidden = hidden.last_hidden_state
-        _, m = distill_loss(hidden, head.weight, batch, kd_cfg, getattr(head, "bias", None))
-        totals["kd"] += float(m["kd"])
-        totals["ce"] += float(m["ce"])
-        mask = batch["loss_mask"]
-        h = hidden[mask]
-        labels = batch["labels"][mask]
-        t_lp = batch["target_logprobs"][mask].masked_fill(~batch["target_mask"][mask], float("-inf"))
-        teacher_top1 = batch["target_ids"][mask].gather(1, t_lp.argmax(1, keepdim=True))[:, 0]
-        for lo in range(0, h.shape[0], chunk_size):
-            logits = h[lo:lo + chunk_size] @ head.weight.T
-            if getattr(head, "bias", None) is not None:
-                logits = logits + head.bias
-            probs = logits.float().softmax(-1)
-            conf, pred = probs.max(-1)
-            totals["agree"] += float((pred == teacher_top1[lo:lo + chunk_size]).sum())
-            correct = (pred == labels[lo:lo + chunk_size]).double()
-            b = (conf.double() * ECE_BINS).long().clamp(max=ECE_BINS - 1)
-            conf_sum.index_add_(0, b.cpu(), conf.double().cpu())
-            correct_sum.index_add_(0, b.cpu(), correct.cpu())
-            count.index_add_(0, b.cpu(), torch.ones_like(correct).cpu())
-        totals["tokens"] += int(mask.sum())
+        domain = batch["domain"]
+        for d in domain.unique().tolist():
+            name = names[d] if d >= 0 else None
+            if d == -1 and (domain == -1).all():  # no domains: the whole batch, without copying it
+                part = _tally_rows(hidden, batch, head, kd_cfg, chunk_size)
+            else:
+                sel = (domain == d).nonzero()[:, 0]
+                part = _tally_rows(hidden[sel], {k: v[sel] for k, v in batch.items()}, head, kd_cfg, chunk_size)
+            tallies.setdefault(name, _Tally()).add(part)
+        tokens = int(batch["loss_mask"].sum())
         for layer, fractions in expert_usage(model).items():
-            usage[layer] = usage.get(layer, 0) + torch.tensor(fractions) * int(mask.sum())
+            usage[layer] = usage.get(layer, 0) + torch.tensor(fractions) * tokens
         for layer, r in routing_metrics(model).items():
-            per_token[layer] = per_token.get(layer, 0.0) + r["effective_experts_per_token"] * int(mask.sum())
+            per_token[layer] = per_token.get(layer, 0.0) + r["effective_experts_per_token"] * tokens
         rows += batch["input_ids"].shape[0]
         if max_rows is not None and rows >= max_rows:
             break
-    n = max(totals["tokens"], 1)
-    ece = float(((conf_sum - correct_sum).abs()).sum() / n)
-    model.train(was_training)
-    out = {"teacher_kl": totals["kd"] / n, "ce": totals["ce"] / n, "ppl": float(torch.tensor(totals["ce"] / n).exp()),
-           "top1_agree": totals["agree"] / n, "ece": ece, "tokens": totals["tokens"], "rows": rows}
+    return tallies, usage, per_token
+
+
+def _report(tallies: dict[str | None, _Tally], usage: dict, per_token: dict) -> dict:
+    """Pooled metrics, then per domain ("domains", when any row has one), expert usage and routing (MoE students)."""
+    pooled = _pool(tallies.values())
+    out = pooled.result()
+    named = {name: t.result() for name, t in sorted((k, v) for k, v in tallies.items() if k is not None)}
+    if named:
+        out["domains"] = named
     if usage:
+        n = max(pooled.tokens, 1)
         out["expert_usage"] = {str(k): (v / n).tolist() for k, v in usage.items()}
         out["routing"] = {str(k): {"effective_experts": effective_experts((v / n).tolist()),
-                                   "effective_experts_per_token": per_token[k] / n} for k, v in usage.items()}
+                                   "effective_experts_per_token": per_token.get(k, 0.0) / n} for k, v in usage.items()}
     return out
+
+
+def evaluate(model: nn.Module, store: str | LogitStore, batch_size: int = 8, max_rows: int | None = None,
+             device: torch.device | str = "cpu", chunk_size: int = 1024) -> dict:
+    """Per-token means over the store's loss positions (its first `max_rows` rows):
+
+    teacher_kl   KL(teacher || student) on the stored support + tail bucket (forward KL)
+    ce, ppl      the student's cross-entropy on the actual next tokens, and exp(ce)
+    top1_agree   how often the student's most likely token is the teacher's
+    ece          expected calibration error of the student's top-1 prediction (15 equal-width bins)
+    tokens, rows what they were computed on
+    domains      the same per domain ({name: {...}}), for a store built with domains
+    expert_usage mean fraction of routed assignments per expert and MoE layer (MoE students)
+    routing      per MoE layer: effective_experts (exp of the entropy of expert_usage) and
+                 effective_experts_per_token (1 / sum of squared routing weights, mean over tokens)
+    """
+    return evaluate_stores(model, [store], batch_size, max_rows, device, chunk_size)["stores"][_name(store)]
+
+
+def evaluate_stores(model: nn.Module, stores: list[str | LogitStore], batch_size: int = 8,
+                    max_rows: int | None = None, device: torch.device | str = "cpu", chunk_size: int = 1024) -> dict:
+    """`evaluate` on each store (`max_rows` per store), and pooled over all of them: {"stores": {store: result},
+    "pooled": result}. The pool weighs every token once (a store with more tokens counts more); its `domains`
+    pool each domain over the stores that hold it."""
+    if not stores:
+        raise ValueError("no store to evaluate")
+    names = [_name(s) for s in stores]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a store is given twice: {names}")
+    was_training = model.training
+    model.eval()
+    per_store, pooled, pooled_usage, pooled_per_token = {}, {}, {}, {}
+    try:
+        for name, store in zip(names, stores, strict=True):
+            tallies, usage, per_token = _evaluate_store(model, store, batch_size, max_rows, device, chunk_size)
+            per_store[name] = _report(tallies, usage, per_token)
+            for key, t in tallies.items():
+                pooled.setdefault(key, _Tally()).add(t)
+            for layer, sums in usage.items():
+                pooled_usage[layer] = pooled_usage.get(layer, 0) + sums
+            for layer, v in per_token.items():
+                pooled_per_token[layer] = pooled_per_token.get(layer, 0.0) + v
+    finally:
+        model.train(was_training)
+    return {"stores": per_store, "pooled": _report(pooled, pooled_usage, pooled_per_token)}
+
+
+def _name(store: str | LogitStore) -> str:
+    return store if isinstance(store, str) else store.root
+
+
+def format_report(result: dict) -> str:
+    """`evaluate_stores`' result as text tables: each store (all rows, then each domain), then the pool."""
+    sections = list(result["stores"].items())
+    if len(sections) > 1:
+        sections.append((f"pooled over {len(sections)} stores", result["pooled"]))
+    lines = []
+    for title, r in sections:
+        columns = [("all", r), *r.get("domains", {}).items()]
+        lines.append(f"store {title}" if not title.startswith("pooled") else title)
+        lines.append(f"{'metric':12s}" + "".join(f" {name[:12]:>12s}" for name, _ in columns))
+        for key in METRICS:
+            cells = [c[key] for _, c in columns]
+            lines.append(f"{key:12s}" + "".join(f" {v:>12.4f}" if isinstance(v, float) else f" {v:>12,}"
+                                                for v in cells))
+        for layer, fractions in r.get("expert_usage", {}).items():
+            lines.append(f"experts L{layer:<3s} " + " ".join(f"{f:.2f}" for f in fractions))
+        for layer, m in r.get("routing", {}).items():
+            lines.append(f"routing L{layer:<3s} effective experts {m['effective_experts']:.2f}, "
+                         f"per token {m['effective_experts_per_token']:.2f}")
+    return "\n".join(lines)

@@ -85,7 +85,7 @@ class HFTeacher(Teacher):
         rngs = [np.random.default_rng(int(s)) for s in seeds]
         draws: list[list] = [[] for _ in rows]
         for i, logits in self._logit_chunks(rows):
-            if from_top_k:  # the vllm backend's procedure (same draws for the same candidates), for comparisons
+            if from_top_k:  # top-K + one tail bucket: biased (the build refuses it); tests/test_rs_kd.py measures it
                 v, idx = logits.log_softmax(-1).topk(from_top_k, dim=-1)
                 draws[i].append(draws_from_topk(idx.cpu().numpy(), v.cpu().numpy(), n, rngs[i]))
             else:

@@ -1,8 +1,10 @@
 """`vllm` backend: prompt log-probs from a vLLM engine (the default; on GPUs it is much faster).
 
-vLLM returns, for every prompt position, the top-k candidates (+ the actual token when it is outside them),
-so `sampled` targets are drawn from its top-K plus a tail bucket: unbiased within the K, and the manifest
-records that K. Prefix caching stays off (prompt log-probs bypass it and have had stale-value bugs with it).
+vLLM returns, for every prompt position, the top-k candidates (+ the actual token when it is outside them), so
+it writes `topk` targets only: draws from its top-K plus one tail bucket (`sampled` targets) would give biased KD
+gradients, because a store cannot say which unsampled ids were in the top-K (docs/BUILD.md, "Sampled targets");
+`sample` refuses and points to the hf backend, which draws exactly. Prefix caching stays off (prompt log-probs
+bypass it and have had stale-value bugs with it).
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import os
 
 import numpy as np
 
-from ..codecs import SampledTargets, TopKTargets, sampled_from_draws, tail_logmass
-from .base import Row, Teacher, TeacherError, draws_from_topk, resolve_dtype
+from ..codecs import SampledTargets, TopKTargets, tail_logmass
+from .base import Row, Teacher, TeacherError, resolve_dtype
 
 CPU_KV_FLOOR = 256 * 2**20  # never less KV cache than this on a CPU: room for many short rows at once
 _KV_ROWS = 2  # the CPU KV cache holds at least this many rows of the longest length at once
@@ -118,13 +120,10 @@ class VLLMTeacher(Teacher):
         return [TopKTargets(i, lp, tail_logmass(lp)) for i, lp in self._prompt_logprobs(rows, k)]
 
     def sample(self, rows: list[Row], n: int, seeds: list[int], from_top_k: int | None) -> list[SampledTargets]:
-        if not from_top_k:
-            raise TeacherError("the vllm backend samples from its top-K: set --sample-from-top-k (or use --backend "
-                               "hf for exact draws from the full distribution)")
-        out = []
-        for (ids, lp), seed in zip(self._prompt_logprobs(rows, from_top_k), seeds, strict=True):
-            out.append(sampled_from_draws(draws_from_topk(ids, lp, n, np.random.default_rng(int(seed)))))
-        return out
+        """Refused: vLLM sees only the top-K, so its draws would be biased (see the module docstring)."""
+        raise TeacherError("the vllm backend cannot write sampled (RS-KD) targets: it sees only the teacher's "
+                           "top-K, and draws from the top-K plus one tail bucket give biased gradients. Use "
+                           "--backend hf, which draws exactly from the full distribution, or --top-k K with vllm")
 
     def generate(self, prompts: list[np.ndarray], max_new_tokens: int, temperature: float,
                  seeds: list[int]) -> list[np.ndarray]:

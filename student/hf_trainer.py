@@ -1,0 +1,185 @@
+"""Distilling from a store with transformers' `Trainer` (or anything built on it): dataset, collator, loss.
+
+`kdstudent train` is this project's own loop (MoE-LoRA students, router losses, exact reader resume). Users who
+already train with `transformers.Trainer` keep their loop and take three pieces from here (docs/HF_TRAINER.md):
+
+- `StoreDataset`: a store as a map-style torch Dataset of decoded rows (the reader's `LogitStore` decodes them),
+  so the Trainer's own sampler shuffles, shards across processes, counts epochs and skips batches on resume.
+- `KDCollator`: rows -> a batch: the `KDBatch` tensors of `logit_store.stream.collate`, except that `labels`
+  follow the transformers convention (labels[t] = token t, the model shifts), so that `model(**batch)` gives the
+  plain CE loss. The target tensors stay aligned with the logits (position t describes token t + 1).
+- `sparse_kd_loss(model, inputs)`: the KD loss of `student.losses.distill_loss` (its chunked LM head: never
+  [batch, seq, vocab] logits) on the model's final hidden states. It runs the model's own forward, through any
+  DDP/peft wrapper, with `logits_to_keep=1` and `output_hidden_states=True`, so data parallelism syncs gradients
+  as for any forward. `KDTrainer` is a Trainer whose `compute_loss` is that.
+"""
+
+from __future__ import annotations
+
+import bisect
+import inspect
+import warnings
+from collections import OrderedDict
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import Trainer
+
+from logit_store import DecodedRow, LogitStore, collate
+from logit_store.reader import BatchRows
+from student.losses import DistillLossConfig, distill_loss
+
+
+class StoreDataset(torch.utils.data.Dataset):
+    """The rows of a store by index (store order), decoded (`DecodedRow`), for `transformers.Trainer`.
+
+    A row is read with its whole Arrow record batch (the store's unit of compression); the last `cache_units`
+    decoded record batches are kept, so neighbouring indices are cheap and a random index costs one record
+    batch read (docs/HF_TRAINER.md gives the figures). `tokenizer`, if given, must be the store's (same
+    fingerprint): else token ids would mean different things to the student.
+    """
+
+    def __init__(self, store: str | LogitStore, tokenizer=None, cache_units: int = 4):
+        self.store = store if isinstance(store, LogitStore) else LogitStore.open(store)
+        m = self.store.manifest
+        if m.status != "complete":
+            warnings.warn(f"{self.store.root}: the store is still being written; reading its complete shards",
+                          stacklevel=2)
+        if m.target.kind == "sampled" and m.target.sampled_from_top_k:
+            warnings.warn(f"{self.store.root}: its sampled targets were drawn from the teacher's top-"
+                          f"{m.target.sampled_from_top_k} plus one tail bucket, which biases the KD gradient "
+                          "(docs/BUILD.md, 'Sampled targets'); rebuild it with --backend hf", stacklevel=2)
+        if tokenizer is not None:
+            from logit_store.fingerprint import tokenizer_fingerprint
+
+            mine, theirs = tokenizer_fingerprint(tokenizer), m.tokenizer.get("fingerprint")
+            if theirs and mine != theirs:
+                raise ValueError(f"the tokenizer (fingerprint {mine}) is not the one the store {self.store.root} "
+                                 f"was built with ({m.tokenizer.get('name_or_path')}, fingerprint {theirs}): "
+                                 "token ids would mean different things. Use a student of the teacher's family.")
+        self.units = self.store.units()
+        self.starts = np.concatenate([[0], np.cumsum([rows for _, _, rows in self.units])]).tolist()
+        self.cache_units = cache_units
+        self._cache: OrderedDict[int, BatchRows] = OrderedDict()
+
+    @property
+    def domain_names(self) -> list[str]:
+        """The store's domains: a batch's `domain` index points into this list."""
+        return self.store.manifest.domain_names
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, index: int) -> DecodedRow:
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} out of range: the store has {len(self)} rows")
+        unit = bisect.bisect_right(self.starts, index) - 1
+        rows = self._cache.get(unit)
+        if rows is None:
+            file, batch, _ = self.units[unit]
+            rows = self._cache[unit] = self.store.decode_batch(file, self.store.read_batch(file, batch))
+            if len(self._cache) > self.cache_units:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(unit)
+        return rows[index - self.starts[unit]]
+
+    def __getstate__(self) -> dict:
+        """DataLoader workers start with an empty cache (decoded batches hold views of Arrow buffers)."""
+        return dict(self.__dict__, _cache=OrderedDict())
+
+
+class KDCollator:
+    """`DecodedRow`s -> a Trainer batch: `collate`'s `KDBatch`, with `labels` in the transformers convention.
+
+    Keys: input_ids, attention_mask, labels ([B, T]: token t where token t carries a loss, else -100; the model
+    shifts), loss_mask, target_ids, target_logprobs, target_mask, target_tail (aligned with the logits: position
+    t describes token t + 1), source_index, domain (an index into `domains`, -1 for none).
+    """
+
+    def __init__(self, domains: list[str] | None = None, pad_id: int = 0):
+        self.domains, self.pad_id = domains, pad_id
+
+    def __call__(self, rows: list[DecodedRow]) -> dict[str, torch.Tensor]:
+        batch = dict(collate(rows, self.pad_id, self.domains))
+        batch["labels"] = unshift_labels(batch["labels"])
+        return batch
+
+
+def unshift_labels(shifted: torch.Tensor) -> torch.Tensor:
+    """KDBatch labels (position t holds token t + 1) -> transformers labels (position t holds token t)."""
+    out = torch.full_like(shifted, -100)
+    out[:, 1:] = shifted[:, :-1]
+    return out
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """transformers labels -> KDBatch labels: the inverse of `unshift_labels`."""
+    out = torch.full_like(labels, -100)
+    out[:, :-1] = labels[:, 1:]
+    return out
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / torch.compile / accelerate wrappers (a peft model stays a peft model)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model)
+
+
+def sparse_kd_loss(model: nn.Module, inputs: dict[str, torch.Tensor], config: DistillLossConfig | None = None,
+                   num_items_in_batch: torch.Tensor | int | None = None) -> tuple[torch.Tensor, dict]:
+    """The sparse KD (+ CE) loss of a causal LM on a `KDCollator` batch: (loss, metrics of `distill_loss`).
+
+    The loss is the sum over the batch's loss tokens divided by `num_items_in_batch` when given (the Trainer's
+    count of label tokens over the whole accumulated, all-process batch), else by this batch's count. The forward
+    is the model's own (`model` may be wrapped in DDP or peft) with `logits_to_keep=1`: the LM head is applied to
+    one position per row in the forward and, chunk by chunk, to the loss positions in `distill_loss`.
+    """
+    cfg = replace(config or DistillLossConfig(), reduction="sum")
+    inner = _unwrap(model)
+    if "logits_to_keep" not in inspect.signature(_forward_of(inner)).parameters:
+        raise ValueError(f"{type(inner).__name__}.forward takes no logits_to_keep: sparse_kd_loss needs it so that "
+                         "the forward does not build [batch, seq, vocab] logits (transformers causal LMs take it)")
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_hidden_states=True,
+                logits_to_keep=1, use_cache=False)
+    hidden = out.hidden_states[-1]  # after the final norm: what the LM head reads
+    head = inner.get_output_embeddings()
+    batch = dict(inputs, labels=shift_labels(inputs["labels"]))
+    loss_sum, metrics = distill_loss(hidden, head.weight, batch, cfg, getattr(head, "bias", None))
+    count = num_items_in_batch if num_items_in_batch is not None else metrics["tokens"]
+    if torch.is_tensor(count):
+        count = count.to(loss_sum.device)
+    loss = loss_sum / (count.clamp(min=1) if torch.is_tensor(count) else max(count, 1))
+    return loss, metrics
+
+
+def _forward_of(model: nn.Module):
+    """The forward that takes the model's arguments (a peft model's base model's)."""
+    get_base = getattr(model, "get_base_model", None)
+    return (get_base() if callable(get_base) else model).forward
+
+
+class KDTrainer(Trainer):
+    """`transformers.Trainer` that distils from `StoreDataset` batches with `sparse_kd_loss` (`kd_config`).
+
+    The loss is normalised like the Trainer's own causal-LM loss: by the label tokens of the whole accumulated
+    batch over all processes when the Trainer counts them (models whose forward takes **kwargs), so gradient
+    accumulation and data parallelism give the gradient of one big batch. Evaluation returns the loss only.
+    """
+
+    def __init__(self, *args, kd_config: DistillLossConfig | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kd_config = kd_config or DistillLossConfig()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = sparse_kd_loss(model, inputs, self.kd_config, num_items_in_batch)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count spans all processes
+        return (loss, metrics) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The loss only: there are no [batch, seq, vocab] logits to return."""
+        return super().prediction_step(model, inputs, True, ignore_keys)
