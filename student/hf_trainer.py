@@ -52,12 +52,11 @@ class StoreDataset(torch.utils.data.Dataset):
                           f"{m.target.sampled_from_top_k} plus one tail bucket, which biases the KD gradient "
                           "(docs/BUILD.md, 'Sampled targets'); rebuild it with --backend hf", stacklevel=2)
         if tokenizer is not None:
-            from logit_store.fingerprint import tokenizer_fingerprint
+            from logit_store.fingerprint import tokenizer_matches
 
-            mine, theirs = tokenizer_fingerprint(tokenizer), m.tokenizer.get("fingerprint")
-            if theirs and mine != theirs:
-                raise ValueError(f"the tokenizer (fingerprint {mine}) is not the one the store {self.store.root} "
-                                 f"was built with ({m.tokenizer.get('name_or_path')}, fingerprint {theirs}): "
+            if not tokenizer_matches(tokenizer, m.tokenizer):
+                raise ValueError(f"the tokenizer is not the one the store {self.store.root} was built with "
+                                 f"({m.tokenizer.get('name_or_path')}, fingerprint {m.tokenizer.get('fingerprint')}): "
                                  "token ids would mean different things. Use a student of the teacher's family.")
         self.units = self.store.units()
         self.starts = np.concatenate([[0], np.cumsum([rows for _, _, rows in self.units])]).tolist()
