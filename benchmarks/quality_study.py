@@ -55,6 +55,10 @@ PAIRS = (("moe-v1", "dense"), ("moe-fair", "dense"), ("moe-fair-soft", "dense"),
          ("moe-fair", "moe-v1"))
 METRICS = ("full_kl", "teacher_kl", "ppl", "top1_agree", "ece")
 RESULTS = "benchmarks/results/quality_study_v2"
+# one rule for every LoRA (experts, shared expert, attention, dense): rsLoRA, scale = alpha / sqrt(rank), with one
+# fixed alpha, so adapters of different ranks change the function about equally per Adam step (docs/STUDENT.md);
+# alpha 8 gives scale 2 at rank 16, v1's scale
+LORA_RULE = dict(lora_scaling="rslora", alpha=8.0, attn_alpha=8.0)
 
 
 # ================================================================ data and stores
@@ -94,10 +98,10 @@ def arm_config(arm: str, stores: dict[str, str], teacher: str, scale: dict, lr: 
     common = dict(base=teacher, out=run, store=stores["train"], keep_layers=scale["keep"], batch_size=scale["batch"],
                   max_steps=steps, warmup_steps=max(steps // 20, 1), lr=lr, seed=seed, loss="fkl",
                   log_every=max(steps // 10, 1), save_every=max(steps // 4, 1), progress=False,
-                  lora_scaling="rslora", bf16=scale.get("bf16", False))
+                  bf16=scale.get("bf16", False), **LORA_RULE)
     moe_v1 = dict(experts=8, experts_per_token=2, rank=16, attn_rank=16)
     fair = dict(experts=8, experts_per_token=2, rank=8, attn_rank=shape["dense_rank"],
-                shared_expert_rank=shape["shared_rank"])
+                shared_expert_rank=shape["shared_rank"], shared_expert_alpha=LORA_RULE["alpha"])
     arms = {"dense": dict(student="lora", rank=shape["dense_rank"]), "moe-v1": moe_v1, "moe-fair": fair,
             "moe-fair-soft": dict(fair, experts_per_token=8), "full": dict(student="full"),
             "full-moe": dict(moe_v1, train_base=True)}
