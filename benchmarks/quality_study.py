@@ -62,8 +62,8 @@ LORA_RULE = dict(lora_scaling="rslora", alpha=8.0, attn_alpha=8.0)
 
 
 # ================================================================ data and stores
-def _stores(out: str, teacher: str, scale: dict) -> tuple[dict[str, str], dict[str, str]]:
-    """(store per split, input jsonl per split): one top-64 capture per split, rows tagged with their domain."""
+def _stores(out: str, teacher: str, scale: dict) -> dict[str, str]:
+    """The store of each split: one top-64 capture per split, rows tagged with their domain."""
     from assets.corpora import write_domain_splits
     from logit_store import LogitStore
     from logit_store.build import BuildConfig, build
@@ -81,13 +81,7 @@ def _stores(out: str, teacher: str, scale: dict) -> tuple[dict[str, str], dict[s
                           domain_field="domain", max_seq_len=scale["seq_len"], limit=rows, resume=True,
                           dtype="float32", top_k=64, progress=False)
         print(build(cfg, teacher=engine).format(), flush=True)
-    return stores, data
-
-
-def _domains(data_jsonl: str) -> list[str]:
-    """The domain of every input example, by its index (a row's source_index)."""
-    with open(data_jsonl) as f:
-        return [json.loads(line)["domain"] for line in f]
+    return stores
 
 
 # ================================================================ arms
@@ -171,7 +165,7 @@ class Teacher:
 
 
 @torch.no_grad()
-def full_vocab_kl(teacher: Teacher, store: str, domains: list[str], model, batch: int, device: str) -> dict:
+def full_vocab_kl(teacher: Teacher, store: str, model, batch: int, device: str) -> dict:
     """KL(teacher || student) over the whole vocabulary per token, pooled and per domain, with the teacher run live;
     for MoE students also each MoE layer's expert load per domain. Batches hold one domain each."""
     from logit_store import LogitStore
@@ -179,13 +173,14 @@ def full_vocab_kl(teacher: Teacher, store: str, domains: list[str], model, batch
     from student.config import is_moe_student
     from student.router_loss import count_only, expert_usage
 
+    opened = LogitStore.open(store)
     rows_by_domain: dict[str, list] = {}
-    for row in LogitStore.open(store):
-        rows_by_domain.setdefault(domains[row.source_index], []).append(row)
+    for row in opened:
+        rows_by_domain.setdefault(row.domain, []).append(row)
     sums, tokens, load = {}, {}, {}
     for domain, rows in sorted(rows_by_domain.items()):
         for lo in range(0, len(rows), batch):
-            b = collate(rows[lo:lo + batch])
+            b = collate(rows[lo:lo + batch], domains=opened.manifest.domain_names)
             ids, attn, mask = (b[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
             t_lp = teacher.model(input_ids=ids, attention_mask=attn).logits[mask].float().log_softmax(-1)
             if is_moe_student(model):
@@ -230,7 +225,7 @@ def run_one(arm: str, lr: float, seed: int, split: str, ctx: dict) -> dict | Non
     model = load_trained(run, ctx["device"])
     store, scale = ctx["stores"][split], ctx["scale"]
     result = evaluate(model, store, batch_size=scale["batch"], device=ctx["device"])
-    result.update(full_vocab_kl(ctx["teacher"], store, ctx["domains"][split], model, scale["batch"], ctx["device"]))
+    result.update(full_vocab_kl(ctx["teacher"], store, model, scale["batch"], ctx["device"]))
     cached["eval"][split] = result
     _write_json_atomic(path, cached)
     os.remove(os.path.join(run, ".claim"))
@@ -289,14 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     scale = SCALES[args.scale]
     out = os.path.join(args.out, args.scale)
     os.makedirs(out, exist_ok=True)
-    stores, data = _stores(out, teacher, scale)
+    stores = _stores(out, teacher, scale)
     shape, counts = matched_shapes(stores, teacher, scale)
     print(f"shapes {shape}; trainable " + ", ".join(f"{a} {n:,}" for a, n in counts.items()), flush=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # only the CPU study's results are committed; other scales keep theirs beside them
     results = RESULTS if args.scale == "cpu" else f"{RESULTS}_{args.scale}"
     ctx = dict(out=out, results=results, stores=stores, scale=scale, shape=shape, device=device,
-               teacher=Teacher(teacher, device), domains={s: _domains(data[s]) for s in ("validation", "test")})
+               teacher=Teacher(teacher, device))
     arms = args.arms.split(",")
     if args.stage == "lr":
         for arm in arms:
