@@ -84,7 +84,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from student.export import export_student
 
-    out = export_student(args.student, args.out, to=args.to, base_path=args.base, dtype=DTYPES.get(args.dtype))
+    out = export_student(args.student, args.out, to=args.to, base_path=args.base, dtype=DTYPES.get(args.dtype),
+                         drop_router_bias=args.drop_router_bias)
     print(f"exported {args.student} as {args.to} to {out}")
     return 0
 
@@ -118,6 +119,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{key:12s} {result[key]:.4f}" if isinstance(result[key], float) else f"{key:12s} {result[key]}")
     for layer, fractions in result.get("expert_usage", {}).items():
         print(f"experts L{layer:<3s} " + " ".join(f"{f:.2f}" for f in fractions))
+    for layer, r in result.get("routing", {}).items():
+        print(f"routing L{layer:<3s} effective experts {r['effective_experts']:.2f}, "
+              f"per token {r['effective_experts_per_token']:.2f}")
     return 0
 
 
@@ -149,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--base", default=None, help="base model directory, if it moved since training")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the base model's dtype")
+    p.add_argument("--drop-router-bias", action="store_true",
+                   help="export a student trained with --router-bias-update, routing without its selection bias "
+                        "(Mixtral cannot represent it; see docs/STUDENT.md)")
     p.set_defaults(func=cmd_export)
 
     sub.add_parser("train", add_help=False, help="distil a student from a logit store (kdstudent train --help)")

@@ -14,7 +14,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers import PreTrainedModel
 
-from student.config import MoELoRAConfig, default_alpha, parse_layers
+from student.config import LORA_SCALINGS, MoELoRAConfig, default_alpha, parse_layers
 from student.convert import decoder_layers, load_base
 from student.moe_lora import mlp_layout, projection_features
 
@@ -55,19 +55,28 @@ def build_dense_lora(
     lora_dropout: float = 0.0,
     keep: str | list[int] | None = None,
     dtype: torch.dtype = torch.float32,
+    lora_scaling: str = "standard",
+    train_base: bool = False,
 ) -> PreTrainedModel:
     """Base model with plain LoRA (B = 0, so exact at init) on all attention and MLP projections; `alpha` unset
-    is 2 × rank, the MoELoRAConfig rule."""
+    is 2 × rank and `lora_scaling` is standard (alpha / rank) or rslora (alpha / sqrt(rank)), the MoELoRAConfig
+    rules. `train_base`: the base's weights train too (else they are frozen)."""
+    if lora_scaling not in LORA_SCALINGS:
+        raise ValueError(f"lora_scaling must be one of {LORA_SCALINGS}, got {lora_scaling!r}")
     model = base if isinstance(base, nn.Module) else load_base(base, keep=keep, dtype=dtype)[0]
     model.requires_grad_(False)
     cfg = LoraConfig(
         r=rank,
         lora_alpha=default_alpha(rank) if alpha is None else alpha,
         lora_dropout=lora_dropout,
+        use_rslora=lora_scaling == "rslora",
         target_modules=dense_lora_targets(model),
         fan_in_fan_out=model.config.model_type == "gpt2",
     )
-    return inject_adapter_in_model(cfg, model)
+    model = inject_adapter_in_model(cfg, model)
+    if train_base:
+        model.requires_grad_(True)
+    return model
 
 
 def build_full_finetune(
@@ -81,10 +90,11 @@ def build_full_finetune(
 
 
 def moe_lora_trainable(model: nn.Module, config: MoELoRAConfig) -> int:
-    """Trainable parameter count of the MoE-LoRA student `config` would build on this (dense) model."""
+    """Trainable parameter count of the MoE-LoRA student `config` would build on this (dense) model: routers,
+    expert and shared-expert LoRA, attention LoRA, and with `train_base` every weight of the base."""
     layers = decoder_layers(model)
     attn, _ = _projection_names(model)
-    count = 0
+    count = sum(p.numel() for p in model.parameters()) if config.train_base else 0
     if config.attn_rank > 0:
         count += config.attn_rank * _attn_params_per_rank(model, attn)
     for i in parse_layers(config.moe_layers, len(layers)):
@@ -94,6 +104,8 @@ def moe_lora_trainable(model: nn.Module, config: MoELoRAConfig) -> int:
         n_exp = config.experts_at(i)
         per_expert = config.rank * (len(ins) * (hidden + inter) + inter + hidden)
         count += n_exp * per_expert + n_exp * hidden  # LoRA factors + router
+        big_r = config.shared_expert_rank
+        count += big_r * (len(ins) * (hidden + inter) + inter + hidden)  # the shared expert's LoRA
     return count
 
 
@@ -121,8 +133,9 @@ def dense_lora_params_per_rank(model: nn.Module) -> int:
 
 def matching_dense_lora_rank(model: nn.Module, config: MoELoRAConfig) -> tuple[int, int, int]:
     """(rank, its trainable count, the MoE-LoRA trainable count): the dense-LoRA rank (attention + MLP) whose
-    trainable parameter count is closest to the MoE-LoRA student's."""
+    trainable parameter count is closest to the MoE-LoRA student's (both counting the base if `train_base`)."""
     target = moe_lora_trainable(model, config)
+    base = sum(p.numel() for p in model.parameters()) if config.train_base else 0
     per_rank = dense_lora_params_per_rank(model)
-    rank = max(1, round(target / per_rank))
-    return rank, rank * per_rank, target
+    rank = max(1, round((target - base) / per_rank))
+    return rank, base + rank * per_rank, target

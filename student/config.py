@@ -7,9 +7,10 @@ plus the run's own options, and hands the two parts over with `student_config()`
 EngineArgs hands out its configs). So a shape option has one name, one help text and one default rule, whichever
 door it comes in by.
 
-One alpha rule for every LoRA: `alpha` left unset is 2 × `rank` (`attn_alpha`: 2 × `attn_rank`), so the update
-scale alpha/rank is 2 at any rank and students of different ranks train at the same pace (docs/RESULTS.md shows
-what a fixed alpha did). It is resolved when the config is made, so saved configs hold the value used.
+One alpha rule for every LoRA (experts, shared expert, attention, the dense-LoRA baseline) and both scalings: an
+unset alpha is 2 × its rank. It is resolved when the config is made, so saved configs hold the value used.
+`lora_scaling` says how alpha scales the update: alpha / rank (standard) or alpha / √rank (rsLoRA); docs/STUDENT.md
+has the measurement behind the default.
 
 Also here: the layer-selection syntax of `keep_layers`/`moe_layers`/`layer_experts` with its parsers, and
 `StudentSpec`, the recipe a built student carries (as `model.kd_student`) to be saved and rebuilt.
@@ -18,6 +19,7 @@ Also here: the layer-selection syntax of `keep_layers`/`moe_layers`/`layer_exper
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,8 @@ from student.losses import DistillLossConfig
 # how the experts are computed: "auto" picks grouped GEMM on CUDA, the compiled SwiGLU kernel on CPU where it
 # applies, else "loop" (the autograd reference); "fused" runs the compiled path's functions eagerly (tests)
 EXPERT_IMPLS = ("auto", "compiled", "fused", "loop", "grouped")
+# how alpha scales a LoRA update: alpha / rank, or rsLoRA's alpha / sqrt(rank)
+LORA_SCALINGS = ("standard", "rslora")
 LAYERS_SYNTAX = "all | none | top-half | bottom-half | every-other | a list '0,2,5' | ranges '0-3' | a slice '::2'"
 
 # names that student.json / train_config.json files of earlier versions used
@@ -39,8 +43,17 @@ _RENAMED = {
 
 
 def default_alpha(rank: int) -> float:
-    """The LoRA alpha used when none is given: 2 × rank (update scale alpha/rank = 2 at any rank)."""
+    """The LoRA alpha used when none is given, for every LoRA and both scalings: 2 × rank."""
     return 2.0 * rank
+
+
+def lora_scale(alpha: float, rank: int, scaling: str) -> float:
+    """The factor a LoRA update B·A is multiplied by: alpha / rank (standard) or alpha / sqrt(rank) (rslora)."""
+    if scaling == "standard":
+        return alpha / rank
+    if scaling == "rslora":
+        return alpha / math.sqrt(rank)
+    raise ValueError(f"lora_scaling must be one of {LORA_SCALINGS}, got {scaling!r}")
 
 
 @dataclass
@@ -52,12 +65,18 @@ class MoELoRAConfig:
                 "student of the base's family, sharing its tokenizer. Unset: all layers"})
     experts: int = field(default=8, metadata={"help": "experts per MoE layer"})
     experts_per_token: int = field(default=2, metadata={
-        "help": "experts each token is routed to (the router's top-k; their weights are renormalised)"})
+        "help": "experts each token is routed to (the router's top-k; their weights are renormalised). Equal to "
+                "--experts: soft routing, every expert on every token, computed batched without top-k dispatch"})
     rank: int = field(default=16, metadata={
         "help": "LoRA rank of each expert (kdstudent train --student lora: of every projection)"})
     alpha: float | None = field(default=None, metadata={
-        "help": "LoRA alpha of the experts (and of --student lora); the update is scaled by alpha / rank. "
-                "Unset: 2 × rank"})
+        "help": "LoRA alpha of the experts (and of --student lora); the update is scaled by alpha / rank, or "
+                "alpha / √rank with --lora-scaling rslora. Unset: 2 × rank (the one rule for every LoRA)"})
+    lora_scaling: str = field(default="standard", metadata={
+        "help": "how alpha scales every LoRA update (experts, shared expert, attention, --student lora): standard "
+                "alpha / rank, or rslora alpha / √rank (rank-stabilised; pair it with a fixed --alpha for "
+                "per-step update sizes that do not grow with rank; see docs/STUDENT.md)",
+        "choices": list(LORA_SCALINGS)})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA inputs (experts and attention)"})
     moe_layers: str = field(default="all", metadata={"help": f"which MLPs become MoE layers: {LAYERS_SYNTAX}"})
     layer_experts: str = field(default="", metadata={
@@ -65,9 +84,25 @@ class MoELoRAConfig:
     attn_rank: int = field(default=16, metadata={"help": "attention LoRA rank (plain LoRA through peft); 0 freezes "
                                                          "attention"})
     attn_alpha: float | None = field(default=None, metadata={"help": "attention LoRA alpha. Unset: 2 × attn_rank"})
+    shared_expert_rank: int = field(default=0, metadata={
+        "help": "rank of a shared expert: an always-on LoRA on every MoE layer's MLP projections, beside the routed "
+                "experts (merged into every expert on export). 0 = none"})
+    shared_expert_alpha: float | None = field(default=None, metadata={
+        "help": "shared expert LoRA alpha. Unset: 2 × shared_expert_rank"})
     router_init_std: float = field(default=0.02, metadata={"help": "std of the router's random initialisation"})
-    balance_coef: float = field(default=0.01, metadata={"help": "load-balancing loss coefficient (Switch/Mixtral)"})
+    balance_coef: float = field(default=0.01, metadata={
+        "help": "load-balancing loss coefficient, in transformers' Mixtral convention (router_aux_loss_coef; the "
+                "loss is num_experts × sum_e f_e P_e pooled over MoE layers, = experts_per_token when balanced)"})
     z_coef: float = field(default=0.0, metadata={"help": "router z-loss coefficient"})
+    router_bias_update: float = field(default=0.0, metadata={
+        "help": "DeepSeek-V3 auxiliary-loss-free balancing: after every optimizer step each MoE layer's per-expert "
+                "selection bias moves by this much towards balance (+ for underloaded experts, - for overloaded). "
+                "The bias only picks the top-k experts, never weighs them. 0 = off"})
+    router_lr_scale: float = field(default=1.0, metadata={
+        "help": "the routers' learning rate as a multiple of --lr (kdstudent train)"})
+    train_base: bool = field(default=False, metadata={
+        "help": "train the base model's weights too (full fine-tune + adapters, as in the MoE-KD paper); the "
+                "trained base is saved with the student (base.safetensors) and merged on export"})
     expert_impl: str = field(default="auto", metadata={
         "help": "how experts are computed: auto (grouped GEMM on CUDA, compiled SwiGLU kernel on CPU, else loop), "
                 "compiled, fused, loop (the autograd reference), grouped", "choices": list(EXPERT_IMPLS)})
@@ -77,6 +112,15 @@ class MoELoRAConfig:
             self.alpha = default_alpha(self.rank)
         if self.attn_alpha is None:
             self.attn_alpha = default_alpha(self.attn_rank)
+        if self.shared_expert_alpha is None:
+            self.shared_expert_alpha = default_alpha(self.shared_expert_rank)
+        if self.lora_scaling not in LORA_SCALINGS:
+            raise ValueError(f"lora_scaling must be one of {LORA_SCALINGS}, got {self.lora_scaling!r}")
+        if self.shared_expert_rank < 0:
+            raise ValueError(f"shared_expert_rank must be >= 0 (0 = no shared expert), got {self.shared_expert_rank}")
+        if self.router_bias_update < 0 or self.router_lr_scale < 0:
+            raise ValueError(f"router_bias_update and router_lr_scale must be >= 0, got {self.router_bias_update} "
+                             f"and {self.router_lr_scale}")
         if not 1 <= self.experts_per_token <= self.experts:
             raise ValueError(f"experts_per_token must be in [1, experts={self.experts}], got {self.experts_per_token}")
         if self.rank < 1 or self.attn_rank < 0:

@@ -104,7 +104,8 @@ def fingerprint_model_dir(path: str | os.PathLike) -> str:
 
 
 def convert_to_moe_lora(model: PreTrainedModel, config: MoELoRAConfig) -> PreTrainedModel:
-    """Freeze `model`, add attention LoRA (peft) and swap the chosen MLPs for MoE-LoRA layers, in place.
+    """Freeze `model` (unless `config.train_base`), add attention LoRA (peft) and swap the chosen MLPs for MoE-LoRA
+    layers, in place.
 
     With every LoRA B at zero the result computes exactly the base model's logits. `config.keep_layers` is not
     applied here: `model` is the base as loaded (see `build_student`)."""
@@ -121,6 +122,7 @@ def convert_to_moe_lora(model: PreTrainedModel, config: MoELoRAConfig) -> PreTra
             r=config.attn_rank,
             lora_alpha=config.attn_alpha,
             lora_dropout=config.lora_dropout,
+            use_rslora=config.lora_scaling == "rslora",
             target_modules=attention_lora_targets(model),
             fan_in_fan_out=model.config.model_type == "gpt2",
         )
@@ -138,7 +140,12 @@ def convert_to_moe_lora(model: PreTrainedModel, config: MoELoRAConfig) -> PreTra
             router_init_std=config.router_init_std,
             impl=config.expert_impl,
             layer_index=i,
+            lora_scaling=config.lora_scaling,
+            shared_rank=config.shared_expert_rank,
+            shared_alpha=config.shared_expert_alpha,
         ).to(weight.device)
+    if config.train_base:  # the paper's setup: the base trains too, the adapters on top of it
+        model.requires_grad_(True)
     model.kd_student = StudentSpec(config=config, moe_layers=moe_layers, model_type=model.config.model_type)
     return model
 

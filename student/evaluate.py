@@ -7,7 +7,7 @@ from torch import nn
 
 from logit_store import KDStream, LogitStore
 from student.losses import DistillLossConfig, distill_loss
-from student.router_loss import count_only, expert_usage
+from student.router_loss import count_only, effective_experts, expert_usage, routing_metrics
 
 ECE_BINS = 15
 
@@ -22,6 +22,8 @@ def evaluate(model: nn.Module, store: str | LogitStore, batch_size: int = 8, max
     top1_agree   how often the student's most likely token is the teacher's
     ece          expected calibration error of the student's top-1 prediction (15 equal-width bins)
     expert_usage mean fraction of routed assignments per expert and MoE layer (MoE students)
+    routing      per MoE layer: effective_experts (exp of the entropy of expert_usage) and
+                 effective_experts_per_token (1 / sum of squared routing weights, mean over tokens)
     """
     was_training = model.training
     model.eval()
@@ -33,6 +35,7 @@ def evaluate(model: nn.Module, store: str | LogitStore, batch_size: int = 8, max
     correct_sum = torch.zeros(ECE_BINS, dtype=torch.float64)
     count = torch.zeros(ECE_BINS, dtype=torch.float64)
     usage: dict[int, torch.Tensor] = {}
+    per_token: dict[int, float] = {}
     rows = 0
     for batch in stream:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -62,6 +65,8 @@ def evaluate(model: nn.Module, store: str | LogitStore, batch_size: int = 8, max
         totals["tokens"] += int(mask.sum())
         for layer, fractions in expert_usage(model).items():
             usage[layer] = usage.get(layer, 0) + torch.tensor(fractions) * int(mask.sum())
+        for layer, r in routing_metrics(model).items():
+            per_token[layer] = per_token.get(layer, 0.0) + r["effective_experts_per_token"] * int(mask.sum())
         rows += batch["input_ids"].shape[0]
         if max_rows is not None and rows >= max_rows:
             break
@@ -72,4 +77,6 @@ def evaluate(model: nn.Module, store: str | LogitStore, batch_size: int = 8, max
            "top1_agree": totals["agree"] / n, "ece": ece, "tokens": totals["tokens"], "rows": rows}
     if usage:
         out["expert_usage"] = {str(k): (v / n).tolist() for k, v in usage.items()}
+        out["routing"] = {str(k): {"effective_experts": effective_experts((v / n).tolist()),
+                                   "effective_experts_per_token": per_token[k] / n} for k, v in usage.items()}
     return out

@@ -1,9 +1,15 @@
 """Export a Llama-family MoE-LoRA student as a standard Mixtral checkpoint that transformers and vLLM serve.
 
 A MoE-LoRA layer with renormalised top-k routing *is* a Mixtral sparse MoE block: expert e's weights are the
-frozen projections plus its merged LoRA (W + s B A), the router is Mixtral's gate. Attention LoRA is merged into
-q/k/v/o. Layers the student left dense become MoE blocks whose experts are all the base MLP (any mix of
-identical experts is that MLP). Everything else (embeddings, norms, rotary settings, head) is copied.
+frozen projections plus its merged LoRA (W + s B A), plus the shared expert's LoRA, which every token uses and so
+merges into every expert; the router is Mixtral's gate. Attention LoRA is merged into q/k/v/o. Layers the student
+left dense become MoE blocks whose experts are all the base MLP (any mix of identical experts is that MLP).
+Everything else (embeddings, norms, rotary settings, head) is copied, trained base weights included. The balance
+loss coefficient is recorded as `router_aux_loss_coef`: the student's balance loss is Mixtral's own.
+
+A router selection bias (`--router-bias-update`) is not representable: Mixtral selects and weighs experts by the
+same logits, and no per-expert bias on them keeps the student's weights. A student with a non-zero bias is
+refused unless `drop_router_bias` (the export then routes without it, and moekd_export.json records the bias).
 """
 
 from __future__ import annotations
@@ -93,6 +99,11 @@ def expert_weights(moe: MoELoRAMLP) -> tuple[torch.Tensor, torch.Tensor]:
     w_g = moe.base.gate_proj.weight.float()
     w_u = moe.base.up_proj.weight.float()
     w_d = moe.base.down_proj.weight.float()
+    if moe.shared_rank:  # always on: part of every expert
+        big_r, s_sh = moe.shared_rank, moe.shared_scaling
+        w_g = w_g + s_sh * moe.shared_in_B[0].float().T @ moe.shared_in_A[:big_r].float()
+        w_u = w_u + s_sh * moe.shared_in_B[1].float().T @ moe.shared_in_A[big_r:].float()
+        w_d = w_d + s_sh * moe.shared_out_B.float().T @ moe.shared_out_A.float()
     gate = w_g + s * moe.in_B[:, 0].float().transpose(1, 2) @ moe.in_A[:, :r].float()
     up = w_u + s * moe.in_B[:, 1].float().transpose(1, 2) @ moe.in_A[:, r:].float()
     down = w_d + s * moe.out_B.float().transpose(1, 2) @ moe.out_A.float()
@@ -115,9 +126,20 @@ def mixtral_config(
 
 
 @torch.no_grad()
-def to_mixtral(student: PreTrainedModel, dtype: torch.dtype = torch.float32) -> MixtralForCausalLM:
-    """An in-memory MixtralForCausalLM computing what the student computes."""
+def to_mixtral(
+    student: PreTrainedModel, dtype: torch.dtype = torch.float32, drop_router_bias: bool = False
+) -> MixtralForCausalLM:
+    """An in-memory MixtralForCausalLM computing what the student computes (without its router selection bias
+    if `drop_router_bias`; refused if it has one otherwise)."""
     moes = _check_exportable(student)
+    biased = {m.layer_index: m.router_bias.tolist() for m in moes if bool(m.router_bias.any())}
+    if biased and not drop_router_bias:
+        raise UnsupportedExportError(
+            f"layers {sorted(biased)} select experts with a router bias (--router-bias-update), which Mixtral "
+            "cannot represent (it selects and weighs experts by the same logits): pass drop_router_bias=True "
+            "(kdstudent export --drop-router-bias) to export routing without it; the export then picks experts by "
+            "the router probabilities alone"
+        )
     spec = student_spec(student)
     n_exp = moes[0].num_experts
     cfg = mixtral_config(student, n_exp, spec.config.experts_per_token, spec.config.balance_coef)
@@ -150,10 +172,11 @@ def export_student(
     to: str = "mixtral",
     base_path: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
+    drop_router_bias: bool = False,
 ) -> Path:
     """Write a standard checkpoint (config, safetensors, tokenizer) for a student or a saved student / run dir.
 
-    `dtype` defaults to the base model's saved dtype (fp32 if it has none)."""
+    `dtype` defaults to the base model's saved dtype (fp32 if it has none). `drop_router_bias`: see `to_mixtral`."""
     if to not in EXPORT_TARGETS:
         raise UnsupportedExportError(f"unknown export target {to!r}; supported: {', '.join(EXPORT_TARGETS)}")
     source = None
@@ -164,7 +187,7 @@ def export_student(
     if dtype is None:
         saved = getattr(student.config, "dtype", None)
         dtype = getattr(torch, saved) if isinstance(saved, str) else (saved or torch.float32)
-    mixtral = to_mixtral(student, dtype=dtype)
+    mixtral = to_mixtral(student, dtype=dtype, drop_router_bias=drop_router_bias)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mixtral.save_pretrained(out)
@@ -179,6 +202,9 @@ def export_student(
         "exported_from": source,
         "base": {"path": spec.base_path, "fingerprint": spec.base_fingerprint, "keep_layers": spec.keep_layers},
         "moe_lora": spec.config.to_dict(),
+        "trained_base": spec.config.train_base,
+        "dropped_router_bias": {str(m.layer_index): m.router_bias.tolist() for m in student.modules()
+                                if isinstance(m, MoELoRAMLP) and bool(m.router_bias.any())},
         "target": to,
         "dtype": str(dtype).removeprefix("torch."),
     }

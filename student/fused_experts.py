@@ -1,4 +1,4 @@
-"""Hand-written forward/backward of the routed LoRA experts of a SwiGLU (Llama-family) MoE-LoRA layer.
+"""Hand-written forward/backward of the routed LoRA experts of a gated (Llama-family) MoE-LoRA layer.
 
 The experts are memory-bound: per routed (token, expert) row they touch a few intermediate-size vectors and do
 rank-r matmuls. Autograd would write and save a fresh [rows, intermediate] tensor for every elementwise op.
@@ -7,13 +7,17 @@ Here the rank-r matmuls run per expert on contiguous row groups, and everything 
 "fused" runs the same functions eagerly). `MoELoRAMLP`'s autograd path (impl "loop") is the reference both
 are tested against.
 
+The gate activation is the base MLP's own: SiLU (Llama, Mistral, Qwen2: SwiGLU), exact GELU or GELU-tanh
+(Gemma's gelu_pytorch_tanh: GeGLU), `FUSED_ACTIVATIONS`. `fused_activation(module)` names the one a module
+computes, or None for any other, which these kernels refuse (the layer then runs "loop" under "auto").
+
 Rows are grouped by expert: rows [start_e, start_e + counts[e]) are routed to expert e. Inputs:
   xs [M, H]   routed tokens' inputs (LoRA dropout already applied)
-  g, u [N, I] base gate / up pre-activations of all tokens (one frozen matmul each)
-  a [N, I]    base activation silu(g) * u
+  g, u [N, I] gate / up pre-activations of all tokens (one frozen matmul each, plus any shared-expert LoRA)
+  a [N, I]    base activation act(g) * u
   a_in [E, 2r, H], b_in [E, 2, r, I], a_down [E, r, I], b_down [E, r, H]   (B factors stored rank-first)
   tok [M]     token of each row; inv [M] row of token-major assignment t*k + j; w [M] routing weight
-Outputs: h [N, I] = a + sum_rows w (a_e - silu(g)u[tok]), the input of the shared frozen down projection, and
+Outputs: h [N, I] = a + sum_rows w (a_e - act(g)u[tok]), the input of the shared frozen down projection, and
 yd [N, H] = sum_rows w s B_d A_d a_e, the experts' LoRA on the down projection.
 
 The base activation is recomputed inside the same kernel as a_e, so with zero LoRA deltas the correction is an
@@ -23,31 +27,72 @@ neither `a` nor the subtracted term is differentiated (autograd would add two te
 
 from __future__ import annotations
 
+import functools
+import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+FUSED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
-def mix_forward(g, u, tok, dg, du, w):
-    """a_e = silu(g[tok] + dg) * (u[tok] + du) and the weighted correction w * (a_e - silu(g[tok]) * u[tok])."""
+
+def fused_activation(module: torch.nn.Module) -> str | None:
+    """The FUSED_ACTIVATIONS name of an activation module, if the kernels compute exactly what it computes
+    (the same torch function); None otherwise (e.g. ReLU, or transformers' pure-Python GELU variants)."""
+    name = type(module).__name__
+    if name in ("SiLU", "SiLUActivation"):
+        return "silu"
+    fn = getattr(module, "act", None)
+    if name == "GELUActivation" and fn is F.gelu:
+        return "gelu"
+    if name == "GELU" and isinstance(module, torch.nn.GELU):
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    if name in ("GELUTanh", "PytorchGELUTanh") and isinstance(fn, functools.partial) and fn.func is F.gelu \
+            and fn.keywords == {"approximate": "tanh"}:
+        return "gelu_tanh"
+    return None
+
+
+def _act(x, act: str):
+    if act == "silu":
+        return F.silu(x)
+    return F.gelu(x, approximate="tanh" if act == "gelu_tanh" else "none")
+
+
+def _act_and_grad(x, act: str):
+    """(act(x), act'(x)) for a FUSED_ACTIVATIONS name."""
+    if act == "silu":
+        sig = torch.sigmoid(x)
+        return x * sig, sig * (1 + x * (1 - sig))
+    if act == "gelu":
+        cdf = 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2.0))))
+        return F.gelu(x), cdf + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    t = torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))  # gelu_tanh
+    return F.gelu(x, approximate="tanh"), 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (
+        1 + 3 * 0.044715 * x * x)
+
+
+def mix_forward(g, u, tok, dg, du, w, act: str):
+    """a_e = act(g[tok] + dg) * (u[tok] + du) and the weighted correction w * (a_e - act(g[tok]) * u[tok])."""
     g_t, u_t = g[tok], u[tok]
-    a_e = F.silu(g_t + dg) * (u_t + du)
-    wdiff = w.unsqueeze(1) * (a_e - F.silu(g_t) * u_t)
+    a_e = _act(g_t + dg, act) * (u_t + du)
+    wdiff = w.unsqueeze(1) * (a_e - _act(g_t, act) * u_t)
     return a_e, wdiff
 
 
-def mix_backward(gh, g, u, tok, dg, du, w, extra):
+def mix_backward(gh, g, u, tok, dg, du, w, extra, act: str):
     """Gradients of the pre-activations (d/d(g_t + dg), d/d(u_t + du)) and of w, given dL/dh = gh and the
     down-LoRA's dL/da_e = extra."""
     g_t, u_t, gh_t = g[tok], u[tok], gh[tok]
     gg, uu = g_t + dg, u_t + du
-    sig = torch.sigmoid(gg)
-    sil = gg * sig
-    d_w = (gh_t * (sil * uu - F.silu(g_t) * u_t)).sum(1)
+    val, grad = _act_and_grad(gg, act)
+    d_w = (gh_t * (val * uu - _act(g_t, act) * u_t)).sum(1)
     da = w.unsqueeze(1) * gh_t + extra
-    d_uu = da * sil
-    d_gg = da * uu * sig * (1 + gg * (1 - sig))
+    d_uu = da * val
+    d_gg = da * uu * grad
     return d_gg, d_uu, d_w
 
 
@@ -153,9 +198,12 @@ def padded_capacity(counts: list[int], max_padding: float) -> int | None:
     return cap if cap * len(counts) <= max_padding * max(sum(counts), 1) else None
 
 
-class RoutedSwiGLULoRA(torch.autograd.Function):
+class RoutedGatedLoRA(torch.autograd.Function):
+    """The routed experts of a gated MLP (see the module docstring); `act` is a FUSED_ACTIVATIONS name."""
+
     @staticmethod
-    def forward(ctx, xs, g, u, a, tok, inv, w, a_in, b_in, a_down, b_down, groups, scaling, dropout_p, compiled):
+    def forward(ctx, xs, g, u, a, tok, inv, w, a_in, b_in, a_down, b_down, groups, scaling, dropout_p, compiled,
+                act):
         k = inv.shape[0] // g.shape[0]
         r, s = a_down.shape[1], scaling
         # Input-side LoRA deltas per expert: t = s xs A_in^T, (dg, du) = t B_in^T.
@@ -163,7 +211,7 @@ class RoutedSwiGLULoRA(torch.autograd.Function):
         t.mul_(s)
         dg = groups.mm(t[:, :r], b_in[:, 0])
         du = groups.mm(t[:, r:], b_in[:, 1])
-        a_e, wdiff = KERNELS("mix_forward", compiled, g, u, tok, dg, du, w)
+        a_e, wdiff = KERNELS("mix_forward", compiled, g, u, tok, dg, du, w, act)
         h = KERNELS("mix_h", compiled, a, wdiff, inv, k)
         del wdiff
         mask = None
@@ -178,7 +226,7 @@ class RoutedSwiGLULoRA(torch.autograd.Function):
         y_rows = groups.mm(vw, b_down)
         yd = KERNELS("token_sum", compiled, y_rows, inv, k)
         ctx.save_for_backward(xs, g, u, tok, inv, w, a_in, b_in, a_down, b_down, t, dg, du, a_e, v, mask)
-        ctx.groups, ctx.scaling, ctx.compiled, ctx.k = groups, scaling, compiled, k
+        ctx.groups, ctx.scaling, ctx.compiled, ctx.k, ctx.act = groups, scaling, compiled, k, act
         return h, yd
 
     @staticmethod
@@ -201,7 +249,7 @@ class RoutedSwiGLULoRA(torch.autograd.Function):
         del a_lora
         if mask is not None:
             extra.mul_(mask)
-        d_gg, d_uu, d_w = KERNELS("mix_backward", ctx.compiled, gh, g, u, tok, dg, du, w, extra)
+        d_gg, d_uu, d_w = KERNELS("mix_backward", ctx.compiled, gh, g, u, tok, dg, du, w, extra, ctx.act)
         del extra
         # Input-side LoRA: (g_t + dg), dg = t_g B_g^T,  t = s xs A_in^T.
         dt = torch.empty_like(t)
@@ -217,4 +265,4 @@ class RoutedSwiGLULoRA(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             d_g, d_u = KERNELS("grad_gate_up", ctx.compiled, d_gg, d_uu, inv, ctx.k)
         dw = d_w + dw_down
-        return dxs, d_g, d_u, None, None, None, dw, d_a_in, d_b_in, d_a_down, d_b_down, None, None, None, None
+        return dxs, d_g, d_u, None, None, None, dw, d_a_in, d_b_in, d_a_down, d_b_down, None, None, None, None, None

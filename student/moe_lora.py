@@ -13,6 +13,15 @@ so the frozen projections W_g, W_u, W_d run once per token and the per-expert wo
 products and the elementwise activation of routed tokens. Writing the mix as a correction to the base
 activation also makes the layer bit-identical to the base MLP while the B matrices are zero (the
 corrections are exact zeros), which is what "the student equals its base at init" needs.
+
+A shared expert (`shared_rank` > 0) is one more LoRA on every projection that every token uses: it adds to the
+base projections themselves (W + s' B' A'), so every expert, and the base activation `a`, sit on top of it, and
+on export it merges into every expert's weights. With k = E (`experts_per_token == num_experts`) the layer is a
+soft mixture: every expert runs on every token, batched, with no top-k dispatch.
+
+The router is fp32, also under autocast. Its top-k *selection* may add a per-expert bias (`router_bias`, moved
+towards balance by `router_loss.update_router_bias`, DeepSeek-V3's auxiliary-loss-free balancing); the mixing
+weights are always the plain softmax probabilities of the selected experts, renormalised.
 """
 
 from __future__ import annotations
@@ -26,8 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from student.config import EXPERT_IMPLS, default_alpha
-from student.fused_experts import KERNELS, Groups, RoutedSwiGLULoRA, padded_capacity
+from student.config import EXPERT_IMPLS, default_alpha, lora_scale
+from student.fused_experts import (
+    FUSED_ACTIVATIONS,
+    KERNELS,
+    Groups,
+    RoutedGatedLoRA,
+    fused_activation,
+    padded_capacity,
+)
 
 
 class UnsupportedModelError(ValueError):
@@ -36,12 +52,18 @@ class UnsupportedModelError(ValueError):
 
 @dataclass
 class RouterStats:
-    """Router outcome of the most recent forward of one layer (overwritten, never appended: a gradient
-    checkpointing recompute replaces it instead of counting a layer twice)."""
+    """Router outcome of the most recent forward of one layer over its real (non-padding) tokens (overwritten,
+    never appended: a gradient checkpointing recompute replaces it instead of counting a layer twice).
 
-    balance: torch.Tensor  # Switch/Mixtral load-balancing loss, 1.0 when perfectly balanced
+    The sums let `router_loss.router_losses` pool layers before the product, as transformers' Mixtral does."""
+
+    balance: torch.Tensor  # this layer's Mixtral balance loss E * sum_e f_e P_e (f over all k slots): k if balanced
     z: torch.Tensor  # router z-loss: mean squared log-partition of the router logits
-    counts: torch.Tensor  # [E] routed (token, slot) assignments per expert, detached
+    counts: torch.Tensor  # [E] routed (token, slot) assignments per expert, detached (long)
+    prob_sum: torch.Tensor  # [E] sum over tokens of the router probabilities (carries the gradient)
+    z_sum: torch.Tensor  # sum over tokens of the squared log-partition (carries the gradient)
+    tokens: torch.Tensor  # number of tokens counted (float scalar)
+    weight_ess: torch.Tensor  # mean over tokens of 1 / sum_j w_j^2: effective experts per token, detached
 
 
 class MLPLayout(NamedTuple):
@@ -99,13 +121,15 @@ class MoELoRAMLP(nn.Module):
     """A dense MLP turned into a top-k mixture of LoRA experts that share its frozen weights.
 
     Each token goes to `experts_per_token` of `num_experts` experts; `alpha` unset is 2 × rank (the
-    MoELoRAConfig rule). Students build these through `student.convert` from a MoELoRAConfig.
+    MoELoRAConfig rule) and `lora_scaling` is "standard" (scale alpha / rank) or "rslora" (alpha / sqrt(rank)).
+    Students build these through `student.convert` from a MoELoRAConfig.
 
     Trainable: `router` (fp32 [E, H]) and the stacked expert LoRA factors
     in_A [E, P*r, H], in_B [E, P, r, I] (P = 2 input projections gate/up, or 1 for GPT-2's c_fc),
     out_A [E, r, I], out_B [E, r, H]. The B factors are stored transposed (rank first): their weight-gradient
-    GEMMs run about twice as fast in that layout on CPU. B starts at zero, so the layer starts equal to the
-    base MLP.
+    GEMMs run about twice as fast in that layout on CPU. With a shared expert of rank R, the same layout without
+    the expert axis: shared_in_A [P*R, H], shared_in_B [P, R, I], shared_out_A [R, I], shared_out_B [R, H].
+    B starts at zero, so the layer starts equal to the base MLP. Buffer: `router_bias` [E] (selection only).
     """
 
     def __init__(
@@ -119,6 +143,9 @@ class MoELoRAMLP(nn.Module):
         router_init_std: float = 0.02,
         impl: str = "auto",
         layer_index: int | None = None,
+        lora_scaling: str = "standard",
+        shared_rank: int = 0,
+        shared_alpha: float | None = None,
     ) -> None:
         super().__init__()
         if not 1 <= experts_per_token <= num_experts:
@@ -127,7 +154,17 @@ class MoELoRAMLP(nn.Module):
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         if impl not in EXPERT_IMPLS:
             raise ValueError(f"impl must be one of {EXPERT_IMPLS}, got {impl!r}")
+        if shared_rank < 0:
+            raise ValueError(f"shared expert rank must be >= 0, got {shared_rank}")
         self.kind, self.in_names, self.out_name, self.act_name = mlp_layout(base)
+        # the fused/compiled kernels' name for the gate activation; None: they cannot compute this MLP
+        self.fused_act = fused_activation(getattr(base, self.act_name)) if self.kind == "gated" else None
+        if impl in ("fused", "compiled") and self.fused_act is None:
+            act = type(getattr(base, self.act_name)).__name__
+            raise UnsupportedModelError(
+                f"expert_impl {impl!r} computes gated MLPs with the activations {FUSED_ACTIVATIONS} only; this "
+                f"{self.kind} MLP uses {act}: use expert_impl 'loop' or 'auto' (which picks loop for it)"
+            )
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
@@ -135,7 +172,8 @@ class MoELoRAMLP(nn.Module):
         self.hidden_size, self.intermediate_size = hidden, inter
         self.num_experts, self.experts_per_token, self.rank = num_experts, experts_per_token, rank
         alpha = default_alpha(rank) if alpha is None else alpha
-        self.alpha, self.scaling = alpha, alpha / rank
+        self.lora_scaling = lora_scaling
+        self.alpha, self.scaling = alpha, lora_scale(alpha, rank, lora_scaling)
         self.impl = impl
         # fused/compiled paths: lay the routed rows out padded to the largest expert's count (batched matmuls)
         # while that adds at most this fraction - 1 of rows; 0 = always the ragged per-expert loop
@@ -147,6 +185,16 @@ class MoELoRAMLP(nn.Module):
         self.in_B = nn.Parameter(torch.zeros(num_experts, n_in, rank, inter, dtype=torch.float32))
         self.out_A = nn.Parameter(torch.empty(num_experts, rank, inter, dtype=torch.float32))
         self.out_B = nn.Parameter(torch.zeros(num_experts, rank, hidden, dtype=torch.float32))
+        self.shared_rank = shared_rank
+        if shared_rank:
+            shared_alpha = default_alpha(shared_rank) if shared_alpha is None else shared_alpha
+            self.shared_alpha, self.shared_scaling = shared_alpha, lora_scale(shared_alpha, shared_rank, lora_scaling)
+            self.shared_in_A = nn.Parameter(torch.empty(n_in * shared_rank, hidden, dtype=torch.float32))
+            self.shared_in_B = nn.Parameter(torch.zeros(n_in, shared_rank, inter, dtype=torch.float32))
+            self.shared_out_A = nn.Parameter(torch.empty(shared_rank, inter, dtype=torch.float32))
+            self.shared_out_B = nn.Parameter(torch.zeros(shared_rank, hidden, dtype=torch.float32))
+        # added to the router probabilities for top-k selection only (DeepSeek-V3 balancing); saved with the student
+        self.register_buffer("router_bias", torch.zeros(num_experts, dtype=torch.float32))
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.reset_parameters(router_init_std)
         self.router_stats: RouterStats | None = None
@@ -163,41 +211,65 @@ class MoELoRAMLP(nn.Module):
             nn.init.kaiming_uniform_(self.out_A[e], a=math.sqrt(5))
         self.in_B.zero_()
         self.out_B.zero_()
+        if self.shared_rank:
+            nn.init.kaiming_uniform_(self.shared_in_A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.shared_out_A, a=math.sqrt(5))
+            self.shared_in_B.zero_()
+            self.shared_out_B.zero_()
 
     def extra_repr(self) -> str:
         return (
             f"kind={self.kind}, experts={self.num_experts}, experts_per_token={self.experts_per_token}, "
-            f"rank={self.rank}, alpha={self.alpha}, hidden={self.hidden_size}, intermediate={self.intermediate_size}"
+            f"rank={self.rank}, alpha={self.alpha}, scaling={self.lora_scaling}, shared_rank={self.shared_rank}, "
+            f"hidden={self.hidden_size}, intermediate={self.intermediate_size}"
         )
 
     def _activation(self, pre: list[torch.Tensor]) -> torch.Tensor:
         act = getattr(self.base, self.act_name)
         return act(pre[0]) * pre[1] if self.kind == "gated" else act(pre[0])
 
+    @property
+    def soft(self) -> bool:
+        """Soft routing: every token uses every expert (k = E)."""
+        return self.experts_per_token == self.num_experts
+
     def route(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """fp32 router, also under autocast: (logits [N, E], top-k renormalised weights [N, k], top-k expert ids
-        [N, k]), k = experts_per_token.
-
-        No host synchronisation (no boolean indexing, no bincount): on CUDA the layer runs without waiting
-        for the GPU."""
+        [N, k]), k = experts_per_token. Selection ranks probs + router_bias; the weights are the probs."""
         with torch.autocast(x2.device.type, enabled=False):
             logits = F.linear(x2.float(), self.router.weight.float())
             probs = logits.softmax(dim=-1)
-            top_w, top_i = probs.topk(self.experts_per_token, dim=-1)
-            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-            real = self.token_mask
-            if real is not None and real.numel() == x2.shape[0]:  # padding takes no part in the stats
-                weight = real.to(probs.dtype)
+            n_tok, k = probs.shape[0], self.experts_per_token
+            if self.soft:  # nothing to select
+                top_i = torch.arange(self.num_experts, device=probs.device).expand(n_tok, -1)
+                top_w = probs
             else:
-                weight = torch.ones(x2.shape[0], dtype=probs.dtype, device=x2.device)
-            n = weight.sum().clamp(min=1)
-            counts = _expert_counts(top_i, self.num_experts, weight)
-            # Switch/Mixtral balance loss: E * sum_e f_e * P_e; f_e (routed fraction) carries no gradient.
-            frac = counts / (n * self.experts_per_token)
-            balance = self.num_experts * (frac * ((probs * weight[:, None]).sum(dim=0) / n)).sum()
-            z = (torch.logsumexp(logits, dim=-1).square() * weight).sum() / n
-        self.router_stats = RouterStats(balance=balance, z=z, counts=counts.detach().round().long())
+                top_i = (probs + self.router_bias).topk(k, dim=-1).indices
+                top_w = probs.gather(1, top_i)
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+            self.router_stats = self._router_stats(logits, probs, top_i, top_w)
         return logits, top_w, top_i
+
+    def _router_stats(self, logits, probs, top_i, top_w) -> RouterStats:
+        """Stats of the real tokens (all of them unless `token_mask` says which), as masked sums: no host sync."""
+        real = self.token_mask
+        if real is not None and real.numel() == probs.shape[0]:  # padding takes no part in the stats
+            weight = real.to(device=probs.device, dtype=probs.dtype)
+        else:
+            weight = torch.ones(probs.shape[0], dtype=probs.dtype, device=probs.device)
+        k = top_i.shape[1]
+        counts = torch.zeros(self.num_experts, dtype=probs.dtype, device=probs.device).scatter_add_(
+            0, top_i.reshape(-1), weight.repeat_interleave(k))
+        tokens = weight.sum()
+        prob_sum = (probs * weight[:, None]).sum(dim=0)
+        z_sum = (torch.logsumexp(logits, dim=-1).square() * weight).sum()
+        n = tokens.clamp(min=1)
+        # transformers' Mixtral load_balancing_loss_func: E * sum_e f_e P_e, f_e = assignments to e (all k slots)
+        # per token, P_e = mean probability; f carries no gradient
+        balance = self.num_experts * ((counts / n) * (prob_sum / n)).sum()
+        ess = ((1.0 / top_w.detach().square().sum(dim=-1)) * weight).sum() / n
+        return RouterStats(balance=balance, z=z_sum / n, counts=counts.detach().round().long(), prob_sum=prob_sum,
+                           z_sum=z_sum, tokens=tokens.detach(), weight_ess=ess)
 
     def resolve_impl(self, x: torch.Tensor) -> str:
         """Which expert implementation runs for this input (see `impl` and student.config.EXPERT_IMPLS)."""
@@ -214,7 +286,7 @@ class MoELoRAMLP(nn.Module):
             return "grouped" if bf16 and aligned else "loop"
         fusable = (
             self.kind == "gated"
-            and type(getattr(self.base, self.act_name)).__name__ in ("SiLU", "SiLUActivation")
+            and self.fused_act is not None
             and x.dtype == self.in_A.dtype == torch.float32  # the hand-written kernel is fp32
             and not torch.is_autocast_enabled(x.device.type)
         )
@@ -222,17 +294,25 @@ class MoELoRAMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        impl = self.resolve_impl(x)
+        impl = "soft" if self.soft and self.impl == "auto" else self.resolve_impl(x)
+        x2 = x.reshape(-1, self.hidden_size)
         # Frozen base projections once per token, called exactly as the base MLP calls them (same shapes,
-        # same kernels), so that zero corrections leave the output bit-identical.
+        # same kernels), so that zero corrections leave the output bit-identical. A shared expert adds to them.
         pre3 = [getattr(self.base, n)(x) for n in self.in_names]
+        if self.shared_rank:
+            pre3 = self._shared_inputs(x2, pre3)
         fused = impl in ("fused", "compiled")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not fused):
             a3 = self._activation(pre3)
-        x2 = x.reshape(-1, self.hidden_size)
         pre = [p.reshape(-1, self.intermediate_size) for p in pre3]
         a = a3.reshape(-1, self.intermediate_size)
         _, top_w, top_i = self.route(x2)
+        down = getattr(self.base, self.out_name)
+
+        if impl == "soft":
+            h, yd = self._soft_experts(x2, pre, a, top_w)
+            y = down(h.reshape(*lead, -1)) + yd.reshape(*lead, -1).to(a.dtype)
+            return self._finish(y, h)
 
         # Group the N*k (token, expert) assignments by expert.
         flat_e = top_i.reshape(-1)
@@ -242,7 +322,6 @@ class MoELoRAMLP(nn.Module):
         count_t = _expert_counts(top_i, self.num_experts)
         # Python counts (a host sync) only for the paths that slice per expert; the grouped GEMM takes offsets.
         counts = None if impl == "grouped" else count_t.tolist()
-        down = getattr(self.base, self.out_name)
 
         if fused:
             inv = torch.argsort(order)
@@ -257,11 +336,11 @@ class MoELoRAMLP(nn.Module):
                 inv = pos[inv]
             xs = self.lora_dropout(x2.index_select(0, tok))
             p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) and self.training else 0.0
-            h, yd = RoutedSwiGLULoRA.apply(
+            h, yd = RoutedGatedLoRA.apply(
                 xs, pre[0], pre[1], a, tok, inv, w, self.in_A, self.in_B, self.out_A, self.out_B,
-                Groups(counts, cap, self.num_experts), self.scaling, p, impl == "compiled",
+                Groups(counts, cap, self.num_experts), self.scaling, p, impl == "compiled", self.fused_act,
             )  # fmt: skip
-            return down(h.reshape(*lead, -1)) + yd.reshape(*lead, -1)
+            return self._finish(down(h.reshape(*lead, -1)) + yd.reshape(*lead, -1), h)
 
         offsets = torch.cumsum(count_t, 0).to(torch.int32) if impl == "grouped" else None
         r, s, n_in = self.rank, self.scaling, len(self.in_names)
@@ -286,6 +365,40 @@ class MoELoRAMLP(nn.Module):
         )
         d = _segment_matmul(u.to(lora_dtype), self.out_B, counts, offsets)
         y = y.reshape(-1, self.hidden_size).index_add(0, tok, d.to(y.dtype)).reshape(*lead, -1)
+        return self._finish(y, h)
+
+    def _finish(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The shared expert's down-projection LoRA on the mixed activation h, and GPT-2's residual dropout."""
+        if self.shared_rank:
+            s, dtype = self.shared_scaling, self.shared_out_A.dtype
+            hs = self.lora_dropout(h.reshape(-1, self.intermediate_size).to(dtype))
+            y = y + (s * (hs @ self.shared_out_A.T) @ self.shared_out_B).to(y.dtype).reshape(y.shape)
         if self.kind == "gpt2":
             y = self.base.dropout(y)
         return y
+
+    def _shared_inputs(self, x2: torch.Tensor, pre3: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The input projections with the shared expert's LoRA added (exact zeros while its B is zero)."""
+        big_r, s = self.shared_rank, self.shared_scaling
+        t = s * (self.lora_dropout(x2.to(self.shared_in_A.dtype)) @ self.shared_in_A.T)  # [N, P*R]
+        return [
+            p3 + (t[:, i * big_r : (i + 1) * big_r] @ self.shared_in_B[i]).to(p3.dtype).reshape(p3.shape)
+            for i, p3 in enumerate(pre3)
+        ]
+
+    def _soft_experts(
+        self, x2: torch.Tensor, pre: list[torch.Tensor], a: torch.Tensor, w: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft routing: every expert on every token, batched over experts (no dispatch). Returns the mixed
+        activation h [N, I] and the experts' down-projection LoRA yd [N, H]; w [N, E]."""
+        r, s, n_in = self.rank, self.scaling, len(self.in_names)
+        lora_dtype = self.in_A.dtype
+        xs = self.lora_dropout(x2.to(lora_dtype))
+        t = s * torch.matmul(xs, self.in_A.transpose(1, 2))  # [E, N, P*r]
+        a_e = self._activation(
+            [pre[p] + torch.bmm(t[..., p * r : (p + 1) * r], self.in_B[:, p]).to(pre[p].dtype) for p in range(n_in)]
+        )  # [E, N, I]
+        w_t = w.t().unsqueeze(-1)  # [E, N, 1]
+        h = a + (w_t.to(a.dtype) * (a_e - a)).sum(0)
+        u = (s * w_t) * torch.matmul(self.lora_dropout(a_e.to(lora_dtype)), self.out_A.transpose(1, 2))  # [E, N, r]
+        return h, torch.bmm(u, self.out_B).sum(0)

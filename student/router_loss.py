@@ -1,31 +1,57 @@
-"""Router auxiliary losses and expert-usage statistics, gathered from the MoE-LoRA layers after a forward.
+"""Router auxiliary losses, router-bias balancing and routing statistics, gathered from the MoE-LoRA layers.
 
 Each layer keeps only the stats of its latest forward (overwritten, not appended), so a
 gradient-checkpointing recompute during backward cannot count a layer twice. Call `router_losses(model)` after
 the forward and before the backward of the same step.
+
+The balance loss is transformers' Mixtral `load_balancing_loss_func`, so `balance_coef` means what Mixtral's
+`router_aux_loss_coef` means: num_experts × sum_e f_e P_e with f_e the fraction of tokens routed to expert e
+counting all k slots, P_e its mean router probability, both pooled over the MoE layers before the product. It is
+k (experts_per_token) when the load is balanced.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from student.config import is_moe_student, student_spec
-from student.moe_lora import MoELoRAMLP
+from student.moe_lora import MoELoRAMLP, RouterStats
 
 
 @dataclass
 class RouterLosses:
-    balance: torch.Tensor  # mean over MoE layers of the Switch/Mixtral balance loss (1.0 = perfectly balanced)
-    z: torch.Tensor  # mean over MoE layers of the router z-loss
+    balance: torch.Tensor  # Mixtral balance loss pooled over MoE layers (experts_per_token when balanced)
+    z: torch.Tensor  # router z-loss, mean over the MoE layers' tokens
     loss: torch.Tensor  # balance_coef * balance + z_coef * z: add this to the training loss
 
 
+def _layers(model: nn.Module) -> list[MoELoRAMLP]:
+    return [m for m in model.modules() if isinstance(m, MoELoRAMLP)]
+
+
+def _layer_key(i: int, m: MoELoRAMLP) -> int:
+    return i if m.layer_index is None else m.layer_index
+
+
+def pooled_balance(stats: list[RouterStats]) -> torch.Tensor:
+    """Mixtral's balance loss over layers that share one expert count: routed fractions and mean probabilities
+    summed over the layers' tokens first, then E * sum_e f_e P_e."""
+    tokens = torch.stack([s.tokens for s in stats]).sum().clamp(min=1)
+    frac = torch.stack([s.counts for s in stats]).sum(0).to(tokens.dtype) / tokens
+    prob = torch.stack([s.prob_sum for s in stats]).sum(0) / tokens
+    return frac.numel() * (frac * prob).sum()
+
+
 def router_losses(model: nn.Module, balance_coef: float | None = None, z_coef: float | None = None) -> RouterLosses:
-    """Aux losses of the latest forward. Coefficients default to the student's MoELoRAConfig."""
-    layers = [m for m in model.modules() if isinstance(m, MoELoRAMLP)]
+    """Aux losses of the latest forward. Coefficients default to the student's MoELoRAConfig.
+
+    Layers with different expert counts (`layer_experts`) cannot be pooled into one product: each group of
+    layers sharing a count is pooled, and the groups are averaged weighted by their number of layers."""
+    layers = _layers(model)
     spec = student_spec(model) if is_moe_student(model) else None
     if balance_coef is None:
         balance_coef = spec.config.balance_coef if spec is not None else 0.0
@@ -45,20 +71,67 @@ def router_losses(model: nn.Module, balance_coef: float | None = None, z_coef: f
                 "e.g. reentrant gradient checkpointing. Use model.gradient_checkpointing_enable("
                 "gradient_checkpointing_kwargs={'use_reentrant': False}) (the transformers 5 default)."
             )
-    balance = torch.stack([s.balance for s in stats]).mean()
-    z = torch.stack([s.z for s in stats]).mean()
+    groups: dict[int, list[RouterStats]] = {}
+    for m, s in zip(layers, stats, strict=True):
+        groups.setdefault(m.num_experts, []).append(s)
+    balance = sum(pooled_balance(g) * len(g) for g in groups.values()) / len(stats)
+    z = torch.stack([s.z_sum for s in stats]).sum() / torch.stack([s.tokens for s in stats]).sum().clamp(min=1)
     return RouterLosses(balance=balance, z=z, loss=balance_coef * balance + z_coef * z)
 
 
 def expert_usage(model: nn.Module) -> dict[int, list[float]]:
     """Fraction of routed (token, slot) assignments per expert for each MoE layer, from the latest forward."""
     out: dict[int, list[float]] = {}
-    for i, m in enumerate(m for m in model.modules() if isinstance(m, MoELoRAMLP)):
+    for i, m in enumerate(_layers(model)):
         if m.router_stats is None:
             continue
         counts = m.router_stats.counts.float()
-        out[i if m.layer_index is None else m.layer_index] = (counts / counts.sum().clamp_min(1)).tolist()
+        out[_layer_key(i, m)] = (counts / counts.sum().clamp_min(1)).tolist()
     return out
+
+
+def effective_experts(usage: list[float]) -> float:
+    """exp(entropy) of a load distribution: how many experts the layer really uses (E when balanced, 1 when one
+    expert takes everything)."""
+    total = sum(usage)
+    if total <= 0:
+        return float("nan")
+    return math.exp(-sum(p / total * math.log(p / total) for p in usage if p > 0))
+
+
+def routing_metrics(model: nn.Module) -> dict[int, dict[str, float]]:
+    """Per MoE layer, from the latest forward: `effective_experts` (exp of the entropy of the load over experts)
+    and `effective_experts_per_token` (1 / sum_j w_j^2 of a token's routing weights, averaged over tokens: k for
+    uniform weights over k experts, 1 when one expert gets all the weight)."""
+    out: dict[int, dict[str, float]] = {}
+    for i, m in enumerate(_layers(model)):
+        if m.router_stats is None:
+            continue
+        out[_layer_key(i, m)] = {
+            "effective_experts": effective_experts(m.router_stats.counts.tolist()),
+            "effective_experts_per_token": float(m.router_stats.weight_ess),
+        }
+    return out
+
+
+def expert_loads(model: nn.Module) -> list[torch.Tensor]:
+    """[E] routed assignments per expert of every MoE layer (in module order) in its latest forward."""
+    return [m.router_stats.counts for m in _layers(model)]
+
+
+@torch.no_grad()
+def update_router_bias(model: nn.Module, step_size: float, loads: list[torch.Tensor] | None = None) -> None:
+    """DeepSeek-V3's auxiliary-loss-free balancing, once per optimizer step: every MoE layer's selection bias
+    moves by `step_size` towards balance, b_e += step_size * sign(mean load - load_e). `loads` are the layers'
+    [E] assignment counts over the step (as `expert_loads` lists them; summed over micro-batches and
+    processes by the caller); default: the latest forward."""
+    layers = _layers(model)
+    loads = expert_loads(model) if loads is None else loads
+    if len(loads) != len(layers):
+        raise ValueError(f"got loads for {len(loads)} MoE layers, the model has {len(layers)}")
+    for m, load in zip(layers, loads, strict=True):
+        load = load.to(m.router_bias.device, torch.float32)
+        m.router_bias += step_size * torch.sign(load.mean() - load)
 
 
 def usage_imbalance(usage: list[float]) -> float:

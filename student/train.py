@@ -34,7 +34,14 @@ from logit_store.fingerprint import tokenizer_fingerprint
 from student import distributed
 from student.config import TrainConfig, is_moe_student
 from student.losses import DistillLossConfig, distill_loss
-from student.router_loss import count_only, expert_usage, router_losses
+from student.router_loss import (
+    count_only,
+    expert_loads,
+    expert_usage,
+    router_losses,
+    routing_metrics,
+    update_router_bias,
+)
 from student.run import (
     METRICS,
     STUDENT,
@@ -76,8 +83,12 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     if cfg.student == "moe-lora":
         model = build_student(cfg.base, cfg.student_config(), seed=cfg.seed, dtype=dtype)
     elif cfg.student == "lora":
-        model = build_dense_lora(cfg.base, cfg.rank, cfg.alpha, cfg.lora_dropout, keep=cfg.keep_layers, dtype=dtype)
+        model = build_dense_lora(cfg.base, cfg.rank, cfg.alpha, cfg.lora_dropout, keep=cfg.keep_layers, dtype=dtype,
+                                 lora_scaling=cfg.lora_scaling, train_base=cfg.train_base)
     elif cfg.student == "full":
+        if cfg.train_base:
+            raise TrainError("--train_base adds the base's weights to a student's adapters; --student full has no "
+                             "adapters and already trains every weight: drop --train_base")
         model = build_full_finetune(cfg.base, keep=cfg.keep_layers)
     else:
         raise TrainError(f"unknown student kind {cfg.student!r}: moe-lora, lora or full")
@@ -141,7 +152,10 @@ def _all_sum(x: float, device: torch.device) -> float:
 
 # ================================================================ checkpoints
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """Trainable parameters, and the router selection biases (buffers that --router_bias_update moves)."""
+    state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({n: b.detach().cpu().contiguous() for n, b in model.named_buffers() if n.endswith(".router_bias")})
+    return state
 
 
 def _rng_state() -> dict:
@@ -243,7 +257,7 @@ def _load_trainable(model: nn.Module, checkpoint: Path) -> None:
     if not (checkpoint / TRAINABLE).is_file() and (checkpoint / distributed.DCP_DIR).is_dir():
         distributed.load_sharded_into_plain(checkpoint / distributed.DCP_DIR, model)
         return
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     with torch.no_grad():
         for name, t in load_file(str(checkpoint / TRAINABLE)).items():
             params[name].copy_(t)
@@ -283,6 +297,29 @@ def _micro_batches(loader: StoreLoader):
             raise TrainError("the store yields no batch for this process (fewer record batches than processes?)")
 
 
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW parameter groups: the trainable parameters at --lr, except the MoE routers at
+    --lr × --router_lr_scale (one group, as before, when the scale is 1; group 0 is always the adapters')."""
+    from student.convert import moe_modules
+
+    routers = {id(m.router.weight) for m in moe_modules(model)}
+    rest = [p for p in model.parameters() if p.requires_grad and (cfg.router_lr_scale == 1 or id(p) not in routers)]
+    groups = [{"params": rest, "lr": cfg.lr}]
+    if cfg.router_lr_scale != 1 and routers:
+        groups.append({"params": [m.router.weight for m in moe_modules(model) if m.router.weight.requires_grad],
+                       "lr": cfg.lr * cfg.router_lr_scale})
+    return groups
+
+
+def _sum_loads(loads: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Per-layer expert loads summed over all processes (so every process moves its router biases alike)."""
+    if _dist()[1] == 1 or not loads:
+        return loads
+    flat = torch.cat(loads).to(device)
+    dist.all_reduce(flat)
+    return list(flat.split([len(x) for x in loads]))
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a training; returns the last metrics line."""
     from transformers import get_cosine_schedule_with_warmup
@@ -317,7 +354,8 @@ def train(cfg: TrainConfig) -> dict:
     elif world > 1:
         step_module = nn.parallel.DistributedDataParallel(step_module)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    bias_step = cfg.router_bias_update if is_moe_student(model) else 0.0
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
     stream = KDStream(store, cfg.batch_size, shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
                       rank=rank, world_size=world)
@@ -345,6 +383,7 @@ def train(cfg: TrainConfig) -> dict:
         local_tokens = sum(int(b["loss_mask"].sum()) for b in micro)
         global_tokens = _all_sum(local_tokens, device)
         sums = {"kd": 0.0, "ce": 0.0, "balance": 0.0, "z": 0.0}
+        loads = None  # per MoE layer, the step's expert loads (for --router_bias_update)
         for i, batch in enumerate(micro):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             sync = i == len(micro) - 1 or world == 1
@@ -356,6 +395,9 @@ def train(cfg: TrainConfig) -> dict:
             with ctx:
                 with autocast:
                     loss_sum, m = step_module(batch)
+                if bias_step:
+                    now = expert_loads(model)
+                    loads = now if loads is None else [a + b for a, b in zip(loads, now, strict=True)]
                 # DDP and FSDP average gradients over ranks: scale by world to get the global-token mean
                 loss = loss_sum * (world / max(global_tokens, 1)) + m["aux"] / len(micro)
                 loss.backward()
@@ -366,6 +408,8 @@ def train(cfg: TrainConfig) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 \
             else _grad_norm(params)
         opt.step()
+        if bias_step:  # DeepSeek-V3 balancing: after the step, the selection biases move towards balance
+            update_router_bias(model, bias_step, _sum_loads(loads, device))
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -381,6 +425,7 @@ def train(cfg: TrainConfig) -> dict:
                 record = dict(last)
                 if is_moe_student(model):
                     record["expert_usage"] = expert_usage(model)
+                    record["routing"] = routing_metrics(model)
                 append_metrics(run, record)
             if bar is not None:
                 bar.update(1)
