@@ -186,6 +186,7 @@ def load_sharded_into_plain(folder: Path, model: nn.Module) -> None:
     import torch.distributed.checkpoint as dcp
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params.update({n: b for n, b in model.named_buffers() if n.endswith(".router_bias")})  # MoE selection biases
     state = {"model": {n: torch.empty_like(p.detach()) for n, p in params.items()}}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)

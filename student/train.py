@@ -203,7 +203,10 @@ def save_checkpoint(run: Path, step: int, model: nn.Module, opt, sched, loader: 
     if sharded:
         dist.barrier()  # tmp exists for every rank
         distributed.save_sharded(tmp / distributed.DCP_DIR, model, opt)
-        full = distributed.full_trainable_state(model) if final else None
+        if final:  # what _trainable_state holds: trainable parameters and router selection biases
+            keep = {n for n, p in model.named_parameters() if p.requires_grad}
+            keep |= {n for n, _ in model.named_buffers() if n.endswith(".router_bias")}
+            full = {k: v for k, v in distributed.full_trainable_state(model).items() if k in keep}
     elif rank == 0:
         full = _trainable_state(model)
     if rank == 0:
@@ -242,6 +245,8 @@ def _full_weights(model: nn.Module, full: dict[str, torch.Tensor]):
     for name, t in full.items():
         owner, _, leaf = name.rpartition(".")
         mod = model.get_submodule(owner)
+        if leaf not in mod._parameters:  # a buffer (router_bias): FSDP leaves those whole on every process
+            continue
         saved[name] = (mod, leaf, mod._parameters[leaf])
         mod._parameters[leaf] = nn.Parameter(t, requires_grad=True)
     try:

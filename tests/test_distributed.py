@@ -21,7 +21,8 @@ from student.train import TrainConfig, build_model, train
 SEQ, ROWS_PER_UNIT, STEPS = 32, 2, 6
 # balance loss off: it is computed per process (as Switch/Mixtral do), so only without it do N processes equal one
 OPTIONS = dict(keep_layers="0,1", experts=4, rank=8, attn_rank=4, max_steps=STEPS, lr=3e-3, warmup_steps=0,
-               log_every=1, shuffle=False, progress=False, seed=1, balance_coef=0.0, eval_every=3, eval_rows=8)
+               log_every=1, shuffle=False, progress=False, seed=1, balance_coef=0.0, eval_every=3, eval_rows=8,
+               router_bias_update=1e-3)  # the selection biases (buffers) go through checkpoints too
 
 
 @pytest.fixture(scope="module")
