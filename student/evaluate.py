@@ -12,6 +12,21 @@ from student.router_loss import count_only, expert_usage
 ECE_BINS = 15
 
 
+def evaluate_trained(model_path: str, store: str, batch_size: int = 8, max_rows: int | None = None,
+                     device: torch.device | str = "cpu") -> dict:
+    """`kdstudent eval`: a run's student (or a saved student) on a store, after the check training makes, that the
+    student speaks the store's token ids (its base's tokenizer, a vocabulary that holds every stored id)."""
+    from student.config import student_spec
+    from student.run import is_run, load_config
+    from student.train import check_tokenizer, load_trained
+
+    opened = LogitStore.open(store)
+    model = load_trained(model_path, device)
+    base = load_config(model_path).base if is_run(model_path) else student_spec(model).base_path
+    check_tokenizer(base, opened, model)
+    return evaluate(model, opened, batch_size=batch_size, max_rows=max_rows, device=device)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, store: str | LogitStore, batch_size: int = 8, max_rows: int | None = None,
              device: torch.device | str = "cpu", chunk_size: int = 1024) -> dict:
