@@ -9,7 +9,7 @@
                             --keep-checkpoints are kept. Written as .tmp-checkpoint-STEP, then renamed.
       final/student/        the trained MoE-LoRA student (student.io format)
       plots/                `kdstudent plot`
-      .lock                 flock()ed by the training that owns the run (its pid and host inside)
+      .lock                 locked (lockf) by the training that owns the run; its pid and host inside
 
 The trainer writes these (student/train.py); the readers (load_trained, student.io, plots, the CLI) find them here.
 """
@@ -43,30 +43,42 @@ class RunLockedError(RuntimeError):
 class RunLock:
     """An exclusive lock on a run directory, held by the one training that writes it (rank 0 of a torchrun).
 
-    `fcntl.flock` on RUN/.lock: the kernel drops it when the holder exits or dies (kill -9 included), so a crashed
-    run leaves no stale lock, and a second training of the same --out stops at once with an error naming the
-    holder. It is as good as the filesystem's flock: local filesystems and NFSv4 honour it across hosts.
+    A POSIX record lock (`fcntl.lockf`) on RUN/.lock. The kernel drops it when the holder exits or dies (kill -9
+    included), so a killed run leaves no stale lock; a second training of the same --out stops at once with an
+    error naming the holder (its pid and host, written in the file). Not `flock`: an flock is shared with forked
+    children, so the DataLoader workers of a killed run would hold it on for seconds; a record lock belongs to
+    the process alone. Record locks work across hosts on NFS. Within one process a second lock of the same run is
+    refused as well (record locks do not conflict within a process).
     """
+
+    _held: set[str] = set()  # runs this process holds
 
     def __init__(self, run: str | os.PathLike):
         self.path = Path(run) / LOCK
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._key = os.path.realpath(self.path)
+        self._fd: int | None = None
+        if self._key in RunLock._held:
+            raise RunLockedError(f"{Path(run)} is in use by another training in this process (lock {self.path})")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "unknown process"
-            self.release()
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EAGAIN / EACCES: held elsewhere
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
             raise RunLockedError(f"{Path(run)} is in use by another training ({holder}; lock {self.path}): wait "
                                  "for it to finish, or choose another --out") from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        RunLock._held.add(self._key)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
 
     def release(self) -> None:
-        """Give the lock up (closing the file releases the flock). Idempotent."""
+        """Give the lock up (closing the file releases it). Idempotent."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+            RunLock._held.discard(self._key)
 
     def __enter__(self) -> RunLock:
         return self

@@ -8,11 +8,8 @@ import sys
 
 import numpy as np
 import pytest
+from store_fixtures import write_teacher_store
 
-from assets.synthetic import synthetic_corpus
-from logit_store import Manifest, ShardWriter, StoreRow, TargetSpec
-from logit_store.fingerprint import tokenizer_fingerprint
-from logit_store.teachers.hf import HFTeacher
 from student.config import TrainConfig
 from student.run import read_metrics
 from student.train import TrainError, train
@@ -22,22 +19,8 @@ SEQ, ROWS_PER_UNIT = 32, 2
 
 @pytest.fixture(scope="module")
 def store(tiny_teacher_dir, tmp_path_factory):
-    """48 rows of exactly SEQ tokens, ROWS_PER_UNIT rows per record batch (the reader's unit)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
-    teacher = HFTeacher.from_pretrained(tiny_teacher_dir)
-    ids = np.concatenate([tok(t + tok.eos_token).input_ids for t in synthetic_corpus(120, seed=4)])
-    rows = [ids[i * SEQ:(i + 1) * SEQ] for i in range(48)]
-    mask = np.ones(SEQ, bool)
-    mask[0] = False
-    path = str(tmp_path_factory.mktemp("train_store"))
-    manifest = Manifest(target=TargetSpec("topk", k=16), vocab_size=teacher.vocab_size,
-                        tokenizer={"name_or_path": tiny_teacher_dir, "fingerprint": tokenizer_fingerprint(tok)})
-    with ShardWriter(path, manifest, batch_tokens=SEQ * ROWS_PER_UNIT) as w:
-        for i, (r, t) in enumerate(zip(rows, teacher.topk([(r, mask) for r in rows], 16), strict=True)):
-            w.write(StoreRow(r, mask, t, i))
-    return path
+    """48 rows of exactly SEQ tokens, ROWS_PER_UNIT rows per record batch."""
+    return write_teacher_store(str(tmp_path_factory.mktemp("train_store")), tiny_teacher_dir, 48, SEQ, ROWS_PER_UNIT)
 
 
 def _cfg(store, base, out, **kw) -> TrainConfig:
