@@ -2,7 +2,8 @@
 
     python tests/fork_runner.py < jobs.json      prints the exit codes, one per job, as JSON
 
-A job is {"argv": [...], "env": {...}, "log": PATH, "ranks": N}. This process imports torch, transformers, peft
+A job is {"argv": [...], "env": {...}, "log": PATH, "ranks": N, "snapshot": DIR}: after it ends, DIR (if any) is
+copied to DIR.after-<job number>, so that a test sees what each job left. This process imports torch, transformers, peft
 and moekd once (and runs nothing), then forks one child per job (N children joined by a gloo process group for
 N ranks, as torchrun would start them: RANK, WORLD_SIZE, MASTER_ADDR, ... set); each child calls
 `cli.kdstudent.main(argv)` with its own environment, stdout and stderr in `log`, and exits with its return code.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import traceback
 
@@ -55,7 +57,7 @@ def main() -> int:
     import student.train  # noqa: F401
 
     codes = []
-    for job in jobs:
+    for number, job in enumerate(jobs):
         pids = []
         for rank in range(job.get("ranks", 1)):
             pid = os.fork()
@@ -64,6 +66,8 @@ def main() -> int:
             pids.append(pid)
         statuses = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
         codes.append(statuses[0] if len(set(statuses)) == 1 else statuses)
+        if job.get("snapshot") and os.path.isdir(job["snapshot"]):
+            shutil.copytree(job["snapshot"], f"{job['snapshot']}.after-{number}")
     print(json.dumps(codes))
     return 0
 
