@@ -101,16 +101,80 @@ def test_torchrun_two_processes_equal_one(store, tiny_teacher_dir, tmp_path):
 def test_eval_and_plot_commands(store, tiny_teacher_dir, tmp_path, capsys):
     from cli import kdstudent
 
-    train(_cfg(store, tiny_teacher_dir, tmp_path, max_steps=3))
+    run = tmp_path / "run"
+    train(_cfg(store, tiny_teacher_dir, run, max_steps=3))
     capsys.readouterr()
-    assert kdstudent.main(["eval", "--model", str(tmp_path), "--store", store, "--json"]) == 0
+    assert kdstudent.main(["eval", "--model", str(run), "--store", store, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["rows"] == 48 and result["tokens"] == 48 * (SEQ - 1)
     assert set(result["expert_usage"]) == {"0"} and abs(sum(result["expert_usage"]["0"]) - 1) < 1e-6
-    assert kdstudent.main(["plot", str(tmp_path)]) == 0
+    assert kdstudent.main(["plot", str(run)]) == 0
     pngs = capsys.readouterr().out.split()
     assert [os.path.basename(p) for p in pngs] == ["loss.png", "experts.png"]
     assert all(os.path.getsize(p) > 1000 for p in pngs)
+
+    # eval makes training's checks, and every store error is one line, not a traceback
+    def edited(name, change):
+        copy = tmp_path / name
+        shutil.copytree(store, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        change(manifest, copy)
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        return str(copy)
+
+    def other_tokenizer(m, _):
+        m["tokenizer"]["fingerprint"] = "0" * 16
+
+    def larger_vocab(m, _):
+        m["vocab_size"] += 1000
+
+    def cut_shard(m, copy):
+        shard = copy / m["shards"][0]["file"]
+        shard.write_bytes(shard.read_bytes()[:100])
+
+    for model in (run, run / "final" / "student"):  # a run, and a saved student
+        for broken, message in ((edited("tok", other_tokenizer), "tokenizer"),
+                                (edited("vocab", larger_vocab), "vocabulary"),
+                                (edited("cut", cut_shard), "not a readable Arrow IPC file"),
+                                (str(tmp_path / "nowhere"), "no manifest here")):
+            assert kdstudent.main(["eval", "--model", str(model), "--store", broken]) == 2
+            err = capsys.readouterr().err  # may hold transformers' progress bars before the error line
+            last = err.rstrip("\n").split("\n")[-1]
+            assert last.startswith("kdstudent eval: error:") and message in last and "Traceback" not in err, err
+            shutil.rmtree(broken, ignore_errors=True)
+
+
+@pytest.mark.parametrize("flag,value", [("batch-size", "0"), ("grad-accum", "0"), ("max-steps", "0"),
+                                        ("max-steps", "-5"), ("save-every", "-1"), ("num-workers", "-1"),
+                                        ("log-every", "0"), ("keep-checkpoints", "-1"), ("shuffle-buffer", "0"),
+                                        ("lr", "0"), ("temperature", "-1"), ("skew-alpha", "1.5")])
+def test_invalid_options_are_refused_before_anything_loads(tmp_path, capsys, flag, value):
+    from cli import kdstudent
+
+    out = tmp_path / "run"
+    # neither the store nor the base exists: an error about them would mean something was loaded first
+    code = kdstudent.main(["train", "--store", str(tmp_path / "no-store"), "--base", str(tmp_path / "no-base"),
+                           "--out", str(out), f"--{flag}", value])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kdstudent train: error:") and err.count("\n") == 1, err
+    assert (f"--{flag}" in err or "loss options" in err) and value in err and not out.exists()
+
+
+def test_a_store_too_small_for_processes_times_batch_is_refused_before_the_model_loads(store, tmp_path):
+    cfg = _cfg(store, str(tmp_path / "no-base"), tmp_path / "run", batch_size=49)
+    with pytest.raises(TrainError, match=r"48 rows, fewer than one batch for each process: 1 process\(es\) x "
+                                         r"--batch-size 49 = 49 rows"):
+        train(cfg)
+
+
+def test_a_run_in_use_is_refused(store, tmp_path):
+    from student.run import RunLock, RunLockedError
+
+    with RunLock(tmp_path / "run"):  # as a training of this run holds it (across processes: test_faults_train)
+        with pytest.raises(RunLockedError, match="in use by another training"):
+            train(_cfg(store, str(tmp_path / "no-base"), tmp_path / "run"))
+    with pytest.raises(OSError):  # the lock is free again: now the missing base is what stops it
+        train(_cfg(store, str(tmp_path / "no-base"), tmp_path / "run"))
 
 
 def test_bf16_autocast_and_gradient_checkpointing_train(store, tiny_teacher_dir, tmp_path):
