@@ -80,6 +80,8 @@ def runs(store, tiny_teacher_dir, tmp_path_factory) -> dict:
                          snapshot=str(chain)))
     jobs.append(dict(argv=_train_argv(store, tiny_teacher_dir, locked, BATCH), log=str(tmp / "locked.log")))
     two = dict(ranks=2, env={"MASTER_PORT": str(_free_port())})
+    jobs.append(dict(argv=_train_argv(store, tiny_teacher_dir, locked, BATCH // 2), log=str(tmp / "locked2.log"),
+                     **two))
     jobs.append(dict(argv=_train_argv(store, tiny_teacher_dir, ref2, BATCH // 2), log=str(tmp / "reference2.log"),
                      **two))
     jobs.append(dict(argv=_train_argv(store, tiny_teacher_dir, killed2, BATCH // 2), log=str(tmp / "killed2.log"),
@@ -140,6 +142,10 @@ def test_a_second_training_of_the_same_run_stops_at_its_lock(runs):
     assert runs["codes"][len(CHAIN) + 1] == 2, log[-3000:]
     assert f"is in use by another training (pid {os.getpid()} on" in log and "Traceback" not in log
     assert not (runs["locked"] / "train_config.json").exists()  # stopped before writing anything
+    # on 2 processes rank 0 takes the lock, and both stop with its error (none waits for the other)
+    assert runs["codes"][len(CHAIN) + 2] == 2
+    for rank in (0, 1):
+        assert "is in use by another training" in _log(runs, f"locked2.log.rank{rank}")
 
 
 def test_two_processes_with_workers_on_one_record_batch_resume_exactly_under_torchrun(runs):
