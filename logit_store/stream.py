@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .faults import crash_point
-from .reader import BatchRows, DecodedRow, LogitStore
+from .reader import BatchRows, DecodedRow, LogitStore, StoreError
 
 
 class KDBatch(TypedDict):
@@ -189,13 +189,21 @@ class KDStream(IterableDataset):
         else:
             worker, workers = info.id, info.num_workers
         indices = range(self.batches_done + worker, len(self), workers)
-        for index, rows in zip(indices, self._decoded(indices), strict=True):
-            batch = collate(rows, self.pad_id)
+        try:
+            for index, rows in zip(indices, self._decoded(indices), strict=True):
+                batch = collate(rows, self.pad_id)
+                if info is None:
+                    self.batches_done = index + 1
+                else:
+                    batch["_batch_index"] = torch.tensor(index)  # not part of KDBatch: StoreLoader pops it
+                yield batch
+        except (StoreError, ValueError, OSError) as e:
             if info is None:
-                self.batches_done = index + 1
-            else:
-                batch["_batch_index"] = torch.tensor(index)  # not part of KDBatch: StoreLoader pops it
-            yield batch
+                raise
+            # DataLoader would re-raise it as a new exception whose message is the worker's traceback: hand the
+            # error itself to StoreLoader, which raises it as it is (one line naming the shard)
+            yield {"_error": e}
+            return
         if info is None:
             self.set_epoch(self.epoch + 1)
 
@@ -287,6 +295,8 @@ class StoreLoader:
         stream = self.stream
         stream._roll_over()
         for batch in DataLoader(stream, **self.kwargs):
+            if "_error" in batch:
+                raise batch["_error"]
             index = int(batch.pop("_batch_index"))
             if index != stream.batches_done:  # the plan guarantees it; a DataLoader that reordered would break it
                 raise RuntimeError(f"DataLoader delivered batch {index} of epoch {stream.epoch}, expected batch "

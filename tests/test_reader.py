@@ -6,7 +6,7 @@ import pytest
 import torch
 from store_fixtures import write_store
 
-from logit_store import KDStream, LogitStore, StoreLoader
+from logit_store import KDStream, LogitStore, StoreError, StoreLoader
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +214,15 @@ def test_a_store_with_open_shards_pickles_for_spawned_workers(store):
     s.row(0)  # opens a shard
     again = pickle.loads(pickle.dumps(s))
     assert again.row(5).source_index == 5
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_broken_shard_is_reported_by_name_with_or_without_workers(tmp_path, workers):
+    write_store(str(tmp_path), n_rows=30)
+    shards = LogitStore.open(str(tmp_path)).manifest.shards
+    assert len(shards) > 1
+    shard = tmp_path / shards[1].file
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(StoreError, match=f"{shard.name}: not a readable Arrow IPC file") as caught:
+        _indices(StoreLoader(KDStream(str(tmp_path), batch_size=2, shuffle=False), num_workers=workers))
+    assert "Traceback" not in str(caught.value)  # not DataLoader's re-raise with the worker's traceback
