@@ -28,7 +28,15 @@ from .inputs import (
     pack_examples,
 )
 from .manifest import CodecSpec, Manifest, ManifestError, TargetSpec
-from .teachers import Teacher, TeacherError, check_teacher_path, load_teacher
+from .teachers import (
+    Teacher,
+    TeacherError,
+    TeacherWarning,
+    bos_warning,
+    check_teacher_path,
+    load_teacher,
+    resolve_dtype,
+)
 from .writer import ShardWriter, StoreRow
 
 
@@ -153,6 +161,7 @@ def build(cfg: BuildConfig, teacher: Teacher | None = None) -> BuildSummary:
     except (OSError, ValueError) as e:
         raise TeacherError(f"cannot load the tokenizer from {tok_path!r}: {e}") from e
     dataset = load_input(cfg.data, cfg.split, cfg.data_format)
+    _check_bos(cfg, tokenizer)
     if teacher is None:
         teacher = load_teacher(cfg.backend, cfg.teacher, **_teacher_options(cfg))
     if len(tokenizer) > teacher.vocab_size:
@@ -230,7 +239,7 @@ def _process(batch: list[Example], cfg: BuildConfig, teacher: Teacher, writer: S
 
 
 def _manifest(cfg: BuildConfig, teacher: Teacher, tokenizer, dataset, fields: FieldSpec) -> Manifest:
-    from .fingerprint import tokenizer_fingerprint
+    from .fingerprint import describe_tokenizer
 
     if cfg.samples:
         target = TargetSpec("sampled", samples=cfg.samples, sampled_from_top_k=cfg.sample_from_top_k)
@@ -240,8 +249,7 @@ def _manifest(cfg: BuildConfig, teacher: Teacher, tokenizer, dataset, fields: Fi
         target=target, vocab_size=teacher.vocab_size,
         codec=CodecSpec(levels=cfg.levels, compression_level=cfg.compression_level),
         teacher=teacher.describe(),
-        tokenizer={"name_or_path": cfg.tokenizer or cfg.teacher, "fingerprint": tokenizer_fingerprint(tokenizer),
-                   "vocab_size": len(tokenizer)},
+        tokenizer=describe_tokenizer(tokenizer, cfg.tokenizer or cfg.teacher),
         input={"source": cfg.data, "split": cfg.split, "fingerprint": getattr(dataset, "_fingerprint", None),
                "examples": len(dataset), "limit": cfg.limit, "fields": fields.used(), "num_workers": cfg.num_workers},
         sequence={"max_seq_len": cfg.max_seq_len, "packing": cfg.pack, "add_eos": cfg.add_eos,
@@ -251,13 +259,37 @@ def _manifest(cfg: BuildConfig, teacher: Teacher, tokenizer, dataset, fields: Fi
 
 
 def _teacher_options(cfg: BuildConfig) -> dict:
+    """The backend's options, settled before anything loads: the dtype (`auto` is float32 on both backends, see
+    `resolve_dtype`) and, for vLLM, a context as long as the longest sequence the build passes it (a row of
+    --max-seq-len tokens + the one token vLLM generates after prompt log-probs; --generate stops at that context,
+    as a row keeps at most --max-seq-len tokens anyway), which also sizes its KV cache on a CPU."""
+    dtype = resolve_dtype(cfg.dtype)
     if cfg.backend == "hf":
-        return {"dtype": "float32" if cfg.dtype == "auto" else cfg.dtype}
+        return {"dtype": dtype}
+    context = cfg.max_seq_len + 1
+    if cfg.max_model_len is not None and cfg.max_model_len < context:
+        raise TeacherError(f"--max-model-len {cfg.max_model_len} is shorter than the rows of --max-seq-len "
+                           f"{cfg.max_seq_len} (+ 1): raise it, or leave it unset to size it from --max-seq-len")
     needed = max(cfg.top_k or 0, cfg.sample_from_top_k or 0, 20)
-    return dict(dtype=cfg.dtype, max_logprobs=needed, tensor_parallel_size=cfg.tensor_parallel_size,
-                max_model_len=cfg.max_model_len, max_num_batched_tokens=cfg.max_num_batched_tokens,
+    return dict(dtype=dtype, max_logprobs=needed, tensor_parallel_size=cfg.tensor_parallel_size,
+                max_model_len=cfg.max_model_len or context, max_num_batched_tokens=cfg.max_num_batched_tokens,
                 gpu_memory_utilization=cfg.gpu_memory_utilization, kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
                 seed=cfg.seed)
+
+
+def _check_bos(cfg: BuildConfig, tokenizer) -> None:
+    """Warn, before the teacher loads, if its config names a BOS its tokenizer does not add (`bos_warning`)."""
+    import warnings
+
+    from transformers import AutoConfig
+
+    try:
+        bos = AutoConfig.from_pretrained(cfg.teacher).bos_token_id
+    except (OSError, ValueError, AttributeError):
+        return  # the teacher's loader says what is wrong with its config
+    message = bos_warning(bos if isinstance(bos, int) else None, tokenizer, cfg.teacher, cfg.tokenizer is None)
+    if message:
+        warnings.warn(message, TeacherWarning, stacklevel=3)
 
 
 def _progress(cfg: BuildConfig, total: int):

@@ -7,6 +7,8 @@ other. This module imports no other store module but the codecs, so that anythin
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 import uuid
 
@@ -24,6 +26,12 @@ SHARD_PREFIX = "shard"
 WORKER_MANIFEST = re.compile(r"manifest-w(\d{5})-of-(\d{5})\.json")
 TEMP_PREFIX = ".tmp-"
 _TEMP_TAG = 12  # hex digits of randomness in a temp name
+
+
+# `<prefix>-<NNNNN>.arrow`; group 1 = the writer's prefix, group 2 = the shard's index in that writer's sequence
+SHARD_FILE = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.-]*)-(\d{5,})\.arrow")
+# the prefixes `kdstore build` writes: `shard` (one worker) and `shard-wIIIII` (worker I of several)
+BUILD_SHARD_PREFIX = re.compile(r"shard(-w\d{5})?")
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -76,3 +84,41 @@ def shard_schema(codec: TopKCodec | SampledCodec) -> pa.Schema:
 def shard_metadata(order: IdOrder) -> dict[bytes, bytes]:
     """Schema metadata of a shard whose targets are encoded with `order`."""
     return {ID_ORDER_KEY: order.to_bytes(), FORMAT_VERSION_KEY: str(FORMAT_VERSION).encode()}
+
+
+# ---------------------------------------------------------------- what a shard was written as (file footer)
+SHARD_IDENTITY_KEY = b"kd.shard"  # file-level (IPC footer) metadata: JSON of `shard_identity`
+
+
+def shard_identity(name: str, manifest) -> dict:
+    """What a shard must agree with to be decoded right: its own file name and the manifest fields its bytes
+    depend on. Written into each new shard's footer, so that a reader catches a manifest edited after the shard
+    was written (or a shard file that is another's under a new name) even though the file's sha256 still matches.
+    """
+    return {"file": name, "vocab_size": manifest.vocab_size, "target": dataclasses.asdict(manifest.target),
+            "codec": {"name": manifest.codec.name, "levels": manifest.codec.levels,
+                      "id_bytes": manifest.codec.id_bytes}}
+
+
+def shard_footer(name: str, manifest) -> dict[bytes, bytes]:
+    """Footer metadata of a new shard (`pyarrow.ipc.new_file(..., metadata=...)`): see `shard_identity`.
+
+    Stores written before it existed have none; readers then skip that check (the sha256 still holds)."""
+    return {SHARD_IDENTITY_KEY: json.dumps(shard_identity(name, manifest), sort_keys=True).encode()}
+
+
+def identity_differences(recorded: dict, name: str, manifest) -> list[tuple[str, object, object]]:
+    """(field, value the shard was written with, value in the manifest) wherever a shard's recorded identity
+    (`shard_identity`, as read from its footer) disagrees with the manifest that lists it as `name`. Fields are
+    named as in the manifest (`codec.levels`, `vocab_size`, ...); `file` is the shard's own name."""
+    out: list[tuple[str, object, object]] = []
+
+    def walk(have, want, where: str) -> None:
+        if isinstance(want, dict) and isinstance(have, dict):
+            for key in want:
+                walk(have.get(key), want[key], f"{where}.{key}" if where else key)
+        elif have != want:
+            out.append((where, have, want))
+
+    walk(recorded, shard_identity(name, manifest), "")
+    return out

@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 
 from . import fs as storefs
 from .codecs import CODEC_NAME, DEFAULT_ID_ORDER_HEAD, DEFAULT_LEVELS, id_width
-from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, WORKER_MANIFEST
+from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_FILE, WORKER_MANIFEST
 
 
 class ManifestError(ValueError):
@@ -137,8 +137,9 @@ class Manifest:
             raise ManifestError(f"store format version {d.get('format_version')} is not supported by this "
                                 f"version of the tool (reads version {FORMAT_VERSION}); upgrade the tool")
         d = dict(d)
-        d.pop("totals", None)
-        d.pop("fingerprint", None)
+        # what the writer recorded about itself, checked against the rest by `consistency_faults`
+        recorded = {"totals": d.pop("totals", None), "fingerprint": d.pop("fingerprint", None),
+                    "id_bytes": (d.get("codec") or {}).get("id_bytes")}
         d["target"] = TargetSpec(**d["target"])
         d["codec"] = CodecSpec(**d["codec"])
         d["shards"] = [ShardInfo(**s) for s in d["shards"]]
@@ -146,7 +147,9 @@ class Manifest:
         unknown = set(d) - names
         if unknown:
             raise ManifestError(f"unknown manifest fields {sorted(unknown)}")
-        return cls(**d)
+        manifest = cls(**d)
+        manifest._recorded = recorded
+        return manifest
 
     # ------------------------------------------------------------ storage
     def save(self, fs: pafs.FileSystem, root: str, name: str = MANIFEST_NAME) -> None:
@@ -166,6 +169,63 @@ class Manifest:
             return cls.from_dict(d)
         except (KeyError, TypeError) as e:
             raise ManifestError(f"{path}: malformed manifest ({e})") from e
+
+
+    def consistency_faults(self) -> list[tuple[str, str]]:
+        """(manifest field, what is wrong) for every way this manifest contradicts itself; empty if none.
+
+        Cheap (no shard is read), so a reader runs it on every open: a manifest edited by hand or by a tool
+        after it was written no longer agrees with the fingerprint and totals its writer recorded, or breaks
+        an invariant every writer keeps (per shard, rows = sum of batch_rows; each file listed once; the shards
+        of a writer listed in the order it wrote them). Fields are named as in the JSON: `shards[2].rows`.
+        """
+        faults: list[tuple[str, str]] = []
+        recorded = getattr(self, "_recorded", {})
+        if recorded.get("fingerprint") and recorded["fingerprint"] != self.fingerprint():
+            faults.append(("fingerprint", f"the manifest records fingerprint {recorded['fingerprint']} but its "
+                           f"fields hash to {self.fingerprint()}: one of target, vocab_size, codec, teacher, "
+                           "tokenizer, input or sequence was edited after the store was written"))
+        if recorded.get("id_bytes") is not None and recorded["id_bytes"] != self.codec.id_bytes:
+            faults.append(("codec.id_bytes", f"{recorded['id_bytes']}, but a vocabulary of {self.vocab_size:,} "
+                           f"ids is coded with {self.codec.id_bytes} bytes"))
+        for key, value in (recorded.get("totals") or {}).items():
+            if key in ("rows", "tokens", "target_positions", "bytes") and value != getattr(self, key):
+                faults.append((f"totals.{key}", f"{value:,}, but the shards listed add up to "
+                               f"{getattr(self, key):,}"))
+        first: dict[str, int] = {}
+        last_of_prefix: dict[str, tuple[int, int]] = {}
+        for i, s in enumerate(self.shards):
+            where = f"shards[{i}]"
+            name = SHARD_FILE.fullmatch(s.file)
+            if name is None:
+                faults.append((f"{where}.file", f"{s.file!r} is not a shard file name (<prefix>-<NNNNN>.arrow, "
+                               "in the store directory)"))
+            elif s.file in first:
+                faults.append((f"{where}.file", f"{s.file} is listed twice (also as shards[{first[s.file]}])"))
+            else:
+                index = int(name.group(2))
+                before = last_of_prefix.get(name.group(1))
+                if before is not None and index <= before[1]:
+                    faults.append((f"{where}.file", f"{s.file} is listed after shards[{before[0]}] = "
+                                   f"{self.shards[before[0]].file}; a writer lists its shards in the order it "
+                                   "wrote them (entries swapped?)"))
+                last_of_prefix[name.group(1)] = (i, index)
+            first.setdefault(s.file, i)
+            counts = {"rows": s.rows, "tokens": s.tokens, "target_positions": s.target_positions, "bytes": s.bytes}
+            bad = [k for k, v in counts.items() if not isinstance(v, int) or v < 0]
+            bad += ["batch_rows"] if not s.batch_rows or any(not isinstance(n, int) or n < 1
+                                                             for n in s.batch_rows) else []
+            for key in bad:
+                faults.append((f"{where}.{key}", f"{getattr(s, key)!r} is not a valid count"))
+            if bad:
+                continue
+            if sum(s.batch_rows) != s.rows:
+                faults.append((f"{where}.rows", f"{s.rows:,}, but its batch_rows {s.batch_rows} add up to "
+                               f"{sum(s.batch_rows):,}"))
+            if s.target_positions > s.tokens - s.rows or s.target_positions < s.rows:
+                faults.append((f"{where}.target_positions", f"{s.target_positions:,} is impossible for {s.rows:,} "
+                               f"rows of {s.tokens:,} tokens (each row predicts 1 to length - 1 of its tokens)"))
+        return faults
 
 
 def merge_workers(store: str, allow_incomplete: bool = False) -> Manifest:

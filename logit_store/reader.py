@@ -1,10 +1,16 @@
 """Reading a store: `LogitStore` opens it, decodes its rows and verifies it. numpy and pyarrow only (no torch).
 
-The training stream over a store (`KDStream`, `collate`) is in stream.py.
+The reader trusts nothing it has not checked. Opening a store checks the manifest against itself and the
+directory (`Manifest.consistency_faults`, shard files nobody lists); the first time a process opens a shard it
+checks the file against the manifest (size, sha256 of every byte, what the shard was written as, schema, record
+batches, rows, tokens and targets) before any row of it is decoded. A fault is a `StoreError` that names the
+shard and the manifest field. The training stream over a store (`KDStream`, `collate`) is in stream.py and reads
+through these checks.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,8 +20,19 @@ import pyarrow.fs as pafs
 
 from . import fs as storefs
 from .codecs import IdOrder, Payload, TargetError
-from .format import ID_ORDER_KEY, MANIFEST_NAME, make_codec, shard_schema
-from .manifest import Manifest
+from .format import (
+    BUILD_SHARD_PREFIX,
+    ID_ORDER_KEY,
+    MANIFEST_NAME,
+    SHARD_FILE,
+    SHARD_IDENTITY_KEY,
+    WORKER_MANIFEST,
+    identity_differences,
+    make_codec,
+    shard_schema,
+    worker_names,
+)
+from .manifest import Manifest, ShardInfo
 
 
 @dataclass
@@ -36,41 +53,154 @@ class DecodedRow:
 
 
 class StoreError(RuntimeError):
-    """A store whose files do not match its manifest or cannot be decoded."""
+    """A store whose files do not match its manifest or cannot be decoded.
+
+    `where` is the file at fault (a shard, or the manifest), `field` the manifest field it contradicts (e.g.
+    `shards[1].sha256`; None when no single field is), `problem` what is wrong; str() says all three."""
+
+    def __init__(self, where: str, problem: str | None = None, field: str | None = None):
+        self.where, self.problem, self.field = where, problem, field
+        # (one argument: a whole message, as when torch re-raises a DataLoader worker's error in the main process)
+        super().__init__(where if problem is None else f"{where}: {problem}")
 
 
 class LogitStore:
-    """An opened store: its manifest, and decoded access to its shards."""
+    """An opened store: its manifest, and decoded access to its shards (each checked on first use: see module)."""
 
-    def __init__(self, fs: pafs.FileSystem, root: str, manifest: Manifest):
-        self.fs, self.root, self.manifest = fs, root, manifest
+    def __init__(self, fs: pafs.FileSystem, root: str, manifest: Manifest, manifest_name: str = MANIFEST_NAME):
+        self.fs, self.root, self.manifest, self.manifest_name = fs, root, manifest, manifest_name
         self.codec = make_codec(manifest)
         self._files: dict[str, pa.ipc.RecordBatchFileReader] = {}
         self._orders: dict[str, IdOrder] = {}
+        self._listed = {s.file: (i, s) for i, s in reversed(list(enumerate(manifest.shards)))}  # first entry wins
+        faults = self.manifest_faults()
+        if faults:
+            raise StoreError(storefs.join(root, manifest_name), "; ".join(f"{field}: {problem}"
+                                                                        for field, problem in faults)
+                             + ". Do not train on it: restore the manifest as it was written, or rebuild the store",
+                             faults[0][0])
 
     @classmethod
     def open(cls, store: str, filesystem: pafs.FileSystem | None = None,
              manifest_name: str = MANIFEST_NAME) -> LogitStore:
+        """Open a store after checking its manifest (`manifest_faults`); raises StoreError on any fault."""
         fs, root = storefs.resolve(store, filesystem)
-        return cls(fs, root, Manifest.load(fs, root, manifest_name))
+        return cls(fs, root, Manifest.load(fs, root, manifest_name), manifest_name)
 
     def __getstate__(self) -> dict:
-        """DataLoader workers reopen shard files themselves (open handles do not cross processes)."""
+        """DataLoader workers reopen (and so check again) shard files themselves: handles do not cross processes."""
         return dict(self.__dict__, _files={})
+
+    # ------------------------------------------------------------ checks
+    def manifest_faults(self) -> list[tuple[str, str]]:
+        """(manifest field, problem) for a manifest that contradicts itself, and for shard files of this
+        manifest's writer(s) in the store directory that it does not list (checked once the store is complete: a
+        writer renames a finished shard into place just before it lists it). Reads the directory, not the shards.
+        """
+        faults = self.manifest.consistency_faults()
+        if faults and faults[0][0] == "fingerprint" and self.manifest.shards:
+            faults[1:1] = self._edited_fields(self.manifest.shards[0].file)
+        if self.manifest.status != "complete":
+            return faults
+        own = WORKER_MANIFEST.fullmatch(self.manifest_name)
+        prefixes = {m.group(1) for s in self.manifest.shards if (m := SHARD_FILE.fullmatch(s.file))}
+        if own:
+            prefixes.add(worker_names(int(own.group(1)), int(own.group(2)))[0])
+        for info in self.fs.get_file_info(pafs.FileSelector(self.root)):
+            m = SHARD_FILE.fullmatch(info.base_name)
+            if m is None or info.base_name in self._listed or info.type != pafs.FileType.File:
+                continue
+            if m.group(1) in prefixes or (not own and BUILD_SHARD_PREFIX.fullmatch(m.group(1))):
+                faults.append(("shards", f"{info.base_name} is in the store directory but not listed (an entry "
+                               "was removed from the manifest, or a file was added): restore the manifest, or "
+                               "move the file out of the store"))
+        return faults
+
+    def _edited_fields(self, file: str) -> list[tuple[str, str]]:
+        """Which decoding fields of the manifest differ from what shard `file` was written with (read from its
+        footer only; nothing for a shard written before shards recorded it, or one that cannot be read)."""
+        try:
+            recorded = pa.ipc.open_file(self.fs.open_input_file(storefs.join(self.root, file))).metadata or {}
+            differences = identity_differences(json.loads(recorded[SHARD_IDENTITY_KEY]), file, self.manifest)
+        except (KeyError, ValueError, OSError):
+            return []
+        return [(field, f"{want!r}, but {file} was written with {have!r}") for field, have, want in differences]
+
+    def _check_shard(self, index: int, s: ShardInfo) -> pa.ipc.RecordBatchFileReader:
+        """Open shard `s` (the manifest's shards[index]) after checking every byte and count of it against the
+        manifest. One sequential read for the sha256 plus the token columns for the counts, before any row is
+        decoded; raises StoreError(shard path, problem, manifest field)."""
+        path, at = storefs.join(self.root, s.file), f"shards[{index}]"
+
+        def fault(problem: str, field: str | None) -> StoreError:
+            return StoreError(path, problem, field)
+
+        info = self.fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise fault("missing (listed in the manifest, not on the filesystem)", f"{at}.file")
+        size = info.size  # None where the filesystem does not say
+        if size is None or size == s.bytes:
+            digest, size = storefs.sha256_of(self.fs, path)
+        if size != s.bytes:
+            raise fault(f"size {size} bytes, manifest says {s.bytes} (truncated or overwritten; {at}.bytes)",
+                        f"{at}.bytes")
+        if digest != s.sha256:
+            raise fault(f"sha256 mismatch: the file changed or is corrupted (it hashes to {digest[:16]}..., "
+                        f"{at}.sha256 says {s.sha256[:16]}...)", f"{at}.sha256")
+        try:
+            reader = pa.ipc.open_file(self.fs.open_input_file(path))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise fault(f"not a readable Arrow IPC file ({e})", None) from e
+        recorded = (reader.metadata or {}).get(SHARD_IDENTITY_KEY)
+        if recorded is not None:  # stores written before shards recorded their identity skip this
+            for field, have, want in identity_differences(json.loads(recorded), s.file, self.manifest):
+                name = f"{at}.file" if field == "file" else field
+                raise fault(f"written as {field} = {have!r}, but the manifest says {name} = {want!r} (the manifest "
+                            "was edited, or the file is another shard's)", name)
+        expected = shard_schema(self.codec)
+        if not reader.schema.remove_metadata().equals(expected):
+            raise fault(f"schema {reader.schema.remove_metadata()} differs from the one format v1 gives target "
+                        f"{self.manifest.target} ({expected}); target was edited?", "target")
+        meta = reader.schema.metadata or {}
+        if ID_ORDER_KEY not in meta:
+            raise fault(f"schema metadata lacks {ID_ORDER_KEY.decode()}", None)
+        try:
+            order = IdOrder.from_bytes(meta[ID_ORDER_KEY], self.manifest.vocab_size)
+        except (TargetError, ValueError, IndexError) as e:
+            raise fault(f"its id order does not fit vocab_size {self.manifest.vocab_size:,} ({e})",
+                        "vocab_size") from e
+        self._check_counts(path, at, s)
+        self._orders[s.file] = order
+        return reader
+
+    def _check_counts(self, path: str, at: str, s: ShardInfo) -> None:
+        """Record batches, rows, tokens and target positions of a shard against its manifest entry (reads only
+        the input_ids and loss_mask columns)."""
+        names = shard_schema(self.codec).names
+        options = pa.ipc.IpcReadOptions(included_fields=[names.index("input_ids"), names.index("loss_mask")])
+        tokens_of = pa.ipc.open_file(self.fs.open_input_file(path), options=options)
+        if tokens_of.num_record_batches != len(s.batch_rows):
+            raise StoreError(path, f"{tokens_of.num_record_batches} record batches, manifest lists "
+                             f"{len(s.batch_rows)} in {at}.batch_rows", f"{at}.batch_rows")
+        batch_rows, tokens, positions = [], 0, 0
+        for b in range(tokens_of.num_record_batches):
+            batch = tokens_of.get_batch(b)
+            batch_rows.append(batch.num_rows)
+            tokens += len(batch.column("input_ids").values)
+            positions += batch.column("loss_mask").values.true_count
+        for field, have, want in (("batch_rows", batch_rows, s.batch_rows), ("tokens", tokens, s.tokens),
+                                  ("target_positions", positions, s.target_positions)):
+            if have != want:
+                raise StoreError(path, f"holds {have} {field.replace('_', ' ')}, manifest says {at}.{field} = {want}",
+                                 f"{at}.{field}")
 
     # ------------------------------------------------------------ raw access
     def shard_reader(self, file: str) -> pa.ipc.RecordBatchFileReader:
+        """The open reader of a listed shard, checked against the manifest the first time this process opens it."""
         if file not in self._files:
-            path = storefs.join(self.root, file)
-            try:
-                reader = pa.ipc.open_file(self.fs.open_input_file(path))
-            except (pa.ArrowInvalid, OSError) as e:
-                raise StoreError(f"{path}: not a readable Arrow IPC file ({e})") from e
-            meta = reader.schema.metadata or {}
-            if ID_ORDER_KEY not in meta:
-                raise StoreError(f"{path}: schema metadata lacks {ID_ORDER_KEY.decode()}")
-            self._orders[file] = IdOrder.from_bytes(meta[ID_ORDER_KEY], self.manifest.vocab_size)
-            self._files[file] = reader
+            if file not in self._listed:
+                raise StoreError(storefs.join(self.root, file), "not a shard of this store (not in its manifest)")
+            self._files[file] = self._check_shard(*self._listed[file])
         return self._files[file]
 
     def read_batch(self, file: str, index: int) -> pa.RecordBatch:
@@ -106,52 +236,37 @@ class LogitStore:
 
     # ------------------------------------------------------------ verification
     def verify(self, decode: bool = True) -> list[str]:
-        """Check every shard against the manifest (size, sha256, schema, counts) and decode every row.
+        """Check every shard against the manifest (the checks of a first open: size, sha256, identity, schema,
+        record batches, rows, tokens, targets) and, with `decode`, decode and check every row.
 
-        Returns the faults found, each naming the shard file; an empty list means the store is sound.
+        Returns the faults found, each starting with the shard file it is in; an empty list means the store is
+        sound. Manifest faults stop `open` itself; the ones found here (`manifest_faults` again: a shard file added
+        since the store was opened) start with the manifest's name.
         """
-        faults = []
-        listed = {s.file for s in self.manifest.shards}
-        if len(listed) != len(self.manifest.shards):
-            faults.append(f"{MANIFEST_NAME}: a shard is listed twice")
-        for s in self.manifest.shards:
-            path = storefs.join(self.root, s.file)
+        faults = [f"{self.manifest_name}: {field}: {problem}" for field, problem in self.manifest_faults()]
+        for i, s in enumerate(self.manifest.shards):
+            if self._listed[s.file][0] != i:
+                continue  # listed twice: reported above
             try:
-                faults.extend(f"{s.file}: {msg}" for msg in self._verify_shard(s, path, decode))
+                faults.extend(f"{s.file}: {msg}" for msg in self._verify_shard(s, decode))
+            except StoreError as e:
+                faults.append(f"{s.file}: {e.problem}")
             except Exception as e:  # any failure to read is a fault of this shard, reported by name
                 faults.append(f"{s.file}: cannot be read ({type(e).__name__}: {e})")
         return faults
 
-    def _verify_shard(self, s, path: str, decode: bool) -> list[str]:
-        if not storefs.exists(self.fs, path):
-            return ["missing (listed in the manifest, not on the filesystem)"]
-        digest, size = storefs.sha256_of(self.fs, path)
-        if size != s.bytes:
-            return [f"size {size} bytes, manifest says {s.bytes} (truncated or overwritten)"]
-        if digest != s.sha256:
-            return ["sha256 mismatch: the file changed or is corrupted"]
-        self._files.pop(s.file, None)
+    def _verify_shard(self, s: ShardInfo, decode: bool) -> list[str]:
+        self._files.pop(s.file, None)  # check again, even if this process has opened it before
         reader = self.shard_reader(s.file)
-        expected = shard_schema(self.codec)
-        if not reader.schema.remove_metadata().equals(expected):
-            return [f"schema {reader.schema.remove_metadata()} differs from format v1's {expected}"]
-        batch_rows = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
-        if batch_rows != s.batch_rows:
-            return [f"record batches hold {batch_rows} rows, manifest says {s.batch_rows}"]
         if not decode:
             return []
-        faults, tokens, positions = [], 0, 0
+        faults = []
         for b in range(reader.num_record_batches):
             try:
                 for r in self.decode_batch(s.file, reader.get_batch(b)):
-                    tokens += r.input_ids.size
-                    positions += r.target_ids.shape[0]
                     _check_row(r, self.manifest.vocab_size)
             except (TargetError, ValueError, IndexError) as e:
                 faults.append(f"record batch {b}: cannot be decoded ({e})")
-        if not faults and (tokens, positions) != (s.tokens, s.target_positions):
-            faults.append(f"holds {tokens} tokens / {positions} targets, manifest says "
-                          f"{s.tokens} / {s.target_positions}")
         return faults
 
 

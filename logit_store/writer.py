@@ -10,7 +10,7 @@ import pyarrow.fs as pafs
 
 from . import fs as storefs
 from .codecs import IdOrder, SampledTargets, TargetError, TopKTargets
-from .format import MANIFEST_NAME, make_codec, original_name, shard_metadata, shard_name, shard_schema
+from .format import MANIFEST_NAME, make_codec, original_name, shard_footer, shard_metadata, shard_name, shard_schema
 from .manifest import Manifest, ManifestError, ShardInfo
 
 
@@ -140,7 +140,8 @@ class ShardWriter:
         path = storefs.join(self.root, name)
         tmp = storefs.temp_name(path)
         sink = storefs.HashingSink(self.fs.open_output_stream(tmp))
-        writer = pa.ipc.new_file(sink, self._schema.with_metadata(shard_metadata(order)), options=self._ipc)
+        writer = pa.ipc.new_file(sink, self._schema.with_metadata(shard_metadata(order)), options=self._ipc,
+                                 metadata=shard_footer(name, self.manifest))
         self._shard = dict(name=name, path=path, tmp=tmp, sink=sink, writer=writer, order=order,
                            rows=0, tokens=0, positions=0, batch_rows=[])
 

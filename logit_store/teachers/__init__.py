@@ -6,9 +6,20 @@ t with loss_mask[t] True: the teacher's distribution over token t given tokens <
 
 from __future__ import annotations
 
-from .base import Row, Teacher, TeacherError, check_teacher_path, draws_from_topk
+from .base import (
+    SOURCE_RECORD,
+    Row,
+    Teacher,
+    TeacherError,
+    TeacherWarning,
+    bos_warning,
+    check_teacher_path,
+    draws_from_topk,
+    resolve_dtype,
+)
 
-__all__ = ["Row", "Teacher", "TeacherError", "check_teacher_path", "draws_from_topk", "load_teacher"]
+__all__ = ["SOURCE_RECORD", "Row", "Teacher", "TeacherError", "TeacherWarning", "bos_warning", "check_teacher_path",
+           "draws_from_topk", "load_teacher", "resolve_dtype"]
 
 
 def load_teacher(backend: str, path: str, **options) -> Teacher:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from abc import ABC, abstractmethod
+from typing import Any
 
 import numpy as np
 
@@ -14,6 +16,10 @@ Row = tuple[np.ndarray, np.ndarray]
 
 class TeacherError(ValueError):
     """The teacher cannot be loaded or does not fit the data (path, vocabulary)."""
+
+
+class TeacherWarning(UserWarning):
+    """The teacher loads, but something about it likely makes its targets worse than they should be."""
 
 
 class Teacher(ABC):
@@ -40,6 +46,62 @@ class Teacher(ABC):
 
         fp = model_fingerprint(self.name_or_path) if os.path.isdir(self.name_or_path) else None
         return {"name_or_path": self.name_or_path, "fingerprint": fp, "backend": self.backend, "dtype": self.dtype}
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype: str) -> str:
+    """The dtype a teacher runs in: `auto` is float32 on every backend, whatever the checkpoint's dtype.
+
+    Exactness first: a store is captured once and distilled from many times, and bf16 logits (8-bit mantissa)
+    reorder a top-64's tail (on SmolLM2-135M the hf and vllm backends kept the same top-64 set at 17 % of
+    positions at bf16, > 99.9 % at fp32). So both backends write the same store by default; ask for bfloat16
+    explicitly where memory or speed matter more (the manifest records the dtype used).
+    """
+    if dtype == "auto":
+        return "float32"
+    if dtype not in DTYPES:
+        raise TeacherError(f"dtype {dtype!r}: choose auto or one of {', '.join(DTYPES)}")
+    return dtype
+
+
+# A teacher folder converted from another format (`kdstore prepare-teacher`) records what its source said:
+# {"conversion_version": int, "source": file name, "add_bos_token": bool | null, "add_eos_token": bool | null}
+SOURCE_RECORD = "moekd-source.json"
+
+
+def read_source_record(folder: str) -> dict[str, Any] | None:
+    """The folder's SOURCE_RECORD, or None (not a local folder, not converted, or unreadable)."""
+    try:
+        with open(os.path.join(os.path.expanduser(folder), SOURCE_RECORD)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def bos_warning(bos_token_id: int | None, tokenizer: Any, teacher: str, tokenizer_from_teacher: bool) -> str | None:
+    """Why the rows may lack the BOS the teacher expects (a much worse teacher, silently), or None.
+
+    Warns when the teacher's config names a `bos_token_id` that the tokenizer knows as its BOS token but does
+    not add, unless the teacher folder records that its source (a GGUF's `tokenizer.ggml.add_bos_token`) says
+    not to add one. A config whose bos_token_id the tokenizer does not call its BOS (a default left in a config)
+    is not warned about.
+    """
+    from ..fingerprint import special_tokens_added
+
+    if bos_token_id is None or bos_token_id in special_tokens_added(tokenizer)["before"]:
+        return None
+    said = (read_source_record(teacher) or {}).get("add_bos_token") if tokenizer_from_teacher else None
+    if said is False or (said is None and getattr(tokenizer, "bos_token_id", None) != bos_token_id):
+        return None
+    token = tokenizer.convert_ids_to_tokens(int(bos_token_id)) if bos_token_id < len(tokenizer) else "?"
+    return (f"the teacher's config has bos_token_id {bos_token_id} ({token!r}) but its tokenizer does not add it, "
+            "so no row starts with it; a teacher trained with a BOS is a much worse teacher without one. If "
+            f"{teacher} was converted from GGUF by an older `kdstore prepare-teacher`, run it again (it now "
+            "honours the GGUF's add_bos_token); or pass --tokenizer with one that adds the BOS. If the teacher was "
+            "trained without a BOS, ignore this.")
 
 
 def check_teacher_path(path: str) -> None:

@@ -10,9 +10,7 @@ import numpy as np
 import torch
 
 from ..codecs import SampledTargets, TopKTargets, sampled_from_draws
-from .base import Row, Teacher, TeacherError, draws_from_topk
-
-_DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .base import Row, Teacher, TeacherError, draws_from_topk, resolve_dtype
 
 
 class HFTeacher(Teacher):
@@ -34,13 +32,12 @@ class HFTeacher(Teacher):
         self.vocab_size = int(self.head.weight.shape[0])
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: str = "float32", device: str | None = None, **kw) -> HFTeacher:
+    def from_pretrained(cls, path: str, dtype: str = "auto", device: str | None = None, **kw) -> HFTeacher:
+        """Load a teacher folder in `dtype` (`auto`: float32, as on every backend; see `resolve_dtype`)."""
         from transformers import AutoModelForCausalLM
 
-        if dtype not in _DTYPES:
-            raise TeacherError(f"dtype {dtype!r}: choose one of {sorted(_DTYPES)}")
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, resolve_dtype(dtype)))
         except OSError as e:
             raise TeacherError(f"cannot load teacher {path!r} with transformers: {e}") from e
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")

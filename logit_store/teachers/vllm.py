@@ -12,10 +12,39 @@ import os
 import numpy as np
 
 from ..codecs import SampledTargets, TopKTargets, sampled_from_draws, tail_logmass
-from .base import Row, Teacher, TeacherError, draws_from_topk
+from .base import Row, Teacher, TeacherError, draws_from_topk, resolve_dtype
+
+CPU_KV_FLOOR = 256 * 2**20  # never less KV cache than this on a CPU: room for many short rows at once
+_KV_ROWS = 2  # the CPU KV cache holds at least this many rows of the longest length at once
+
+
+def kv_bytes_per_token(config, dtype: str) -> int | None:
+    """K and V bytes one token takes in the KV cache of a standard decoder (every layer, every KV head), from
+    its transformers config; None when the config does not say (then only the floor applies)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers, heads = getattr(text, "num_hidden_layers", None), getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
+    if not (layers and kv_heads and head_dim):
+        return None
+    return 2 * layers * kv_heads * head_dim * (4 if dtype == "float32" else 2)
+
+
+def cpu_kv_cache_bytes(config, dtype: str, max_model_len: int | None) -> int:
+    """The KV cache to give vLLM on a CPU: `_KV_ROWS` rows of `max_model_len` tokens (vLLM refuses to start with
+    less than one), and at least CPU_KV_FLOOR. Sized from the rows the build makes, not the model's native
+    context: a 128k-context model would otherwise need gigabytes, or fail after minutes of loading."""
+    per_token = kv_bytes_per_token(config, dtype)
+    if per_token is None or not max_model_len:
+        return CPU_KV_FLOOR
+    return max(CPU_KV_FLOOR, _KV_ROWS * (max_model_len + 128) * per_token)  # + a block of slack per row
 
 
 class VLLMTeacher(Teacher):
+    """A vLLM engine over a teacher folder. `max_model_len` should be the longest sequence the caller will pass
+    (`kdstore build` gives --max-seq-len + 1, or what --generate can reach); None leaves vLLM's default, the
+    model's native context."""
+
     backend = "vllm"
 
     def __init__(self, path: str, dtype: str = "auto", max_logprobs: int = 128, tensor_parallel_size: int = 1,
@@ -30,10 +59,12 @@ class VLLMTeacher(Teacher):
         from transformers import AutoConfig
         from vllm import LLM
 
+        dtype = resolve_dtype(dtype)
         try:
-            self.vocab_size = int(AutoConfig.from_pretrained(path).vocab_size)
-        except OSError as e:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as e:
             raise TeacherError(f"cannot read the teacher's config at {path!r}: {e}") from e
+        self.vocab_size = int(config.vocab_size)
         args = dict(model=path, dtype=dtype, max_logprobs=max_logprobs, tensor_parallel_size=tensor_parallel_size,
                     enable_prefix_caching=False, seed=seed)
         if max_model_len:
@@ -44,14 +75,18 @@ class VLLMTeacher(Teacher):
             args["gpu_memory_utilization"] = gpu_memory_utilization
         if kv_cache_memory_bytes:
             args["kv_cache_memory_bytes"] = kv_cache_memory_bytes
-        elif on_cpu and not gpu_memory_utilization:
-            args["kv_cache_memory_bytes"] = 256 * 2**20  # vLLM would otherwise reserve 92 % of RAM
+        elif on_cpu and not gpu_memory_utilization:  # vLLM would otherwise reserve 92 % of RAM
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            context = max_model_len or getattr(text, "max_position_embeddings", None)
+            args["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(config, dtype, context)
         if on_cpu and tensor_parallel_size == 1:
             args["distributed_executor_backend"] = "uni"
         args.update(engine_args or {})
         self.llm = LLM(**args)
         self.name_or_path = path
         self.dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self.kv_cache_memory_bytes = args.get("kv_cache_memory_bytes")
         self.max_logprobs = max_logprobs
 
     def _prompt_logprobs(self, rows: list[Row], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
