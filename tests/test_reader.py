@@ -223,6 +223,7 @@ def test_a_broken_shard_is_reported_by_name_with_or_without_workers(tmp_path, wo
     assert len(shards) > 1
     shard = tmp_path / shards[1].file
     shard.write_bytes(shard.read_bytes()[:100])
-    with pytest.raises(StoreError, match=f"{shard.name}: not a readable Arrow IPC file") as caught:
+    with pytest.raises(StoreError, match=f"{shard.name}: .*truncated") as caught:
         _indices(StoreLoader(KDStream(str(tmp_path), batch_size=2, shuffle=False), num_workers=workers))
-    assert "Traceback" not in str(caught.value)  # not DataLoader's re-raise with the worker's traceback
+    message = str(caught.value)
+    assert "Traceback" not in message and "\n" not in message  # not DataLoader's re-raise with the worker's traceback

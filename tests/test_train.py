@@ -69,13 +69,33 @@ def test_baseline_students_train(store, tiny_teacher_dir, tmp_path, kind):
     assert len(losses) == 4 and losses[-1] < losses[0]
 
 
-def test_a_student_with_another_tokenizer_is_refused(store, tmp_path):
+@pytest.fixture(scope="module")
+def other_teacher(tmp_path_factory) -> str:
+    """A tiny teacher whose BPE is trained on other text: another tokenizer."""
     from assets.synthetic import make_tiny_teacher
 
-    other = str(tmp_path / "other")
-    make_tiny_teacher(other, n_docs=30, steps=1, seed=5)  # its BPE is trained on other text
+    other = str(tmp_path_factory.mktemp("other_teacher"))
+    make_tiny_teacher(other, n_docs=30, steps=1, seed=5)
+    return other
+
+
+def test_a_student_with_another_tokenizer_is_refused(store, tmp_path, other_teacher):
     with pytest.raises(TrainError, match="tokenizer"):
-        train(_cfg(store, other, tmp_path / "run"))
+        train(_cfg(store, other_teacher, tmp_path / "run"))
+
+
+def test_a_student_vocabulary_smaller_than_the_store_is_refused(store, tiny_teacher_dir):
+    from student_fixtures import VOCAB, llama_config
+    from transformers import LlamaForCausalLM
+
+    from logit_store import LogitStore
+    from student.train import check_tokenizer
+
+    opened = LogitStore.open(store)
+    assert VOCAB < opened.manifest.vocab_size
+    with pytest.raises(TrainError, match=rf"vocabulary \({VOCAB}\) is smaller than the store's .* "
+                                         rf"\({opened.manifest.vocab_size}\)"):
+        check_tokenizer(tiny_teacher_dir, opened, LlamaForCausalLM(llama_config()))
 
 
 def test_torchrun_two_processes_equal_one(store, tiny_teacher_dir, tmp_path):
@@ -98,7 +118,7 @@ def test_torchrun_two_processes_equal_one(store, tiny_teacher_dir, tmp_path):
     assert json.loads((tmp_path / "two" / "train_config.json").read_text())["batch_size"] == ROWS_PER_UNIT
 
 
-def test_eval_and_plot_commands(store, tiny_teacher_dir, tmp_path, capsys):
+def test_eval_and_plot_commands(store, tiny_teacher_dir, other_teacher, tmp_path, capsys):
     from cli import kdstudent
 
     run = tmp_path / "run"
@@ -114,34 +134,19 @@ def test_eval_and_plot_commands(store, tiny_teacher_dir, tmp_path, capsys):
     assert all(os.path.getsize(p) > 1000 for p in pngs)
 
     # eval makes training's checks, and every store error is one line, not a traceback
-    def edited(name, change):
-        copy = tmp_path / name
-        shutil.copytree(store, copy)
-        manifest = json.loads((copy / "manifest.json").read_text())
-        change(manifest, copy)
-        (copy / "manifest.json").write_text(json.dumps(manifest))
-        return str(copy)
-
-    def other_tokenizer(m, _):
-        m["tokenizer"]["fingerprint"] = "0" * 16
-
-    def larger_vocab(m, _):
-        m["vocab_size"] += 1000
-
-    def cut_shard(m, copy):
-        shard = copy / m["shards"][0]["file"]
-        shard.write_bytes(shard.read_bytes()[:100])
-
+    other_store = write_teacher_store(str(tmp_path / "other"), other_teacher, 4, SEQ)  # another tokenizer's ids
+    cut = tmp_path / "cut"
+    shutil.copytree(store, cut)
+    shard = cut / json.loads((cut / "manifest.json").read_text())["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:100])
     for model in (run, run / "final" / "student"):  # a run, and a saved student
-        for broken, message in ((edited("tok", other_tokenizer), "tokenizer"),
-                                (edited("vocab", larger_vocab), "vocabulary"),
-                                (edited("cut", cut_shard), "not a readable Arrow IPC file"),
+        for broken, message in ((other_store, "is not the one the store"),
+                                (str(cut), f"{shard.name}: size 100 bytes"),
                                 (str(tmp_path / "nowhere"), "no manifest here")):
             assert kdstudent.main(["eval", "--model", str(model), "--store", broken]) == 2
             err = capsys.readouterr().err  # may hold transformers' progress bars before the error line
             last = err.rstrip("\n").split("\n")[-1]
             assert last.startswith("kdstudent eval: error:") and message in last and "Traceback" not in err, err
-            shutil.rmtree(broken, ignore_errors=True)
 
 
 @pytest.mark.parametrize("flag,value", [("batch-size", "0"), ("grad-accum", "0"), ("max-steps", "0"),
