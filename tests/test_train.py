@@ -79,9 +79,18 @@ def other_teacher(tmp_path_factory) -> str:
     return other
 
 
-def test_a_student_with_another_tokenizer_is_refused(store, tmp_path, other_teacher):
+@pytest.fixture(scope="module")
+def other_store(other_teacher, tmp_path_factory) -> str:
+    """4 rows in the other tokenizer's ids."""
+    return write_teacher_store(str(tmp_path_factory.mktemp("other_store")), other_teacher, 4, SEQ)
+
+
+def test_a_student_with_another_tokenizer_is_refused(store, tmp_path, other_teacher, other_store, tiny_teacher_dir):
     with pytest.raises(TrainError, match="tokenizer"):
         train(_cfg(store, other_teacher, tmp_path / "run"))
+    with pytest.raises(TrainError, match=f"is not the one the store {other_store} was built with"):
+        train(_cfg(store, tiny_teacher_dir, tmp_path / "run2", eval_store=other_store))  # --eval-store too
+    assert not (tmp_path / "run2" / "metrics.jsonl").exists()
 
 
 def test_a_student_vocabulary_smaller_than_the_store_is_refused(store, tiny_teacher_dir):
@@ -118,7 +127,7 @@ def test_torchrun_two_processes_equal_one(store, tiny_teacher_dir, tmp_path):
     assert json.loads((tmp_path / "two" / "train_config.json").read_text())["batch_size"] == ROWS_PER_UNIT
 
 
-def test_eval_and_plot_commands(store, tiny_teacher_dir, other_teacher, tmp_path, capsys):
+def test_eval_and_plot_commands(store, tiny_teacher_dir, other_store, tmp_path, capsys):
     from cli import kdstudent
 
     run = tmp_path / "run"
@@ -134,7 +143,6 @@ def test_eval_and_plot_commands(store, tiny_teacher_dir, other_teacher, tmp_path
     assert all(os.path.getsize(p) > 1000 for p in pngs)
 
     # eval makes training's checks, and every store error is one line, not a traceback
-    other_store = write_teacher_store(str(tmp_path / "other"), other_teacher, 4, SEQ)  # another tokenizer's ids
     cut = tmp_path / "cut"
     shutil.copytree(store, cut)
     shard = cut / json.loads((cut / "manifest.json").read_text())["shards"][0]["file"]
