@@ -80,8 +80,9 @@ class KDStream(IterableDataset):
        so ranks change epochs in lockstep. Every row is dealt once per epoch, and at most `world_size - 1` of
        them (the first of that epoch's order, different rows every shuffled epoch) a second time.
     3. **Batches.** Global batch j is rows [j·G, (j+1)·G) of the order, G = world_size × batch_size, and rank r
-       takes the r-th slice of it. So N processes with batch B see, step by step, the rows one process sees with
-       batch N·B. The last global batch of an epoch may be short (split evenly), or dropped with `drop_last`.
+       takes the r-th slice of it in store order. So N processes with batch B see, step by step, the rows one
+       process sees with batch N·B. The last global batch of an epoch may be short (split evenly), or dropped
+       with `drop_last`.
 
     The unit of dealing is the row: any store serves any number of ranks up to its row count, whatever its
     record batch layout. A rank's epoch is its list of batches; DataLoader worker w of W yields batches
