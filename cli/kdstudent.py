@@ -105,12 +105,11 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from student.evaluate import evaluate_stores, format_report
-    from student.train import load_trained
+    from student.evaluate import evaluate_trained, format_report
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = evaluate_stores(load_trained(args.model, device), args.store, batch_size=args.batch_size,
-                             max_rows=args.max_rows, device=device)
+    result = evaluate_trained(args.model, args.store, batch_size=args.batch_size, max_rows=args.max_rows,
+                              device=device)
     if args.json:  # one store: its result, as `evaluate` returns it; several: per store and pooled
         print(json.dumps(result["stores"][args.store[0]] if len(args.store) == 1 else result, indent=1))
         return 0
@@ -169,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _errors() -> tuple[type[BaseException], ...]:
+    """What the user can fix, reported as one line (exit 2) instead of a traceback: bad options and mismatches
+    (ValueError: TrainError, ManifestError, TargetError, ...), a store that does not match its manifest
+    (StoreError), a run directory another training holds, missing or unreadable files (OSError)."""
+    from logit_store import StoreError
+    from student.run import RunLockedError
+
+    return ValueError, OSError, StoreError, RunLockedError
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -177,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             return dataclass_commands[argv[0]](argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # our errors say what is wrong and what to do
-        print(f"kdstudent {argv[0] if argv else ''}: error: {err}", file=sys.stderr)
+    except _errors() as err:  # our errors say what is wrong and what to do
+        rank = os.environ.get("RANK")  # under torchrun every process reports; say which
+        where = f" (rank {rank})" if rank not in (None, "0") else ""
+        print(f"kdstudent {argv[0] if argv else ''}{where}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -7,6 +7,8 @@ benchmarks read batches by these keys and know nothing else of the store.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from typing import TypedDict
 
@@ -15,7 +17,8 @@ import pyarrow.fs as pafs
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .reader import BatchRows, DecodedRow, LogitStore
+from .faults import crash_point
+from .reader import BatchRows, DecodedRow, LogitStore, StoreError
 
 
 class KDBatch(TypedDict):
@@ -77,16 +80,30 @@ def _domain_index(domain: str | None, domains: list[str] | None) -> int:
 
 
 class KDStream(IterableDataset):
-    """Streams batches of a store for training: shuffled, split by rank and DataLoader worker, resumable.
+    """Streams batches of a store for training: shuffled, dealt to ranks and DataLoader workers, resumable.
 
-    The unit of work is one Arrow record batch. Each epoch, units are permuted (seeded), dealt to ranks
-    (`perm[rank::world_size]`), then to DataLoader workers; each worker's rows are shuffled in windows of
-    `shuffle_buffer` rows. So every row is delivered exactly once per epoch across ranks x workers, and the
-    order is a pure function of (seed, epoch, rank, worker): resuming skips rows without reading them.
-    Ranks may get a few rows more or fewer than others (whole units); `rows_per_rank()` says how many.
+    Each epoch is planned first, from metadata only (no I/O), as a pure function of (seed, epoch):
 
-    Iterate it directly (num_workers=0) or through `StoreLoader`, which tracks worker positions so that
-    `state_dict()` is exact.
+    1. **Order.** The store's record batches are permuted, their rows concatenated, and the rows shuffled within
+       consecutive windows of `shuffle_buffer` rows (a buffer >= the store's rows is a uniform shuffle). Rows
+       stay near their record batch, so a reader holds only the record batches of about one window.
+    2. **Equal shares.** If the rows do not divide by `world_size`, the first rows of the order are appended
+       again (DistributedSampler's wrap-around): every rank gets the same number of rows and batches per epoch,
+       so ranks change epochs in lockstep. Every row is dealt once per epoch, and at most `world_size - 1` of
+       them (the first of that epoch's order, different rows every shuffled epoch) a second time.
+    3. **Batches.** Global batch j is rows [j·G, (j+1)·G) of the order, G = world_size × batch_size, and rank r
+       takes the r-th slice of it in store order. So N processes with batch B see, step by step, the rows one
+       process sees with batch N·B. The last global batch of an epoch may be short (split evenly), or dropped
+       with `drop_last`.
+
+    The unit of dealing is the row: any store serves any number of ranks up to its row count, whatever its
+    record batch layout. A rank's epoch is its list of batches; DataLoader worker w of W yields batches
+    w, w + W, ... of it, which is the order DataLoader's round-robin delivers them in, so the order of batches
+    does not depend on `num_workers`. `state_dict()` is (epoch, batches done); after a resume at batch b worker
+    w yields batches b + w, b + w + W, ..., so resuming continues the same sequence of batches, also with another
+    worker count, also at an epoch boundary.
+
+    Iterate it directly (num_workers=0) or through `StoreLoader`, which tracks the position across workers.
     """
 
     def __init__(
@@ -115,113 +132,171 @@ class KDStream(IterableDataset):
             world_size = torch.distributed.get_world_size() if dist else 1
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        if batch_size < 1 or shuffle_buffer < 1:
+            raise ValueError(f"batch_size and shuffle_buffer must be >= 1, got {batch_size} and {shuffle_buffer}")
         self.batch_size, self.shuffle, self.shuffle_buffer, self.seed = batch_size, shuffle, shuffle_buffer, seed
         self.rank, self.world_size, self.drop_last, self.pad_id = rank, world_size, drop_last, pad_id
-        self.num_workers = 0  # set by StoreLoader; part of the resumable state
+        self.num_workers = 0  # set by StoreLoader; recorded in state_dict, free to change on resume
         self.epoch = 0
-        self.rows_done: dict[int, int] = {}  # per slot (worker): rows already yielded this epoch
-        self.batches_done = 0  # this epoch, all slots together
+        self.batches_done = 0  # of this rank's batches this epoch
         self._units = self.store.units()
+        unit_rows = np.array([n for _, _, n in self._units], dtype=np.int64)
+        self._unit_rows, self._unit_start = unit_rows, np.cumsum(unit_rows) - unit_rows
+        self.rows = int(unit_rows.sum())
+        if self.rows < world_size:
+            raise ValueError(f"{self.store.root}: the store has {self.rows} rows, fewer than the {world_size} "
+                             "processes reading it; every process needs rows of its own: use fewer processes")
+        if len(self) == 0:
+            raise ValueError(f"{self.store.root}: {self.rows} rows make no full batch of {batch_size} rows for "
+                             f"each of {world_size} processes with drop_last: use a smaller batch or fewer processes")
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its padded global order), computed lazily
 
     # ------------------------------------------------------------ plan (metadata only, no I/O)
-    def _slot_units(self, worker: int, workers: int) -> np.ndarray:
-        n = len(self._units)
-        perm = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
-        return perm[self.rank::self.world_size][worker::workers]
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Global row numbers (store order) in the order epoch `epoch` deals them, wrap-around padding included."""
+        if self._order is not None and self._order[0] == epoch:
+            return self._order[1]
+        dtype = np.int32 if self.rows < 2**31 else np.int64
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, epoch])
+            units = rng.permutation(len(self._units))
+            counts = self._unit_rows[units]
+            first = np.repeat(self._unit_start[units] - (np.cumsum(counts) - counts), counts)
+            order = (first + np.arange(self.rows)).astype(dtype)
+            for lo in range(0, self.rows, self.shuffle_buffer):
+                rng.shuffle(order[lo:lo + self.shuffle_buffer])
+        else:
+            order = np.arange(self.rows, dtype=dtype)
+        order = np.concatenate([order, order[:(-self.rows) % self.world_size]])
+        self._order = (epoch, order)
+        return order
 
-    def _slot_rows(self, worker: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
-        """(unit, row-in-unit) of every row this slot yields this epoch, in order."""
-        units = self._slot_units(worker, workers)
-        counts = np.array([self._units[u][2] for u in units], dtype=np.int64)
-        unit_of = np.repeat(units, counts)
-        row_in = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-        if self.shuffle and unit_of.size:
-            rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-            order = np.arange(unit_of.size)
-            for start in range(0, order.size, self.shuffle_buffer):
-                rng.shuffle(order[start:start + self.shuffle_buffer])
-            unit_of, row_in = unit_of[order], row_in[order]
-        return unit_of, row_in
+    def batch_rows(self, index: int, epoch: int | None = None) -> np.ndarray:
+        """Global row numbers of this rank's batch `index` of epoch `epoch` (default: the current one)."""
+        order = self.epoch_order(self.epoch if epoch is None else epoch)
+        step = self.world_size * self.batch_size
+        # sorted: rank r takes the r-th part of the batch's rows in store order, so over a window each rank
+        # reads about 1/world_size of its record batches, not all of them (which ranks compute which rows of a
+        # global batch does not change the step: its loss is normalised over the global batch)
+        chunk = np.sort(order[index * step:(index + 1) * step])
+        share = chunk.size // self.world_size
+        return chunk[self.rank * share:(self.rank + 1) * share]
 
     def rows_per_rank(self) -> int:
-        return int(sum(self._units[u][2] for u in self._slot_units(0, 1)))
+        """Rows this rank yields per epoch (the same on every rank)."""
+        padded = -(-self.rows // self.world_size)
+        return len(self) * self.batch_size if self.drop_last else padded
 
     def __len__(self) -> int:
-        """Batches this rank yields per epoch (with the current num_workers)."""
-        workers = max(self.num_workers, 1)
-        total = 0
-        for w in range(workers):
-            rows = int(sum(self._units[u][2] for u in self._slot_units(w, workers)))
-            total += rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
-        return total
+        """Batches this rank yields per epoch (the same on every rank, whatever the number of workers)."""
+        padded = -(-self.rows // self.world_size) * self.world_size
+        step = self.world_size * self.batch_size
+        return padded // step if self.drop_last else -(-padded // step)
 
     # ------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[KDBatch]:
         info = get_worker_info()
-        # DataLoader always starts polling at worker 0; after a resume the slot due next must be polled
-        # first, so DataLoader worker i plays slot (i + batches_done) % workers.
-        worker, workers = ((info.id + self.batches_done) % info.num_workers, info.num_workers) if info else (0, 1)
-        unit_of, row_in = self._slot_rows(worker, workers)
-        start = self.rows_done.get(worker, 0)
-        last_use = {int(u): i for i, u in enumerate(unit_of)}  # evict a decoded unit after its last row
+        if info is None:
+            self._roll_over()
+            worker, workers = 0, 1
+        else:
+            worker, workers = info.id, info.num_workers
+        indices = range(self.batches_done + worker, len(self), workers)
+        try:
+            for index, rows in zip(indices, self._decoded(indices), strict=True):
+                batch = collate(rows, self.pad_id, self.store.manifest.domain_names)
+                if info is None:
+                    self.batches_done = index + 1
+                else:
+                    batch["_batch_index"] = torch.tensor(index)  # not part of KDBatch: StoreLoader pops it
+                yield batch
+        except (StoreError, ValueError, OSError) as e:
+            if info is None:
+                raise
+            # DataLoader would re-raise it as a new exception whose message is the worker's traceback: hand the
+            # error itself to StoreLoader, which raises it as it is (one line naming the shard)
+            yield {"_error": e}
+            return
+        if info is None:
+            self.set_epoch(self.epoch + 1)
+
+    def _decoded(self, indices: range) -> Iterator[list[DecodedRow]]:
+        """The rows of these batches, reading each record batch once and dropping it after its last row here."""
+        batches = [self.batch_rows(i) for i in indices]
+        flat = np.concatenate(batches) if batches else np.zeros(0, np.int64)
+        unit_of = np.searchsorted(self._unit_start, flat, side="right") - 1
+        last_use = {int(u): i for i, u in enumerate(unit_of)}
         cache: dict[int, BatchRows] = {}
-        for lo in range(start, unit_of.size, self.batch_size):
-            hi = min(lo + self.batch_size, unit_of.size)
-            if self.drop_last and hi - lo < self.batch_size:
-                break
+        i = 0
+        for ids in batches:
             rows = []
-            for i in range(lo, hi):
+            for row in ids:
                 u = int(unit_of[i])
                 if u not in cache:
                     file, b, _ = self._units[u]
                     cache[u] = self.store.decode_batch(file, self.store.read_batch(file, b))
-                rows.append(cache[u][int(row_in[i])])
+                rows.append(cache[u][int(row - self._unit_start[u])])
                 if last_use[u] == i:
                     del cache[u]
-            batch = collate(rows, self.pad_id, self.store.manifest.domain_names)
-            if info is None:
-                self.rows_done[worker] = hi
-                self.batches_done += 1
-            else:
-                batch["_position"] = torch.tensor([worker, hi])  # not part of KDBatch: StoreLoader pops it
-            yield batch
-        if info is None:
+                i += 1
+            yield rows
+
+    def _roll_over(self) -> None:
+        """Start the next epoch if this one's batches were all yielded (a checkpoint taken right after an epoch's
+        last batch resumes here), and mark the start of an epoch as a crash point for the fault tests."""
+        if self.batches_done >= len(self):
             self.set_epoch(self.epoch + 1)
+        if self.batches_done == 0:
+            crash_point("epoch", self.epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self.rows_done = {}
         self.batches_done = 0
 
     # ------------------------------------------------------------ checkpointing
+    def layout(self) -> str:
+        """Digest of the store's record batch layout (files and row counts), which the shuffled order depends on."""
+        return hashlib.sha256(json.dumps(self._units).encode()).hexdigest()[:16]
+
     def state_dict(self) -> dict:
-        return dict(epoch=self.epoch, seed=self.seed, rank=self.rank, world_size=self.world_size,
-                    num_workers=self.num_workers, batch_size=self.batch_size, shuffle=self.shuffle,
-                    shuffle_buffer=self.shuffle_buffer, store=self.store.manifest.fingerprint(),
-                    rows=self.store.manifest.rows, batches_done=self.batches_done,
-                    rows_done={str(k): v for k, v in self.rows_done.items()})
+        return dict(dealing="rows", epoch=self.epoch, batches_done=self.batches_done, seed=self.seed,
+                    rank=self.rank, world_size=self.world_size, batch_size=self.batch_size, shuffle=self.shuffle,
+                    shuffle_buffer=self.shuffle_buffer, drop_last=self.drop_last,
+                    store=self.store.manifest.fingerprint(), rows=self.rows, layout=self.layout(),
+                    num_workers=self.num_workers)
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`; refuses (ValueError, naming the setting) what would change the order of batches.
+        The number of DataLoader workers may change."""
+        if state.get("dealing") != "rows":
+            raise ValueError("this reader position was saved by an earlier moekd that dealt whole record batches "
+                             "to ranks; it cannot be continued exactly: finish the run with that version, or "
+                             "start a new run")
         mine = self.state_dict()
-        for key in ("seed", "rank", "world_size", "num_workers", "batch_size", "shuffle", "shuffle_buffer",
-                    "store", "rows"):
+        for key in ("seed", "rank", "world_size", "batch_size", "shuffle", "shuffle_buffer", "drop_last", "store",
+                    "rows", "layout"):
             if state[key] != mine[key]:
                 raise ValueError(f"cannot resume the reader exactly: {key} was {state[key]!r} when the "
                                  f"checkpoint was taken and is {mine[key]!r} now")
-        self.epoch = state["epoch"]
-        self.batches_done = state["batches_done"]
-        self.rows_done = {int(k): v for k, v in state["rows_done"].items()}
+        if not 0 <= state["batches_done"] <= len(self):
+            raise ValueError(f"reader position {state['batches_done']} is outside an epoch of {len(self)} batches")
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
 
 
 class StoreLoader:
     """A torch DataLoader over a KDStream that keeps the stream's position exact across worker processes."""
 
     def __init__(self, stream: KDStream, num_workers: int = 0, **dataloader_kwargs):
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.stream = stream
         stream.num_workers = num_workers
         self.kwargs = dict(num_workers=num_workers, batch_size=None, **dataloader_kwargs)
         if num_workers:
             self.kwargs.setdefault("persistent_workers", False)
+            # DataLoader seeds its workers from the global torch RNG unless given a generator: a fixed one keeps
+            # the trainer's RNG (dropout) the same whether or not a resume started the workers mid-epoch
+            self.kwargs.setdefault("generator", torch.Generator())
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -230,12 +305,18 @@ class StoreLoader:
         if not self.kwargs["num_workers"]:
             yield from self.stream
             return
-        for batch in DataLoader(self.stream, **self.kwargs):
-            worker, done = batch.pop("_position").tolist()
-            self.stream.rows_done[worker] = done
-            self.stream.batches_done += 1
+        stream = self.stream
+        stream._roll_over()
+        for batch in DataLoader(stream, **self.kwargs):
+            if "_error" in batch:
+                raise batch["_error"]
+            index = int(batch.pop("_batch_index"))
+            if index != stream.batches_done:  # the plan guarantees it; a DataLoader that reordered would break it
+                raise RuntimeError(f"DataLoader delivered batch {index} of epoch {stream.epoch}, expected batch "
+                                   f"{stream.batches_done}")
+            stream.batches_done = index + 1
             yield batch
-        self.stream.set_epoch(self.stream.epoch + 1)
+        stream.set_epoch(stream.epoch + 1)
 
     def state_dict(self) -> dict:
         return self.stream.state_dict()

@@ -180,7 +180,7 @@ class TrainConfig(MoELoRAConfig):
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps, then cosine decay to 0"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping; 0: off"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast"})
     base_dtype: str = field(default="float32", metadata={
         "help": "dtype the frozen base is loaded in; adapters, routers and LoRA factors stay fp32. bfloat16 halves "
@@ -201,13 +201,36 @@ class TrainConfig(MoELoRAConfig):
     shuffle_buffer: int = field(default=1024, metadata={"help": "rows shuffled together"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers per process"})
     log_every: int = field(default=10, metadata={"help": "steps between metrics lines"})
-    save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0 = only at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept"})
+    save_every: int = field(default=0, metadata={"help": "steps between checkpoints; 0: only at the end"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept; 0 keeps all"})
     eval_store: str | None = field(default=None, metadata={"help": "held-out store evaluated every eval_every"})
-    eval_every: int = field(default=0, metadata={"help": "steps between evaluations (0 = only at the end)"})
+    eval_every: int = field(default=0, metadata={"help": "steps between evaluations; 0: only at the end"})
     eval_rows: int = field(default=256, metadata={"help": "rows of the eval store used per evaluation"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        """Refuse options that cannot work now, before a model or a store is loaded (a mistake costs seconds)."""
+        super().__post_init__()
+        at_least = {"batch_size": 1, "grad_accum": 1, "max_steps": 1, "log_every": 1, "eval_rows": 1,
+                    "shuffle_buffer": 1, "loss_chunk": 1, "warmup_steps": 0, "save_every": 0, "eval_every": 0,
+                    "num_workers": 0, "keep_checkpoints": 0}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"--{_flag(name)} must be an integer >= {low}, got {value!r} ({_help(name)})")
+        for name, positive in (("lr", True), ("temperature", True), ("weight_decay", False),
+                               ("max_grad_norm", False), ("kd_weight", False), ("ce_weight", False)):
+            value = getattr(self, name)
+            if not (value > 0 if positive else value >= 0):  # also refuses NaN
+                raise ValueError(f"--{_flag(name)} must be {'>' if positive else '>='} 0, got {value!r} "
+                                 f"({_help(name)})")
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise ValueError("--kd-weight and --ce-weight are both 0: there is nothing to train on")
+        try:
+            self.loss_config()  # the loss's own checks
+        except ValueError as e:
+            raise ValueError(f"loss options (--loss, --skew-alpha, --jsd-beta): {e}") from None
 
     def student_config(self) -> MoELoRAConfig:
         """The student's shape: this config's MoELoRAConfig fields."""
@@ -217,6 +240,14 @@ class TrainConfig(MoELoRAConfig):
         return DistillLossConfig(kind=self.loss, alpha=self.skew_alpha, beta=self.jsd_beta,
                                  temperature=self.temperature, kd_weight=self.kd_weight, ce_weight=self.ce_weight,
                                  chunk_size=self.loss_chunk, reduction="sum")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _help(name: str) -> str:
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(TrainConfig) if f.name == name)
 
 
 @dataclass

@@ -12,15 +12,19 @@
                             trainable.safetensors + student/ in the run's last checkpoint only.
       final/student/        the trained MoE-LoRA student (student.io format)
       plots/                `kdstudent plot`
+      .lock                 locked (lockf) by the training that owns the run; its pid and host inside
 
 The trainer writes these (student/train.py); the readers (load_trained, student.io, plots, the CLI) find them here.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import shutil
+import socket
 from pathlib import Path
 
 from student.config import TrainConfig
@@ -31,7 +35,59 @@ TRAINABLE = "trainable.safetensors"  # in a checkpoint: the trainable parameters
 TRAIN_STATE = "train_state.pt"  # in a checkpoint: step, optimizer, scheduler, reader and RNG states per rank
 STUDENT = "student"  # a saved MoE-LoRA student inside a checkpoint or final/
 FINAL = "final"
+LOCK = ".lock"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+class RunLockedError(RuntimeError):
+    """Another training holds the run directory."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held by the one training that writes it (rank 0 of a torchrun).
+
+    A POSIX record lock (`fcntl.lockf`) on RUN/.lock. The kernel drops it when the holder exits or dies (kill -9
+    included), so a killed run leaves no stale lock; a second training of the same --out stops at once with an
+    error naming the holder (its pid and host, written in the file). Not `flock`: an flock is shared with forked
+    children, so the DataLoader workers of a killed run would hold it on for seconds; a record lock belongs to
+    the process alone. Record locks work across hosts on NFS. Within one process a second lock of the same run is
+    refused as well (record locks do not conflict within a process).
+    """
+
+    _held: set[str] = set()  # runs this process holds
+
+    def __init__(self, run: str | os.PathLike):
+        self.path = Path(run) / LOCK
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._key = os.path.realpath(self.path)
+        self._fd: int | None = None
+        if self._key in RunLock._held:
+            raise RunLockedError(f"{Path(run)} is in use by another training in this process (lock {self.path})")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EAGAIN / EACCES: held elsewhere
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise RunLockedError(f"{Path(run)} is in use by another training ({holder}; lock {self.path}): wait "
+                                 "for it to finish, or choose another --out") from None
+        self._fd = fd
+        RunLock._held.add(self._key)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+
+    def release(self) -> None:
+        """Give the lock up (closing the file releases it). Idempotent."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            RunLock._held.discard(self._key)
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def is_run(path: str | os.PathLike) -> bool:
@@ -46,6 +102,12 @@ def checkpoint_dir(run: str | os.PathLike, step: int) -> Path:
 def temp_checkpoint_dir(run: str | os.PathLike, step: int) -> Path:
     """Where checkpoint `step` is written before it is renamed into place."""
     return Path(run) / f".tmp-checkpoint-{step}"
+
+
+def remove_temp_checkpoints(run: str | os.PathLike) -> None:
+    """Delete checkpoints a killed run left half-written (they were never renamed into place)."""
+    for tmp in Path(run).glob(".tmp-checkpoint-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def checkpoints(run: str | os.PathLike) -> list[Path]:
@@ -78,7 +140,19 @@ def append_metrics(run: str | os.PathLike, record: dict) -> None:
 
 
 def truncate_metrics(run: str | os.PathLike, step: int) -> None:
-    """Drop the records after `step` (what a crashed run logged after the checkpoint it resumes from)."""
+    """Drop the records after `step` (what a crashed run logged after the checkpoint it resumes from; all of them
+    when it resumes from none), and a last line a kill cut short. Replaced atomically."""
     path = Path(run) / METRICS
-    if path.exists():
-        path.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(run) if r["step"] <= step))
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the kill: the step it belongs to is trained again
+        if record["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)

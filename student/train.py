@@ -30,7 +30,8 @@ import torch.distributed as dist
 from torch import nn
 
 from logit_store import KDStream, LogitStore, StoreLoader
-from logit_store.fingerprint import tokenizer_fingerprint
+from logit_store.faults import crash_point
+from logit_store.fingerprint import tokenizer_fingerprint, tokenizer_matches
 from student import distributed
 from student.config import TrainConfig, is_moe_student
 from student.losses import DistillLossConfig, distill_loss
@@ -47,12 +48,15 @@ from student.run import (
     STUDENT,
     TRAIN_STATE,
     TRAINABLE,
+    RunLock,
+    RunLockedError,
     append_metrics,
     checkpoint_dir,
     checkpoints,
     final_student_dir,
     is_run,
     load_config,
+    remove_temp_checkpoints,
     temp_checkpoint_dir,
     truncate_metrics,
     write_config,
@@ -98,20 +102,24 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     return model
 
 
-def check_tokenizer(cfg: TrainConfig, store: LogitStore, model: nn.Module) -> None:
-    """The student must speak the store's token ids: same tokenizer, a vocabulary that holds every id."""
+def check_tokenizer(tokenizer_dir: str, store: LogitStore, model: nn.Module) -> None:
+    """The student must speak the store's token ids: same tokenizer, a vocabulary that holds every id.
+    Training checks it before the first step, `kdstudent eval` before evaluating: both would otherwise run and
+    report numbers that mean nothing."""
     from transformers import AutoTokenizer
 
     m = store.manifest
-    tok = AutoTokenizer.from_pretrained(cfg.base)
-    mine, theirs = tokenizer_fingerprint(tok), m.tokenizer.get("fingerprint")
-    if theirs and mine != theirs:
-        raise TrainError(f"the student's tokenizer ({cfg.base}, fingerprint {mine}) is not the one the store "
-                         f"{cfg.store} was built with ({m.tokenizer.get('name_or_path')}, fingerprint {theirs}): "
-                         "token ids would mean different things. Use a student of the teacher's family.")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if not tokenizer_matches(tok, m.tokenizer):
+        version = int(m.tokenizer.get("fingerprint_version", 1))
+        raise TrainError(f"the student's tokenizer ({tokenizer_dir}, fingerprint {tokenizer_fingerprint(tok, version)}) "
+                         f"is not the one the store {store.root} was built with ({m.tokenizer.get('name_or_path')}, "
+                         f"fingerprint {m.tokenizer.get('fingerprint')}): token ids would mean different things, or "
+                         "the tokenizers add different special tokens. Use a student of the teacher's family.")
     vocab = model.get_output_embeddings().weight.shape[0]
     if vocab < m.vocab_size:
-        raise TrainError(f"the student's vocabulary ({vocab}) is smaller than the store's ({m.vocab_size})")
+        raise TrainError(f"the student's vocabulary ({vocab}) is smaller than the store's {store.root} "
+                         f"({m.vocab_size}): it cannot score every stored token id")
 
 
 class DistillStep(nn.Module):
@@ -140,6 +148,16 @@ class DistillStep(nn.Module):
 # ================================================================ distributed helpers
 _dist = distributed.rank_world
 _setup_distributed = distributed.setup_process_group
+
+
+def _raise_everywhere(error: Exception | None) -> None:
+    """Raise rank 0's error (or None) on every rank, so that no rank waits for peers that have stopped."""
+    if _dist()[1] > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
 
 
 def _all_sum(x: float, device: torch.device) -> float:
@@ -223,8 +241,10 @@ def save_checkpoint(run: Path, step: int, model: nn.Module, opt, sched, loader: 
 
             with _full_weights(model, full):
                 save_student(model, tmp / STUDENT, extra={"step": step})
+        crash_point("checkpoint-temp", step)  # written, not renamed: a resume starts from the previous checkpoint
         shutil.rmtree(done, ignore_errors=True)
         os.replace(tmp, done)
+        crash_point("checkpoint-rename", step)  # in place, older ones not yet pruned
         for old in checkpoints(run)[: -cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     if world > 1:
@@ -285,21 +305,45 @@ def load_checkpoint(path: Path, model: nn.Module, opt, sched, loader: StoreLoade
         _load_trainable(model, path)
         opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    loader.load_state_dict(state["readers"][rank])
+    try:
+        loader.load_state_dict(state["readers"][rank])
+    except ValueError as e:
+        raise TrainError(f"cannot resume from {path}: {e}") from None
     _set_rng_state(state["rng"][rank])
     return int(state["step"])
 
 
 # ================================================================ training
 def _micro_batches(loader: StoreLoader):
-    """Endless batches: epochs follow one another (each rank at its own pace; steps stay in lockstep)."""
+    """Endless batches: epochs follow one another. Every rank has the same number of batches per epoch
+    (KDStream deals equal shares), so ranks change epochs in lockstep."""
     while True:
         empty = True
         for batch in loader:
             empty = False
             yield batch
-        if empty:
-            raise TrainError("the store yields no batch for this process (fewer record batches than processes?)")
+        if empty:  # KDStream refuses, when it is made, a store that gives a rank no batch
+            raise TrainError(f"the store yields no batch in epoch {loader.stream.epoch - 1}")
+
+
+def _claim_run(run: Path, cfg: TrainConfig, rank: int) -> RunLock | None:
+    """Rank 0 locks the run directory for the whole training and checks that it may start there; on any rank the
+    same error if not. Returns the lock (rank 0) to release at the end."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = RunLock(run)
+            if not cfg.resume and (checkpoints(run) or (run / METRICS).exists()):
+                raise TrainError(f"{run} already holds a run: pass --resume to continue it, or choose a new --out")
+        except (RunLockedError, TrainError, OSError) as e:
+            error = e
+    try:
+        _raise_everywhere(error)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -326,23 +370,39 @@ def _sum_loads(loads: list[torch.Tensor], device: torch.device) -> list[torch.Te
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) a training; returns the last metrics line."""
+    """Run (or resume) a training; returns the last metrics line. Rank 0 holds the run directory's lock
+    (student.run.RunLock) from before anything is loaded until the end."""
+    rank, world, device = _setup_distributed()
+    run = Path(cfg.out)
+    lock = _claim_run(run, cfg, rank)
+    try:
+        return _train(cfg, run, rank, world, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, run: Path, rank: int, world: int, device: torch.device) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     from student.baselines import count_parameters
 
-    rank, world, device = _setup_distributed()
-    run = Path(cfg.out)
-    if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume and (checkpoints(run) or (run / METRICS).exists()):
-            raise TrainError(f"{run} already holds a run: pass --resume to continue it, or choose a new --out")
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     store = LogitStore.open(cfg.store)
+    rows = sum(n for _, _, n in store.units())
+    if rows < world * cfg.batch_size:
+        raise TrainError(f"the store {cfg.store} has {rows} rows, fewer than one batch for each process: {world} "
+                         f"process(es) x --batch-size {cfg.batch_size} = {world * cfg.batch_size} rows. Use a "
+                         "smaller --batch-size, fewer processes, or a larger store")
+    stream = KDStream(store, cfg.batch_size, shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+                      rank=rank, world_size=world)
+    loader = StoreLoader(stream, num_workers=cfg.num_workers)
     model = build_model(cfg).to(device)
     trainable = count_parameters(model)
-    check_tokenizer(cfg, store, model)
+    check_tokenizer(cfg.base, store, model)
+    if cfg.eval_store:
+        check_tokenizer(cfg.base, LogitStore.open(cfg.eval_store), model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -362,15 +422,13 @@ def train(cfg: TrainConfig) -> dict:
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     bias_step = cfg.router_bias_update if is_moe_student(model) else 0.0
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
-    stream = KDStream(store, cfg.batch_size, shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
-                      rank=rank, world_size=world)
-    loader = StoreLoader(stream, num_workers=cfg.num_workers)
     step = 0
     if cfg.resume and checkpoints(run):
         step = load_checkpoint(checkpoints(run)[-1], model, opt, sched, loader)
-        if rank == 0:  # drop what a crashed run logged after its last checkpoint
-            truncate_metrics(run, step)
     if rank == 0:
+        if cfg.resume:  # drop what a killed run logged after its last checkpoint (everything, if it wrote none)
+            truncate_metrics(run, step)
+        remove_temp_checkpoints(run)
         write_config(run, cfg)
         print(f"student {cfg.student}: {trainable}; {world} process(es), global batch "
               f"{cfg.batch_size * cfg.grad_accum * world} rows" + (f"; resuming at step {step}" if step else ""))
@@ -410,6 +468,7 @@ def train(cfg: TrainConfig) -> dict:
                 sums[key] += float(m[key]) if key in m else 0.0
             for key in ("balance", "z"):
                 sums[key] += float(m[key]) / len(micro) if key in m else 0.0
+        crash_point("step", step + 1)  # mid-step: gradients computed, weights not yet updated
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 \
             else _grad_norm(params)
         opt.step()
@@ -435,8 +494,7 @@ def train(cfg: TrainConfig) -> dict:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            save_checkpoint(run, step, model, opt, sched, loader, cfg, final=False)
+        # evaluate before checkpointing: a checkpoint at step s implies every metrics record up to s is written
         due = cfg.eval_store and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps)
         if due and (rank == 0 or fsdp):  # a sharded model evaluates on every rank (its gathers are collective)
             from student.evaluate import evaluate
@@ -450,6 +508,8 @@ def train(cfg: TrainConfig) -> dict:
             if rank == 0:
                 append_metrics(run, {"step": step, "eval": result})
             model.train()
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            save_checkpoint(run, step, model, opt, sched, loader, cfg, final=False)
     if bar is not None:
         bar.close()
     final = save_checkpoint(run, step, model, opt, sched, loader, cfg)

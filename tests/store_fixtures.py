@@ -58,3 +58,30 @@ def write_store(path: str, n_rows: int = 40, vocab: int = 500, kind: str = "topk
             rows.append(row)
             exact.append(lp)
     return w.manifest, rows, exact
+
+
+def write_teacher_store(path: str, teacher_dir: str, rows: int, seq: int, rows_per_batch: int | None = None,
+                        k: int = 16, n_docs: int = 120, corpus_seed: int = 4) -> str:
+    """A store of a real (tiny) teacher's top-k targets: `rows` rows of exactly `seq` tokens of synthetic text, with
+    its tokenizer's fingerprint, so that students of its family train on it. `rows_per_batch` rows per Arrow record
+    batch (default: all in one)."""
+    from transformers import AutoTokenizer
+
+    from assets.synthetic import synthetic_corpus
+    from logit_store.fingerprint import tokenizer_fingerprint
+    from logit_store.teachers.hf import HFTeacher
+
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = HFTeacher.from_pretrained(teacher_dir)
+    ids = np.concatenate([tok(t + tok.eos_token).input_ids for t in synthetic_corpus(n_docs, seed=corpus_seed)])
+    if ids.size < rows * seq:
+        raise ValueError(f"{n_docs} synthetic documents hold {ids.size} tokens, fewer than {rows} x {seq}")
+    token_rows = [ids[i * seq:(i + 1) * seq] for i in range(rows)]
+    mask = np.ones(seq, bool)
+    mask[0] = False
+    manifest = Manifest(target=TargetSpec("topk", k=k), vocab_size=teacher.vocab_size,
+                        tokenizer={"name_or_path": teacher_dir, "fingerprint": tokenizer_fingerprint(tok)})
+    with ShardWriter(path, manifest, batch_tokens=seq * (rows_per_batch or rows)) as w:
+        for i, (r, t) in enumerate(zip(token_rows, teacher.topk([(r, mask) for r in token_rows], k), strict=True)):
+            w.write(StoreRow(r, mask, t, i))
+    return path

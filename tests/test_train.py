@@ -8,11 +8,8 @@ import sys
 
 import numpy as np
 import pytest
+from store_fixtures import write_teacher_store
 
-from assets.synthetic import synthetic_corpus
-from logit_store import Manifest, ShardWriter, StoreRow, TargetSpec
-from logit_store.fingerprint import tokenizer_fingerprint
-from logit_store.teachers.hf import HFTeacher
 from student.config import TrainConfig
 from student.run import read_metrics
 from student.train import TrainError, train
@@ -22,22 +19,8 @@ SEQ, ROWS_PER_UNIT = 32, 2
 
 @pytest.fixture(scope="module")
 def store(tiny_teacher_dir, tmp_path_factory):
-    """48 rows of exactly SEQ tokens, ROWS_PER_UNIT rows per record batch (the reader's unit)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
-    teacher = HFTeacher.from_pretrained(tiny_teacher_dir)
-    ids = np.concatenate([tok(t + tok.eos_token).input_ids for t in synthetic_corpus(120, seed=4)])
-    rows = [ids[i * SEQ:(i + 1) * SEQ] for i in range(48)]
-    mask = np.ones(SEQ, bool)
-    mask[0] = False
-    path = str(tmp_path_factory.mktemp("train_store"))
-    manifest = Manifest(target=TargetSpec("topk", k=16), vocab_size=teacher.vocab_size,
-                        tokenizer={"name_or_path": tiny_teacher_dir, "fingerprint": tokenizer_fingerprint(tok)})
-    with ShardWriter(path, manifest, batch_tokens=SEQ * ROWS_PER_UNIT) as w:
-        for i, (r, t) in enumerate(zip(rows, teacher.topk([(r, mask) for r in rows], 16), strict=True)):
-            w.write(StoreRow(r, mask, t, i))
-    return path
+    """48 rows of exactly SEQ tokens, ROWS_PER_UNIT rows per record batch."""
+    return write_teacher_store(str(tmp_path_factory.mktemp("train_store")), tiny_teacher_dir, 48, SEQ, ROWS_PER_UNIT)
 
 
 def _cfg(store, base, out, **kw) -> TrainConfig:
@@ -86,13 +69,42 @@ def test_baseline_students_train(store, tiny_teacher_dir, tmp_path, kind):
     assert len(losses) == 4 and losses[-1] < losses[0]
 
 
-def test_a_student_with_another_tokenizer_is_refused(store, tmp_path):
+@pytest.fixture(scope="module")
+def other_teacher(tmp_path_factory) -> str:
+    """A tiny teacher whose BPE is trained on other text: another tokenizer."""
     from assets.synthetic import make_tiny_teacher
 
-    other = str(tmp_path / "other")
-    make_tiny_teacher(other, n_docs=30, steps=1, seed=5)  # its BPE is trained on other text
+    other = str(tmp_path_factory.mktemp("other_teacher"))
+    make_tiny_teacher(other, n_docs=30, steps=1, seed=5)
+    return other
+
+
+@pytest.fixture(scope="module")
+def other_store(other_teacher, tmp_path_factory) -> str:
+    """4 rows in the other tokenizer's ids."""
+    return write_teacher_store(str(tmp_path_factory.mktemp("other_store")), other_teacher, 4, SEQ)
+
+
+def test_a_student_with_another_tokenizer_is_refused(store, tmp_path, other_teacher, other_store, tiny_teacher_dir):
     with pytest.raises(TrainError, match="tokenizer"):
-        train(_cfg(store, other, tmp_path / "run"))
+        train(_cfg(store, other_teacher, tmp_path / "run"))
+    with pytest.raises(TrainError, match=f"is not the one the store {other_store} was built with"):
+        train(_cfg(store, tiny_teacher_dir, tmp_path / "run2", eval_store=other_store))  # --eval-store too
+    assert not (tmp_path / "run2" / "metrics.jsonl").exists()
+
+
+def test_a_student_vocabulary_smaller_than_the_store_is_refused(store, tiny_teacher_dir):
+    from student_fixtures import VOCAB, llama_config
+    from transformers import LlamaForCausalLM
+
+    from logit_store import LogitStore
+    from student.train import check_tokenizer
+
+    opened = LogitStore.open(store)
+    assert VOCAB < opened.manifest.vocab_size
+    with pytest.raises(TrainError, match=rf"vocabulary \({VOCAB}\) is smaller than the store's .* "
+                                         rf"\({opened.manifest.vocab_size}\)"):
+        check_tokenizer(tiny_teacher_dir, opened, LlamaForCausalLM(llama_config()))
 
 
 def test_torchrun_two_processes_equal_one(store, tiny_teacher_dir, tmp_path):
@@ -115,19 +127,67 @@ def test_torchrun_two_processes_equal_one(store, tiny_teacher_dir, tmp_path):
     assert json.loads((tmp_path / "two" / "train_config.json").read_text())["batch_size"] == ROWS_PER_UNIT
 
 
-def test_eval_and_plot_commands(store, tiny_teacher_dir, tmp_path, capsys):
+def test_eval_and_plot_commands(store, tiny_teacher_dir, other_store, tmp_path, capsys):
     from cli import kdstudent
 
-    train(_cfg(store, tiny_teacher_dir, tmp_path, max_steps=3))
+    run = tmp_path / "run"
+    train(_cfg(store, tiny_teacher_dir, run, max_steps=3))
     capsys.readouterr()
-    assert kdstudent.main(["eval", "--model", str(tmp_path), "--store", store, "--json"]) == 0
+    assert kdstudent.main(["eval", "--model", str(run), "--store", store, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["rows"] == 48 and result["tokens"] == 48 * (SEQ - 1)
     assert set(result["expert_usage"]) == {"0"} and abs(sum(result["expert_usage"]["0"]) - 1) < 1e-6
-    assert kdstudent.main(["plot", str(tmp_path)]) == 0
+    assert kdstudent.main(["plot", str(run)]) == 0
     pngs = capsys.readouterr().out.split()
     assert [os.path.basename(p) for p in pngs] == ["loss.png", "experts.png"]
     assert all(os.path.getsize(p) > 1000 for p in pngs)
+
+    # eval makes training's checks, and every store error is one line, not a traceback
+    cut = tmp_path / "cut"
+    shutil.copytree(store, cut)
+    shard = cut / json.loads((cut / "manifest.json").read_text())["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:100])
+    for model in (run, run / "final" / "student"):  # a run, and a saved student
+        for broken, message in ((other_store, "is not the one the store"),
+                                (str(cut), f"{shard.name}: size 100 bytes"),
+                                (str(tmp_path / "nowhere"), "no manifest here")):
+            assert kdstudent.main(["eval", "--model", str(model), "--store", broken]) == 2
+            err = capsys.readouterr().err  # may hold transformers' progress bars before the error line
+            last = err.rstrip("\n").split("\n")[-1]
+            assert last.startswith("kdstudent eval: error:") and message in last and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("flag,value", [("batch-size", "0"), ("grad-accum", "0"), ("max-steps", "0"),
+                                        ("max-steps", "-5"), ("save-every", "-1"), ("num-workers", "-1"),
+                                        ("log-every", "0"), ("keep-checkpoints", "-1"), ("shuffle-buffer", "0"),
+                                        ("lr", "0"), ("temperature", "-1"), ("skew-alpha", "1.5")])
+def test_invalid_options_are_refused_before_anything_loads(tmp_path, capsys, flag, value):
+    from cli import kdstudent
+
+    out = tmp_path / "run"
+    # neither the store nor the base exists: an error about them would mean something was loaded first
+    code = kdstudent.main(["train", "--store", str(tmp_path / "no-store"), "--base", str(tmp_path / "no-base"),
+                           "--out", str(out), f"--{flag}", value])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kdstudent train: error:") and err.count("\n") == 1, err
+    assert (f"--{flag}" in err or "loss options" in err) and value in err and not out.exists()
+
+
+def test_a_store_too_small_for_processes_times_batch_is_refused_before_the_model_loads(store, tmp_path):
+    cfg = _cfg(store, str(tmp_path / "no-base"), tmp_path / "run", batch_size=49)
+    with pytest.raises(TrainError, match=r"48 rows, fewer than one batch for each process: 1 process\(es\) x "
+                                         r"--batch-size 49 = 49 rows"):
+        train(cfg)
+
+
+def test_a_run_in_use_is_refused(store, tmp_path):
+    from student.run import RunLock, RunLockedError
+
+    with RunLock(tmp_path / "run"):  # as a training of this run holds it (across processes: test_faults_train)
+        with pytest.raises(RunLockedError, match="in use by another training"):
+            train(_cfg(store, str(tmp_path / "no-base"), tmp_path / "run"))
+    with pytest.raises(OSError):  # the lock is free again: now the missing base is what stops it
+        train(_cfg(store, str(tmp_path / "no-base"), tmp_path / "run"))
 
 
 def test_bf16_autocast_and_gradient_checkpointing_train(store, tiny_teacher_dir, tmp_path):
