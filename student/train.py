@@ -111,8 +111,8 @@ def check_tokenizer(tokenizer_dir: str, store: LogitStore, model: nn.Module) -> 
     m = store.manifest
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     if not tokenizer_matches(tok, m.tokenizer):
-        version = int(m.tokenizer.get("fingerprint_version", 1))
-        raise TrainError(f"the student's tokenizer ({tokenizer_dir}, fingerprint {tokenizer_fingerprint(tok, version)}) "
+        mine = tokenizer_fingerprint(tok, int(m.tokenizer.get("fingerprint_version", 1)))
+        raise TrainError(f"the student's tokenizer ({tokenizer_dir}, fingerprint {mine}) "
                          f"is not the one the store {store.root} was built with ({m.tokenizer.get('name_or_path')}, "
                          f"fingerprint {m.tokenizer.get('fingerprint')}): token ids would mean different things, or "
                          "the tokenizers add different special tokens. Use a student of the teacher's family.")
