@@ -38,7 +38,7 @@ def prepare(work: Path, layers: int, seq: int, rows: int) -> tuple[str, str]:
 
     from benchmarks.gpu_check import SMOLLM2_135M, make_tokenizer
     from logit_store import Manifest, ShardWriter, StoreRow, TargetSpec
-    from logit_store.fingerprint import tokenizer_fingerprint
+    from logit_store.fingerprint import describe_tokenizer
     from logit_store.teachers.hf import HFTeacher
 
     base = work / "base"
@@ -55,7 +55,7 @@ def prepare(work: Path, layers: int, seq: int, rows: int) -> tuple[str, str]:
     mask[0] = False
     store = str(work / "store")
     manifest = Manifest(target=TargetSpec("topk", k=64), vocab_size=teacher.vocab_size,
-                        tokenizer={"name_or_path": str(base), "fingerprint": tokenizer_fingerprint(tok)})
+                        tokenizer=describe_tokenizer(tok, str(base)))
     with ShardWriter(store, manifest, batch_tokens=seq * 2) as w:
         for i, (r, t) in enumerate(zip(ids, teacher.topk([(r, mask) for r in ids], 64), strict=True)):
             w.write(StoreRow(r, mask, t, i))

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from assets.synthetic import synthetic_corpus
 from logit_store import Manifest, ShardWriter, StoreRow, TargetSpec
-from logit_store.fingerprint import tokenizer_fingerprint
+from logit_store.fingerprint import describe_tokenizer
 from logit_store.teachers.hf import HFTeacher
 from student.distributed import load_sharded_into_plain
 from student.run import read_metrics
@@ -38,7 +38,7 @@ def store(tiny_teacher_dir, tmp_path_factory):
     mask[0] = False
     path = str(tmp_path_factory.mktemp("fsdp_store"))
     manifest = Manifest(target=TargetSpec("topk", k=16), vocab_size=teacher.vocab_size,
-                        tokenizer={"name_or_path": tiny_teacher_dir, "fingerprint": tokenizer_fingerprint(tok)})
+                        tokenizer=describe_tokenizer(tok, tiny_teacher_dir))
     with ShardWriter(path, manifest, batch_tokens=SEQ * ROWS_PER_UNIT) as w:
         for i, (r, t) in enumerate(zip(rows, teacher.topk([(r, mask) for r in rows], 16), strict=True)):
             w.write(StoreRow(r, mask, t, i))
