@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -206,40 +205,64 @@ def test_resume_refuses_other_settings(tiny_teacher_dir, hf_teacher, text_file, 
         build(_cfg(tiny_teacher_dir, text_file, tmp_path, limit=4, top_k=16, resume=True), teacher=hf_teacher)
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_build(tiny_teacher_dir, tmp_path):
-    data = _jsonl(tmp_path / "d.jsonl", [{"text": t} for t in synthetic_corpus(1500, seed=9)])
-    args = ["build", "--teacher", tiny_teacher_dir, "--data", data, "--text-field", "text", "--backend", "hf",
-            "--top-k", "8", "--shard-tokens", "2000", "--batch-rows", "8", "--no-progress"]
+KILL_ARGS = ["--text-field", "text", "--backend", "hf", "--dtype", "float32", "--top-k", "8", "--shard-tokens",
+             "2000", "--batch-rows", "8", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def kill_data(tmp_path_factory) -> str:
+    return _jsonl(tmp_path_factory.mktemp("kill") / "d.jsonl", [{"text": t} for t in synthetic_corpus(300, seed=9)])
+
+
+@pytest.fixture(scope="module")
+def kill_reference(tiny_teacher_dir, hf_teacher, kill_data, tmp_path_factory) -> str:
+    """The build of the kill test, uninterrupted, in this process on one thread (the CLI runs get
+    OMP_NUM_THREADS=1)."""
+    import torch
+
+    out = str(tmp_path_factory.mktemp("kill") / "ref")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build(_cfg(tiny_teacher_dir, kill_data, out, top_k=8, dtype="float32", shard_tokens=2000, batch_rows=8),
+              teacher=hf_teacher)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.mark.parametrize("where", ["after shard 2 is listed", "in a teacher batch split by a shard end"])
+def test_sigkill_then_resume_equals_an_uninterrupted_build(tiny_teacher_dir, kill_data, kill_reference, where,
+                                                           tmp_path):
+    ref_manifest = LogitStore.open(kill_reference).manifest
+    ends = np.cumsum([s.rows for s in ref_manifest.shards])
+    if where == "after shard 2 is listed":
+        fault = "shard-listed:2"
+    else:  # the first row of the next shard, in the same batch of 8 as the last rows of this one
+        fault = f"row-written:{next(int(e) for e in ends[1:-1] if e % 8)}"
+    args = ["build", "--teacher", tiny_teacher_dir, "--data", kill_data, *KILL_ARGS]
     exe = [sys.executable, "-m", "cli.kdstore"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([*exe, *args, "--out", str(tmp_path / "ref")], check=True, env=env, capture_output=True)
-
     out = tmp_path / "crash"
-    proc = subprocess.Popen([*exe, *args, "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill -9 once at least two shards are complete
-        try:
-            if len(json.loads((out / "manifest.json").read_text())["shards"]) >= 2:
-                break
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    killed = subprocess.run([*exe, *args, "--out", str(out)], env=dict(env, MOEKD_FAULT=fault), capture_output=True,
+                            text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     crashed = LogitStore.open(str(out))
     assert crashed.manifest.status == "in_progress", "the build finished before it could be killed"
     assert crashed.verify() == []
+    assert len(crashed.manifest.shards) >= 2
     resumed = subprocess.run([*exe, *args, "--out", str(out), "--resume"], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "from before the resume" in resumed.stdout
-    ref, got = list(LogitStore.open(str(tmp_path / "ref"))), list(LogitStore.open(str(out)))
+    ref, got = list(LogitStore.open(kill_reference)), list(LogitStore.open(str(out)))
     assert [r.source_index for r in got] == [r.source_index for r in ref]  # no row lost, none duplicated
     for a, b in zip(ref, got, strict=True):
         oa, ob = np.argsort(a.target_ids, 1), np.argsort(b.target_ids, 1)
         assert (a.input_ids == b.input_ids).all()
         assert (np.take_along_axis(a.target_ids, oa, 1) == np.take_along_axis(b.target_ids, ob, 1)).all()
         assert (np.take_along_axis(a.target_logprobs, oa, 1) == np.take_along_axis(b.target_logprobs, ob, 1)).all()
+    # bit for bit: the same shard files (sha256, sizes, rows, record batches) as the uninterrupted build
+    assert [vars(s) for s in LogitStore.open(str(out)).manifest.shards] == [vars(s) for s in ref_manifest.shards]
 
 
 def test_build_reads_its_options_from_yaml(tiny_teacher_dir, text_file, tmp_path, capsys):
