@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -164,10 +165,15 @@ class InputSource:
             except Exception as e:  # the hub may be unreachable, or the name wrong: say which input failed
                 raise InputError(f"{self.data}: not a local file or directory, and loading it as a hub dataset "
                                  f"failed ({type(e).__name__}: {e})") from e
+        log = logging.getLogger("datasets")
+        level = log.level
+        log.setLevel(logging.CRITICAL)  # its "Failed to load JSON" lines name no line: the error below does
         try:
             return datasets.load_dataset(self.builder, data_files=self.files, split="train")
         except Exception as e:  # datasets and Arrow name no file or line: find the bad one ourselves
             raise self._diagnose(e) from e
+        finally:
+            log.setLevel(level)
 
     def _diagnose(self, error: Exception) -> InputError:
         for path in self.files:
