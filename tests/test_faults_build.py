@@ -169,7 +169,7 @@ def as_if_killed_after_shard(store: str, kept: int) -> int:
 
 
 def test_a_resumed_build_gives_the_teacher_the_batches_of_an_uninterrupted_one(tiny_teacher_dir, teacher, data,
-                                                                                tmp_path):
+                                                                                reference, tmp_path):
     """The cause of the old flaky kill test: after a resume, the teacher saw other batches (other companions, other
     padded shapes), and a row's fp32 log-probs can change with its batch. Now batch j is always rows
     [j*B, (j+1)*B) of the share: a resume runs the teacher again on the batch it stopped in."""
@@ -178,6 +178,7 @@ def test_a_resumed_build_gives_the_teacher_the_batches_of_an_uninterrupted_one(t
     with one_thread():
         build(BuildConfig(teacher=tiny_teacher_dir, data=data, out=out, **OPTIONS), teacher=spy)
     uninterrupted = spy.batches
+    assert_identical(reference, out)  # two uninterrupted builds
     shutil.copytree(out, tmp_path / "ref")
     ends = np.cumsum([s["rows"] for s in _manifest(out)["shards"]])
     kept = next(i + 1 for i, e in enumerate(ends[:-1]) if e % BATCH_ROWS)
