@@ -42,8 +42,30 @@ def _describe(store: LogitStore) -> dict:
     }
 
 
+def _open(path: str) -> LogitStore:
+    """The store at `path`; for a multi-worker build not merged yet, an error that says so and what to run."""
+    from logit_store import fs as storefs
+    from logit_store.format import MANIFEST_NAME, WORKER_MANIFEST
+
+    fs, root = storefs.resolve(path)
+    if not storefs.exists(fs, storefs.join(root, MANIFEST_NAME)) and storefs.exists(fs, root):
+        import pyarrow.fs as pafs
+
+        from logit_store.manifest import Manifest
+
+        workers = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root))
+                         if WORKER_MANIFEST.fullmatch(i.base_name))
+        if workers:
+            count = int(WORKER_MANIFEST.fullmatch(workers[0]).group(2))
+            done = [name for name in workers if Manifest.load(fs, root, name).status == "complete"]
+            raise ManifestError(f"{path} is a multi-worker build that is not merged yet: {len(workers)} of {count} "
+                                f"workers have started, {len(done)} have finished. When all have, run: kdstore merge "
+                                f"{path}")
+    return LogitStore.open(path)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    store = LogitStore.open(args.store)
+    store = _open(args.store)
     d = _describe(store)
     if args.json:
         print(json.dumps({"summary": d, "manifest": store.manifest.to_dict()}, indent=1))
@@ -62,7 +84,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    store = LogitStore.open(args.store)
+    store = _open(args.store)
     faults = store.verify(decode=not args.quick)
     if store.manifest.status != "complete":
         print(f"note: {args.store} is still being written (status {store.manifest.status}); "
@@ -79,7 +101,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    store = LogitStore.open(args.store)
+    store = _open(args.store)
     row = store.row(args.row)
     tok = _load_tokenizer(args.tokenizer or store.manifest.tokenizer.get("name_or_path"))
 

@@ -3,8 +3,14 @@
 Worker i of N takes the input examples with index % N == i and writes its own shards
 (`shard-wIIIII-NNNNN.arrow`) and manifest (`manifest-wIIIII-of-NNNNN.json`) into the shared store directory;
 `manifest.merge_workers` (kdstore merge) then writes the combined manifest.json. With one worker the build writes
-manifest.json itself. A rerun with `resume` continues after the last complete shard: the rows a worker
-produces are a deterministic function of its input share, so it skips as many as its manifest holds.
+manifest.json itself.
+
+Exact under interruption: the rows a worker produces are a pure function of its input share, and so are the
+teacher's batches (batch j = rows [j*B, (j+1)*B) of the share, B = --batch-rows). A rerun with `resume` skips the
+rows its complete shards hold, runs the teacher again on the whole batch the first missing row belongs to, and
+writes only the rows not yet written: every row gets its targets from the same batch, with the same companions
+and padding, as in an uninterrupted build, so a resumed store is bit-identical to one built in a single run
+(docs/BUILD.md says where that holds and where it is tested).
 """
 
 from __future__ import annotations
@@ -16,15 +22,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import fs as storefs
 from .format import worker_names
 from .inputs import (
     Example,
     ExampleTokenizer,
     FieldSpec,
     InputError,
+    InputSource,
     InputStats,
     iter_examples,
-    load_input,
     pack_examples,
 )
 from .manifest import CodecSpec, Manifest, ManifestError, TargetSpec
@@ -37,7 +44,7 @@ from .teachers import (
     load_teacher,
     resolve_dtype,
 )
-from .writer import ShardWriter, StoreRow
+from .writer import OutputLock, ShardWriter, StoreRow
 
 
 @dataclass
@@ -84,7 +91,10 @@ class BuildConfig:
     levels: int = field(default=255, metadata={"help": "probability quantisation levels (top-k codec)"})
     compression_level: int = field(default=9, metadata={"help": "zstd level"})
     shard_tokens: int = field(default=1 << 22, metadata={"help": "tokens per shard file"})
-    batch_rows: int = field(default=64, metadata={"help": "rows per teacher call"})
+    record_batch_tokens: int = field(default=1 << 16, metadata={
+        "help": "tokens per Arrow record batch inside a shard (what a reader decodes at once)"})
+    batch_rows: int = field(default=64, metadata={"help": "rows per teacher call (the teacher's batches are rows "
+                                                          "[j*B, (j+1)*B) of the worker's share, also on resume)"})
     num_workers: int = field(default=1, metadata={"help": "total number of independent build workers"})
     worker_index: int | None = field(default=None, metadata={
         "help": "this worker's index in [0, num_workers); default from SLURM_ARRAY_TASK_ID or "
@@ -100,15 +110,17 @@ class BuildConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):
-        if self.top_k and self.samples:
+        """Refuse options that cannot work before anything loads; never replace a given value by a default."""
+        if self.top_k is not None and self.samples is not None:
             raise InputError("choose --top-k or --samples, not both")
-        if not self.samples and not self.top_k:
+        if self.top_k is None and self.samples is None:
             self.top_k = 64
         if self.worker_index is None:
             env = os.environ.get("SLURM_ARRAY_TASK_ID") or os.environ.get("JOB_COMPLETION_INDEX")
+            if env and self.num_workers > 1 and not env.isdigit():
+                raise InputError(f"the worker index from the environment ({env!r}) is not a number: pass "
+                                 "--worker-index")
             self.worker_index = int(env) if env and self.num_workers > 1 else 0
-        if not 0 <= self.worker_index < self.num_workers:
-            raise InputError(f"--worker-index {self.worker_index} not in [0, --num-workers={self.num_workers})")
         if self.backend is None:
             self.backend = "hf" if self.samples else "vllm"
         if self.samples and self.backend == "vllm":
@@ -128,8 +140,43 @@ class BuildConfig:
         if self.domain_field and self.pack:
             raise InputError("--pack joins examples into one row, which then has no single domain: drop --pack, "
                              "or build one store (or one --domain build) per domain")
-        if self.max_seq_len < 2:
-            raise InputError("--max-seq-len must be at least 2")
+        problems = [message for wrong, message in (
+            (self.backend not in ("vllm", "hf"), f"--backend {self.backend!r}: choose vllm or hf"),
+            (self.top_k is not None and self.top_k < 1, f"--top-k must be at least 1 (got {self.top_k})"),
+            (self.samples is not None and not 1 <= self.samples <= 255,
+             f"--samples must be in [1, 255] (got {self.samples}): each draw count is stored in one byte"),
+            (self.limit is not None and self.limit < 1,
+             f"--limit must be at least 1 (got {self.limit}); leave it out to use every example"),
+            (self.max_seq_len < 2, f"--max-seq-len must be at least 2 (got {self.max_seq_len})"),
+            (self.pack and self.generate, "--pack cannot be combined with --generate (responses are not known "
+                                          "before the teacher writes them)"),
+            (self.generate and self.max_new_tokens < 1,
+             f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})"),
+            (self.temperature < 0, f"--temperature must be >= 0 (got {self.temperature})"),
+            (not 1 <= self.levels <= 255,
+             f"--levels must be in [1, 255] (got {self.levels}): a probability is stored in one byte"),
+            (not 1 <= self.compression_level <= 22,
+             f"--compression-level must be a zstd level in [1, 22] (got {self.compression_level})"),
+            (self.shard_tokens < 1, f"--shard-tokens must be at least 1 (got {self.shard_tokens})"),
+            (self.record_batch_tokens < 1,
+             f"--record-batch-tokens must be at least 1 (got {self.record_batch_tokens})"),
+            (self.batch_rows < 1, f"--batch-rows must be at least 1 (got {self.batch_rows})"),
+            (self.num_workers < 1, f"--num-workers must be at least 1 (got {self.num_workers})"),
+            (not 0 <= self.worker_index < max(self.num_workers, 1),
+             f"--worker-index {self.worker_index} not in [0, --num-workers={self.num_workers})"),
+            (self.tensor_parallel_size < 1,
+             f"--tensor-parallel-size must be at least 1 (got {self.tensor_parallel_size})"),
+            (self.max_model_len is not None and self.max_model_len < 2,
+             f"--max-model-len must be at least 2 (got {self.max_model_len})"),
+            (self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1,
+             f"--max-num-batched-tokens must be at least 1 (got {self.max_num_batched_tokens})"),
+            (self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1,
+             f"--gpu-memory-utilization must be in (0, 1] (got {self.gpu_memory_utilization})"),
+            (self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1,
+             f"--kv-cache-memory-bytes must be at least 1 (got {self.kv_cache_memory_bytes})"),
+        ) if wrong]
+        if problems:
+            raise InputError("; ".join(problems))
 
 
 @dataclass
@@ -149,15 +196,19 @@ class BuildSummary:
     load_seconds: float = 0.0  # loading the input, tokenizer and teacher
     new_tokens: int = 0
     domains: dict = field(default_factory=dict)  # rows / tokens / target_positions per domain (Manifest.domains)
+    recomputed_rows: int = 0  # rows of a resumed batch that were already stored: the teacher ran on them again
+    notes: list = field(default_factory=list)  # what was not read, what a crashed run left and was removed
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / max(self.seconds - self.load_seconds, 1e-9)
 
     def format(self) -> str:
+        resumed = (f" ({self.resumed_rows:,} from before the resume; the teacher ran again on "
+                   f"{self.recomputed_rows:,} of them to keep its batches as in one run)" if self.recomputed_rows
+                   else f" ({self.resumed_rows:,} from before the resume)" if self.resumed_rows else "")
         lines = [f"store           {self.store}",
-                 f"rows            {self.rows:,}" + (f" ({self.resumed_rows:,} from before the resume)"
-                                                     if self.resumed_rows else ""),
+                 f"rows            {self.rows:,}{resumed}",
                  f"tokens          {self.tokens:,} ({self.target_positions:,} with targets)",
                  f"bytes           {self.bytes:,} ({self.bytes / max(self.tokens, 1):.1f} B/token) in "
                  f"{self.shards} shards",
@@ -170,65 +221,89 @@ class BuildSummary:
                 f"{name} {c['rows']:,} rows ({c['tokens']:,} tokens)" for name, c in self.domains.items()))
         lines += [f"  skipped: {n:,} x {reason}" for reason, n in sorted(self.skipped.items())]
         lines += [f"  e.g. {e}" for e in self.first_errors]
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
 def build(cfg: BuildConfig, teacher: Teacher | None = None) -> BuildSummary:
-    """Run one build worker. `teacher` may be passed in to reuse a loaded engine (tests, notebooks)."""
+    """Run one build worker. `teacher` may be passed in to reuse a loaded engine (tests, notebooks).
+
+    What can be checked without the model is checked first (fields, the teacher's config, the output directory
+    and its lock, the input files), so that a mistake costs seconds, not a model load."""
     from transformers import AutoTokenizer
 
     start = time.time()
     fields = FieldSpec(cfg.text_field, cfg.messages_field, cfg.prompt_field, cfg.response_field, cfg.input_ids_field,
                        cfg.domain_field)
     fields.mode(cfg.generate)  # fail on bad options before loading anything
-    check_teacher_path(cfg.teacher)
-    tok_path = cfg.tokenizer or cfg.teacher
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_path)
-    except (OSError, ValueError) as e:
-        raise TeacherError(f"cannot load the tokenizer from {tok_path!r}: {e}") from e
-    dataset = load_input(cfg.data, cfg.split, cfg.data_format)
-    _check_bos(cfg, tokenizer)
-    if teacher is None:
-        teacher = load_teacher(cfg.backend, cfg.teacher, **_teacher_options(cfg))
-    if len(tokenizer) > teacher.vocab_size:
-        raise TeacherError(f"the tokenizer has {len(tokenizer):,} tokens but the teacher's vocabulary is "
-                           f"{teacher.vocab_size:,}: they do not belong together")
-    manifest = _manifest(cfg, teacher, tokenizer, dataset, fields)
+    _check_teacher_folder(cfg)
     prefix, manifest_name = worker_names(cfg.worker_index, cfg.num_workers)
-    writer = ShardWriter(cfg.out, manifest, shard_tokens=cfg.shard_tokens, prefix=prefix,
-                         manifest_name=manifest_name, resume=cfg.resume)
+    lock = OutputLock(cfg.out, manifest_name)  # before anything slow: a second build of this worker stops here
+    writer = None
+    try:
+        if not cfg.resume and storefs.exists(lock.fs, storefs.join(lock.root, manifest_name)):
+            raise ManifestError(f"{cfg.out} already holds a store ({manifest_name}): pass --resume to continue it, "
+                                "or choose a new --out")
+        source = InputSource(cfg.data, cfg.split, cfg.data_format)
+        tok_path = cfg.tokenizer or cfg.teacher
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        except (OSError, ValueError) as e:
+            raise TeacherError(f"cannot load the tokenizer from {tok_path!r}: {e}") from e
+        _check_bos(cfg, tokenizer)
+        example_tokenizer = ExampleTokenizer(tokenizer, fields, cfg.max_seq_len, cfg.generate, cfg.add_eos)
+        dataset = source.load()
+        input_fingerprint = source.fingerprint(dataset)
+        if teacher is None:
+            teacher = load_teacher(cfg.backend, cfg.teacher, **_teacher_options(cfg))
+        if len(tokenizer) > teacher.vocab_size:
+            raise TeacherError(f"the tokenizer has {len(tokenizer):,} tokens but the teacher's vocabulary is "
+                               f"{teacher.vocab_size:,}: they do not belong together")
+        manifest = _manifest(cfg, teacher, tokenizer, dataset, fields, input_fingerprint)
+        writer = ShardWriter(cfg.out, manifest, shard_tokens=cfg.shard_tokens, batch_tokens=cfg.record_batch_tokens,
+                             prefix=prefix, manifest_name=manifest_name, resume=cfg.resume, lock=lock)
+    except BaseException:
+        if writer is None:
+            lock.release()
+        raise
     stats = InputStats()
-    done = writer.manifest.rows
-    summary = BuildSummary(store=cfg.out, resumed_rows=done, load_seconds=time.time() - start)
-
-    examples = iter_examples(dataset, ExampleTokenizer(tokenizer, fields, cfg.max_seq_len, cfg.generate,
-                                                       cfg.add_eos),
-                             stats, cfg.worker_index, cfg.num_workers, cfg.limit)
+    done = writer.rows
+    summary = BuildSummary(store=cfg.out, resumed_rows=done, load_seconds=time.time() - start,
+                           notes=source.notes + [f"removed {name}: left by the crashed run, not in its manifest"
+                                                 for name in writer.removed_files])
+    examples = iter_examples(dataset, example_tokenizer, stats, cfg.worker_index, cfg.num_workers, cfg.limit)
     if cfg.pack:
         examples = pack_examples(examples, cfg.max_seq_len)
     share = len(range(cfg.worker_index, min(cfg.limit or len(dataset), len(dataset)), cfg.num_workers))
     bar = _progress(cfg, share)
+    first_batch_row = done - done % cfg.batch_rows  # the batch the first missing row belongs to starts here
     try:
-        skipped_rows = 0
+        row = 0  # rows of this worker's share seen so far
         batch: list[Example] = []
         for ex in examples:
-            if skipped_rows < done:  # already in complete shards: rows are deterministic, skip without the teacher
-                skipped_rows += 1
+            row += 1
+            if row <= first_batch_row:  # in complete shards, in batches that ended there: no teacher needed
                 continue
             batch.append(ex)
             if len(batch) == cfg.batch_rows:
-                summary.new_tokens += _process(batch, cfg, teacher, writer, tokenizer)
+                summary.new_tokens += _process(batch, cfg, teacher, writer, tokenizer, _stored(done, row, batch))
                 batch = []
                 _update(bar, stats, summary, start)
         if batch:
-            summary.new_tokens += _process(batch, cfg, teacher, writer, tokenizer)
-        if skipped_rows < done:
+            summary.new_tokens += _process(batch, cfg, teacher, writer, tokenizer, _stored(done, row, batch))
+        if row < done:
             raise ManifestError(f"{cfg.out}: the store holds {done} rows but the input now yields only "
-                                f"{skipped_rows}: the input changed since the build started")
+                                f"{row}: the input changed since the build started")
+        summary.recomputed_rows = done - first_batch_row
+        if writer.rows == 0 and cfg.num_workers == 1:
+            raise InputError(f"{cfg.data}: no row to store: all {stats.examples:,} input examples were skipped ("
+                             + "; ".join(f"{n:,} x {r}" for r, n in stats.skipped.most_common(3)) + ")")
         final = writer.close()
     except BaseException:
-        writer.abort()
+        if writer.rows == 0:
+            writer.discard()
+        else:
+            writer.abort()
         raise
     finally:
         if bar is not None:
@@ -237,13 +312,23 @@ def build(cfg: BuildConfig, teacher: Teacher | None = None) -> BuildSummary:
     summary.rows, summary.tokens, summary.domains = final.rows, final.tokens, final.domains
     summary.target_positions, summary.bytes, summary.shards = final.target_positions, final.bytes, len(final.shards)
     summary.examples, summary.truncated = stats.examples, stats.truncated
-    summary.skipped, summary.first_errors = dict(stats.skipped), stats.first_errors
+    located = source.locate(stats.first_rows)
+    summary.skipped = dict(stats.skipped)
+    summary.first_errors = [f"{e} ({located[i]})" if i in located else e
+                            for e, i in zip(stats.first_errors, stats.first_rows, strict=True)]
     summary.seconds = time.time() - start
     return summary
 
 
-def _process(batch: list[Example], cfg: BuildConfig, teacher: Teacher, writer: ShardWriter, tokenizer) -> int:
-    """Teacher targets for a batch of rows (generating responses first with --generate), then write them."""
+def _stored(done: int, row: int, batch: list[Example]) -> int:
+    """How many rows at the head of `batch` (its last row is row number `row` of the share) the store holds."""
+    return min(max(done - (row - len(batch)), 0), len(batch))
+
+
+def _process(batch: list[Example], cfg: BuildConfig, teacher: Teacher, writer: ShardWriter, tokenizer,
+             stored: int = 0) -> int:
+    """Teacher targets for a batch of rows (generating responses first with --generate), then write them, less the
+    first `stored` rows (stored before a resume: the teacher sees the whole batch, as in an uninterrupted run)."""
     seeds = [cfg.seed * 1_000_003 + ex.source_index for ex in batch]
     if cfg.generate:
         responses = teacher.generate([ex.input_ids for ex in batch], cfg.max_new_tokens, cfg.temperature, seeds)
@@ -260,19 +345,45 @@ def _process(batch: list[Example], cfg: BuildConfig, teacher: Teacher, writer: S
         targets = teacher.sample(rows, cfg.samples, seeds, None)  # exact draws (BuildConfig refuses top-K draws)
     else:
         targets = teacher.topk(rows, cfg.top_k)
-    for ex, tgt in zip(batch, targets, strict=True):
+    for ex, tgt in zip(batch[stored:], targets[stored:], strict=True):
         writer.write(StoreRow(ex.input_ids, ex.loss_mask, tgt, ex.source_index, ex.domain or cfg.domain))
-    return sum(ex.input_ids.size for ex in batch)
+    return sum(ex.input_ids.size for ex in batch[stored:])
 
 
-def _manifest(cfg: BuildConfig, teacher: Teacher, tokenizer, dataset, fields: FieldSpec) -> Manifest:
+def _check_teacher_folder(cfg: BuildConfig) -> None:
+    """A local teacher must be a readable model folder, and --top-k within its vocabulary:
+    read from config.json, before any weight is loaded. (A hub name is checked when it loads.)"""
+    check_teacher_path(cfg.teacher)
+    folder = os.path.expanduser(cfg.teacher)
+    if not os.path.isdir(folder):
+        return
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise TeacherError(f"cannot read the teacher's config in {cfg.teacher} ({e}); a teacher is a transformers "
+                           "model folder (config.json + weights); for a GGUF file run kdstore prepare-teacher") from e
+    names = os.listdir(folder)
+    if not any(n.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf")) for n in names):
+        raise TeacherError(f"the teacher folder {cfg.teacher} holds no weights (*.safetensors, *.bin, ...): "
+                           f"found {sorted(names)}")
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    for option, k in (("--top-k", cfg.top_k),):
+        if vocab and k and k > vocab:
+            raise InputError(f"{option} {k} exceeds the teacher's vocabulary of {vocab:,} tokens "
+                             f"({os.path.join(cfg.teacher, 'config.json')})")
+
+
+def _manifest(cfg: BuildConfig, teacher: Teacher, tokenizer, dataset, fields: FieldSpec,
+              input_fingerprint: str) -> Manifest:
     from .fingerprint import describe_tokenizer
 
     if cfg.samples:
         target = TargetSpec("sampled", samples=cfg.samples, sampled_from_top_k=cfg.sample_from_top_k)
     else:
         target = TargetSpec("topk", k=cfg.top_k)
-    source = {"source": cfg.data, "split": cfg.split, "fingerprint": getattr(dataset, "_fingerprint", None),
+    source = {"source": cfg.data, "split": cfg.split, "fingerprint": input_fingerprint,
               "examples": len(dataset), "limit": cfg.limit, "fields": fields.used(), "num_workers": cfg.num_workers}
     if cfg.domain is not None:  # only when set, so that stores without domains keep their fingerprint
         source["domain"] = cfg.domain
@@ -284,7 +395,9 @@ def _manifest(cfg: BuildConfig, teacher: Teacher, tokenizer, dataset, fields: Fi
         input=source,
         sequence={"max_seq_len": cfg.max_seq_len, "packing": cfg.pack, "add_eos": cfg.add_eos,
                   "generate": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature}
-                  if cfg.generate else None, "seed": cfg.seed},
+                  if cfg.generate else None, "seed": cfg.seed,
+                  # --pack concatenates the examples of one worker's share: N workers cut other rows than one
+                  **({"pack_scope": "worker share" if cfg.num_workers > 1 else "all examples"} if cfg.pack else {})},
     )
 
 

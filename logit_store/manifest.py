@@ -17,6 +17,9 @@ from . import fs as storefs
 from .codecs import CODEC_NAME, DEFAULT_ID_ORDER_HEAD, DEFAULT_LEVELS, id_width
 from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_FILE, WORKER_MANIFEST
 
+# the sections that say what a store's data means: equal in two manifests <=> the same fingerprint
+FINGERPRINTED = ("format_version", "target", "vocab_size", "codec", "teacher", "tokenizer", "input", "sequence")
+
 
 class ManifestError(ValueError):
     """A manifest that is missing, unreadable, of another format version, or inconsistent."""
@@ -140,10 +143,25 @@ class Manifest:
 
     def fingerprint(self) -> str:
         """Identifies what the data means (teacher, tokenizer, targets, codec, input, sequence), not the files."""
-        keys = ("format_version", "target", "vocab_size", "codec", "teacher", "tokenizer", "input", "sequence")
         d = self.to_dict()
-        blob = json.dumps({k: d[k] for k in keys}, sort_keys=True).encode()
+        blob = json.dumps({k: d[k] for k in FINGERPRINTED}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def differences(self, other: Manifest) -> list[str]:
+        """The fingerprinted settings that differ, as `section.key: <here> vs <other>` (empty if none do)."""
+        a, b = self.to_dict(), other.to_dict()
+        out: list[str] = []
+
+        def walk(x, y, where: str) -> None:
+            if isinstance(x, dict) and isinstance(y, dict):
+                for key in sorted(set(x) | set(y), key=str):
+                    walk(x.get(key), y.get(key), f"{where}.{key}" if where else str(key))
+            elif x != y:
+                out.append(f"{where}: {x!r} vs {y!r}")
+
+        for key in FINGERPRINTED:
+            walk(a[key], b[key], key)
+        return out
 
     # ------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -282,7 +300,11 @@ def merge_workers(store: str, allow_incomplete: bool = False) -> Manifest:
         raise ManifestError(f"{store}: workers {missing} have not started and workers {incomplete} have not "
                             "finished; rerun them (with --resume), or merge anyway with --allow-incomplete")
     if len({p.fingerprint() for p in parts}) != 1:
-        raise ManifestError(f"{store}: the workers were run with different settings; they cannot form one store")
+        workers = sorted(found)
+        j = next(j for j, p in enumerate(parts) if p.fingerprint() != parts[0].fingerprint())
+        differ = "; ".join(parts[0].differences(parts[j]))
+        raise ManifestError(f"{store}: the workers were run with different settings; they cannot form one store "
+                            f"(worker {workers[0]} vs worker {workers[j]}: {differ})")
     merged = dataclasses.replace(parts[0], shards=[s for p in parts for s in p.shards],
                                  status="complete" if not (missing or incomplete) else "in_progress")
     merged.save(fs, root)

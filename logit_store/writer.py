@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +13,7 @@ import pyarrow.fs as pafs
 
 from . import fs as storefs
 from .codecs import IdOrder, SampledTargets, TargetError, TopKTargets
+from .faults import crash_point
 from .format import MANIFEST_NAME, make_codec, original_name, shard_footer, shard_metadata, shard_name, shard_schema
 from .manifest import Manifest, ManifestError, ShardInfo, count_domain_row
 
@@ -29,13 +33,67 @@ class StoreRow:
     domain: str | None = None  # the row's domain (code, chat, ...): in a store, every row has one or none does
 
 
+class OutputLock:
+    """An exclusive lock on one writer's part of a store (its manifest), held while it writes.
+
+    Two builds of the same worker pointed at one store would overwrite each other's shards and manifest; with the
+    lock, the second stops with an error naming the holder. Local paths (and file://) use `fcntl.flock` on
+    `.<manifest>.lock` beside the manifest: the kernel drops it when the holder dies, even by `kill -9`, so there
+    is no stale lock to clean up. Object stores (s3://, gs://, ...) have no such lock: there, nothing is locked
+    and the scheduler must run each worker index once (docs/BUILD.md).
+    """
+
+    def __init__(self, store: str, manifest_name: str = MANIFEST_NAME, filesystem: pafs.FileSystem | None = None):
+        self.fs, self.root = storefs.resolve(store, filesystem)
+        self.path: str | None = None
+        self._fd: int | None = None
+        info = self.fs.get_file_info(self.root)
+        if info.type == pafs.FileType.File:
+            raise ManifestError(f"--out {store} is a file; the store must be a directory (a new or empty one, or "
+                                "the store to --resume)")
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+        except OSError as e:
+            raise ManifestError(f"cannot create the store directory {store}: {e}") from e
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            self._lock_local(store, storefs.join(self.root, f".{manifest_name}.lock"))
+
+    def _lock_local(self, store: str, path: str) -> None:
+        import fcntl
+
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ManifestError(f"cannot write to the store directory {store} ({e.strerror}): choose a writable "
+                                "--out") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ManifestError(f"{store} is being written by another build of the same worker ({holder}, lock "
+                                f"{path}): wait for it to finish, or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"kdstore build on {socket.gethostname()}, pid {os.getpid()}\n".encode(), 0)
+        self.path, self._fd = path, fd
+
+    def release(self) -> None:
+        """Give the lock up (closing the file releases the flock). Idempotent."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class ShardWriter:
     """Appends rows to a store: validated, encoded, batched into Arrow record batches, cut into shards.
 
     Each shard is an Arrow IPC file (zstd-compressed buffers) written under a temporary name and renamed when
     complete; its row/token/byte counts and sha256 then go into the manifest, which is replaced atomically.
     A crash therefore loses at most the shard in progress, and `resume=True` continues after the last
-    complete shard (the caller skips the `manifest.rows` rows those shards already hold).
+    complete shard (the caller skips the `manifest.rows` rows those shards already hold); it deletes the dead
+    run's temp files and any shard file of its own that the manifest does not list (a crash between a shard's
+    rename and the manifest update leaves one: its rows are written again). The writer holds an `OutputLock` on
+    its manifest from start to close/abort (pass `lock` to take it earlier, before a slow setup).
     """
 
     def __init__(
@@ -49,26 +107,36 @@ class ShardWriter:
         manifest_name: str = MANIFEST_NAME,
         resume: bool = False,
         filesystem: pafs.FileSystem | None = None,
+        lock: OutputLock | None = None,
     ):
+        self.lock = lock or OutputLock(store, manifest_name, filesystem)
+        try:
+            self._open(store, manifest, shard_tokens, batch_tokens, prefix, manifest_name, resume, filesystem)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, store, manifest, shard_tokens, batch_tokens, prefix, manifest_name, resume, filesystem):
         self.fs, self.root = storefs.resolve(store, filesystem)
         self.shard_tokens, self.batch_tokens = shard_tokens, min(batch_tokens, shard_tokens)
         self.prefix, self.manifest_name = prefix, manifest_name
         self.codec = make_codec(manifest)
-        self.fs.create_dir(self.root, recursive=True)
         path = storefs.join(self.root, manifest_name)
         if storefs.exists(self.fs, path):
             if not resume:
                 raise ManifestError(f"{path} exists: pass resume=True (--resume) to continue that store, or "
                                     "choose a new output directory")
             old = Manifest.load(self.fs, self.root, manifest_name)
-            if old.fingerprint() != manifest.fingerprint():
-                raise ManifestError(f"{path} was written with different settings (teacher, tokenizer, targets, "
-                                    "codec, input or sequence options); refusing to mix them in one store")
+            differences = old.differences(manifest)
+            if differences:
+                raise ManifestError(f"{path} was written with different settings; refusing to mix them in one "
+                                    "store: " + "; ".join(differences))
             manifest = old
             manifest.status = "in_progress"
         self.manifest = manifest
-        self._remove_stale_temp_files()
-        self._next_shard = len([s for s in manifest.shards if s.file.startswith(prefix + "-")])
+        self.removed_files: list[str] = []  # what a crashed run left behind, deleted
+        self._clean_up_crashed_run(listed_manifest=storefs.exists(self.fs, path))
+        self._next_shard = len([s for s in manifest.shards if self._is_own_shard(s.file)])
         # whether rows carry a domain: fixed by the shards already written, else by the first row
         self._with_domain = manifest.shards[-1].domains is not None if manifest.shards else None
         self._ipc = pa.ipc.IpcWriteOptions(
@@ -76,6 +144,7 @@ class ShardWriter:
         self._pending: list[StoreRow] = []
         self._pending_tokens = 0
         self._shard: dict | None = None
+        self.rows = manifest.rows  # rows written so far, complete shards included
         self.manifest.save(self.fs, self.root, manifest_name)
 
     # ------------------------------------------------------------ public
@@ -85,6 +154,8 @@ class ShardWriter:
         self._pending_tokens += len(row.input_ids)
         if self._pending_tokens >= self.batch_tokens:
             self._flush_batch()
+        self.rows += 1
+        crash_point("row-written", self.rows - 1)
 
     def close(self) -> Manifest:
         """Write what is pending, finish the last shard, mark the store complete."""
@@ -93,16 +164,29 @@ class ShardWriter:
         self._close_shard()
         self.manifest.status = "complete"
         self.manifest.save(self.fs, self.root, self.manifest_name)
+        self.lock.release()
         return self.manifest
 
     def abort(self) -> None:
         """Drop the shard in progress (its temp file); complete shards and the manifest stay valid."""
-        self._pending.clear()
-        if self._shard is not None:
-            self._shard["writer"].close()
-            self._shard["sink"].close()
-            self.fs.delete_file(self._shard["tmp"])
-            self._shard = None
+        try:
+            self._pending.clear()
+            if self._shard is not None:
+                self._shard["writer"].close()
+                self._shard["sink"].close()
+                self.fs.delete_file(self._shard["tmp"])
+                self._shard = None
+        finally:
+            self.lock.release()
+
+    def discard(self) -> None:
+        """Abort a writer that holds no row, and remove its manifest: no empty store is left behind to resume."""
+        if self.manifest.shards or self._pending:
+            raise ManifestError(f"{self.root}: refusing to discard a store that holds rows")
+        try:
+            self.fs.delete_file(storefs.join(self.root, self.manifest_name))
+        finally:
+            self.abort()
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -192,17 +276,45 @@ class ShardWriter:
         sh["writer"].close()
         sh["sink"].close()
         self.fs.move(sh["tmp"], sh["path"])
+        crash_point("shard-renamed", self._next_shard)
         self.manifest.shards.append(ShardInfo(
             file=sh["name"], rows=sh["rows"], tokens=sh["tokens"], target_positions=sh["positions"],
             bytes=sh["sink"].size, sha256=sh["sink"].sha256.hexdigest(), batch_rows=sh["batch_rows"],
             domains=dict(sorted(sh["domains"].items())) if sh["domains"] is not None else None))
         self.manifest.save(self.fs, self.root, self.manifest_name)
+        crash_point("shard-listed", self._next_shard)
         self._shard = None
         self._next_shard += 1
 
-    def _remove_stale_temp_files(self) -> None:
-        """Temp files of ours left by a crashed run: never listed in a manifest, so never read; delete them."""
+    def _is_own_shard(self, name: str) -> bool:
+        m = re.fullmatch(re.escape(self.prefix) + r"-(\d+)\.arrow", name)
+        return m is not None and name == shard_name(self.prefix, int(m.group(1)))
+
+    def _clean_up_crashed_run(self, listed_manifest: bool) -> None:
+        """Delete what a crashed run of this writer left: temp files (never listed, so never read) and shard files
+        the manifest does not list (renamed, but the crash came before the manifest update). Check that the
+        shards it does list are there, whole, before anything is appended to them."""
+        listed = {s.file: s for s in self.manifest.shards}
+        stray, on_disk = [], set()
         for info in self.fs.get_file_info(pafs.FileSelector(self.root)):
+            on_disk.add(info.base_name)
             original = original_name(info.base_name)
-            if original is not None and (original == self.manifest_name or original.startswith(self.prefix + "-")):
-                self.fs.delete_file(info.path)
+            if original is not None and (original == self.manifest_name or self._is_own_shard(original)):
+                stray.append(info)
+            elif self._is_own_shard(info.base_name):
+                if info.base_name not in listed:
+                    stray.append(info)
+                elif info.size != listed[info.base_name].bytes:
+                    raise ManifestError(f"{info.path} holds {info.size:,} bytes but the manifest says "
+                                        f"{listed[info.base_name].bytes:,}: the store is damaged; start it again in "
+                                        "a new directory")
+        if stray and not listed_manifest and any(original_name(i.base_name) is None for i in stray):
+            raise ManifestError(f"{self.root} holds shard files ({', '.join(sorted(i.base_name for i in stray))}) "
+                                f"but no {self.manifest_name}: choose an empty --out, or delete them")
+        missing = sorted(f for f in listed if self._is_own_shard(f) and f not in on_disk)
+        if missing:
+            raise ManifestError(f"{self.root}: shards {missing} are listed in {self.manifest_name} but missing: the "
+                                "store is damaged; start it again in a new directory")
+        for info in stray:
+            self.fs.delete_file(info.path)
+            self.removed_files.append(info.base_name)

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from assets.synthetic import synthetic_corpus
 from logit_store import KDStream, LogitStore
 from logit_store.build import BuildConfig, build
 from logit_store.inputs import InputError
-from logit_store.manifest import merge_workers
+from logit_store.manifest import ManifestError, merge_workers
 from logit_store.teachers import TeacherError
 from logit_store.teachers.hf import HFTeacher
 
@@ -211,40 +210,64 @@ def test_resume_refuses_other_settings(tiny_teacher_dir, hf_teacher, text_file, 
         build(_cfg(tiny_teacher_dir, text_file, tmp_path, limit=4, top_k=16, resume=True), teacher=hf_teacher)
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_build(tiny_teacher_dir, tmp_path):
-    data = _jsonl(tmp_path / "d.jsonl", [{"text": t} for t in synthetic_corpus(1500, seed=9)])
-    args = ["build", "--teacher", tiny_teacher_dir, "--data", data, "--text-field", "text", "--backend", "hf",
-            "--top-k", "8", "--shard-tokens", "2000", "--batch-rows", "8", "--no-progress"]
+KILL_ARGS = ["--text-field", "text", "--backend", "hf", "--dtype", "float32", "--top-k", "8", "--shard-tokens",
+             "2000", "--batch-rows", "8", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def kill_data(tmp_path_factory) -> str:
+    return _jsonl(tmp_path_factory.mktemp("kill") / "d.jsonl", [{"text": t} for t in synthetic_corpus(300, seed=9)])
+
+
+@pytest.fixture(scope="module")
+def kill_reference(tiny_teacher_dir, hf_teacher, kill_data, tmp_path_factory) -> str:
+    """The build of the kill test, uninterrupted, in this process on one thread (the CLI runs get
+    OMP_NUM_THREADS=1)."""
+    import torch
+
+    out = str(tmp_path_factory.mktemp("kill") / "ref")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build(_cfg(tiny_teacher_dir, kill_data, out, top_k=8, dtype="float32", shard_tokens=2000, batch_rows=8),
+              teacher=hf_teacher)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.mark.parametrize("where", ["after shard 2 is listed", "in a teacher batch split by a shard end"])
+def test_sigkill_then_resume_equals_an_uninterrupted_build(tiny_teacher_dir, kill_data, kill_reference, where,
+                                                           tmp_path):
+    ref_manifest = LogitStore.open(kill_reference).manifest
+    ends = np.cumsum([s.rows for s in ref_manifest.shards])
+    if where == "after shard 2 is listed":
+        fault = "shard-listed:2"
+    else:  # the first row of the next shard, in the same batch of 8 as the last rows of this one
+        fault = f"row-written:{next(int(e) for e in ends[1:-1] if e % 8)}"
+    args = ["build", "--teacher", tiny_teacher_dir, "--data", kill_data, *KILL_ARGS]
     exe = [sys.executable, "-m", "cli.kdstore"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([*exe, *args, "--out", str(tmp_path / "ref")], check=True, env=env, capture_output=True)
-
     out = tmp_path / "crash"
-    proc = subprocess.Popen([*exe, *args, "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill -9 once at least two shards are complete
-        try:
-            if len(json.loads((out / "manifest.json").read_text())["shards"]) >= 2:
-                break
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    killed = subprocess.run([*exe, *args, "--out", str(out)], env=dict(env, MOEKD_FAULT=fault), capture_output=True,
+                            text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     crashed = LogitStore.open(str(out))
     assert crashed.manifest.status == "in_progress", "the build finished before it could be killed"
     assert crashed.verify() == []
+    assert len(crashed.manifest.shards) >= 2
     resumed = subprocess.run([*exe, *args, "--out", str(out), "--resume"], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "from before the resume" in resumed.stdout
-    ref, got = list(LogitStore.open(str(tmp_path / "ref"))), list(LogitStore.open(str(out)))
+    ref, got = list(LogitStore.open(kill_reference)), list(LogitStore.open(str(out)))
     assert [r.source_index for r in got] == [r.source_index for r in ref]  # no row lost, none duplicated
     for a, b in zip(ref, got, strict=True):
         oa, ob = np.argsort(a.target_ids, 1), np.argsort(b.target_ids, 1)
         assert (a.input_ids == b.input_ids).all()
         assert (np.take_along_axis(a.target_ids, oa, 1) == np.take_along_axis(b.target_ids, ob, 1)).all()
         assert (np.take_along_axis(a.target_logprobs, oa, 1) == np.take_along_axis(b.target_logprobs, ob, 1)).all()
+    # bit for bit: the same shard files (sha256, sizes, rows, record batches) as the uninterrupted build
+    assert [vars(s) for s in LogitStore.open(str(out)).manifest.shards] == [vars(s) for s in ref_manifest.shards]
 
 
 def test_build_reads_its_options_from_yaml(tiny_teacher_dir, text_file, tmp_path, capsys):
@@ -256,3 +279,81 @@ def test_build_reads_its_options_from_yaml(tiny_teacher_dir, text_file, tmp_path
     assert kdstore.main(["build", str(config)]) == 0
     assert "rows            5" in capsys.readouterr().out
     assert LogitStore.open(str(tmp_path / "s")).manifest.target.k == 4
+
+
+def test_resume_and_merge_follow_the_data_not_the_file_dates(tiny_teacher_dir, hf_teacher, tmp_path):
+    """The SLURM recipe: a worker requeued after the data was re-copied (new mtime, same bytes) still resumes, and
+    the workers still merge; an edit of the data is refused, naming what differs."""
+    import shutil
+
+    data = _jsonl(tmp_path / "d.jsonl", [{"text": t} for t in synthetic_corpus(12, seed=5)])
+    cfg = dict(shard_tokens=100, num_workers=2)
+    build(_cfg(tiny_teacher_dir, data, tmp_path / "s", worker_index=0, **cfg), teacher=hf_teacher)
+    shutil.copy(data, tmp_path / "copy.jsonl")
+    os.replace(tmp_path / "copy.jsonl", data)  # the same bytes, a new file and date
+    os.utime(data, (1e9, 1e9))
+    assert build(_cfg(tiny_teacher_dir, data, tmp_path / "s", worker_index=0, resume=True, **cfg),
+                 teacher=hf_teacher).resumed_rows == 6
+    build(_cfg(tiny_teacher_dir, data, tmp_path / "s", worker_index=1, **cfg), teacher=hf_teacher)
+    assert merge_workers(str(tmp_path / "s")).rows == 12
+    with open(data, "a") as f:
+        f.write(json.dumps({"text": "One more line."}) + "\n")
+    with pytest.raises(ManifestError, match=r"different settings; refusing to mix them in one store: "
+                                            r"input\.examples: 12 vs 13; input\.fingerprint: '[0-9a-f]{16}' vs "
+                                            r"'[0-9a-f]{16}'$"):
+        build(_cfg(tiny_teacher_dir, data, tmp_path / "s", worker_index=1, resume=True, **cfg), teacher=hf_teacher)
+
+
+def test_refusals_name_the_setting_that_differs(tiny_teacher_dir, hf_teacher, text_file, tmp_path):
+    build(_cfg(tiny_teacher_dir, text_file, tmp_path / "r", limit=4), teacher=hf_teacher)
+    with pytest.raises(ManifestError, match=r"refusing to mix them in one store: target\.k: 8 vs 16$"):
+        build(_cfg(tiny_teacher_dir, text_file, tmp_path / "r", limit=4, top_k=16, resume=True), teacher=hf_teacher)
+    build(_cfg(tiny_teacher_dir, text_file, tmp_path / "m", limit=4, num_workers=2, worker_index=0),
+          teacher=hf_teacher)
+    build(_cfg(tiny_teacher_dir, text_file, tmp_path / "m", limit=4, num_workers=2, worker_index=1, max_seq_len=64),
+          teacher=hf_teacher)
+    with pytest.raises(ManifestError, match=r"\(worker 0 vs worker 1: sequence\.max_seq_len: 2048 vs 64\)$"):
+        merge_workers(str(tmp_path / "m"))
+
+
+def test_packed_multi_worker_store_packs_each_share_and_says_so(tiny_teacher_dir, hf_teacher, text_file, tmp_path):
+    """--pack packs the examples of one worker's share (i % N == I): an N-worker packed store holds every example's
+    tokens once, cut into other rows than a single-worker one; its manifest says so (and the fingerprints differ)."""
+    build(_cfg(tiny_teacher_dir, text_file, tmp_path / "one", pack=True, max_seq_len=64), teacher=hf_teacher)
+    for i in range(2):
+        build(_cfg(tiny_teacher_dir, text_file, tmp_path / "two", pack=True, max_seq_len=64, num_workers=2,
+                   worker_index=i), teacher=hf_teacher)
+    two = merge_workers(str(tmp_path / "two"))
+    one = LogitStore.open(str(tmp_path / "one")).manifest
+    assert one.sequence["pack_scope"] == "all examples" and two.sequence["pack_scope"] == "worker share"
+    from collections import Counter
+
+    # every token once, but for a lone last token of a packed share (no context to predict it from: dropped); here
+    # the single worker's input ends in one, the two workers' shares do not
+    tokens = [Counter(np.concatenate([r.input_ids for r in LogitStore.open(str(tmp_path / s))]).tolist())
+              for s in ("one", "two")]
+    assert tokens[0] - tokens[1] == Counter() and sum((tokens[1] - tokens[0]).values()) == 1
+    assert two.tokens == one.tokens + 1 and two.rows > one.rows
+
+
+def test_vllm_builds_are_identical_and_a_resume_changes_nothing(tiny_teacher_dir, vllm_teacher, text_file,
+                                                                  tmp_path):
+    """What holds for the vLLM backend on this CPU (docs/BUILD.md): two builds, and a build resumed after a crash
+    (the state a kill right after a shard is listed leaves), write byte-identical shards."""
+    import shutil
+
+    cfg = dict(backend="vllm", shard_tokens=300, batch_rows=5)
+    build(_cfg(tiny_teacher_dir, text_file, tmp_path / "a", **cfg), teacher=vllm_teacher)
+    build(_cfg(tiny_teacher_dir, text_file, tmp_path / "b", **cfg), teacher=vllm_teacher)
+    shards = LogitStore.open(str(tmp_path / "a")).manifest.shards
+    assert [vars(s) for s in LogitStore.open(str(tmp_path / "b")).manifest.shards] == [vars(s) for s in shards]
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    kept = next(i + 1 for i, s in enumerate(np.cumsum([s.rows for s in shards])[:-1]) if s % 5)
+    for s in manifest["shards"][kept:]:
+        os.remove(tmp_path / "c" / s["file"])
+    manifest["shards"], manifest["status"] = manifest["shards"][:kept], "in_progress"
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
+    summary = build(_cfg(tiny_teacher_dir, text_file, tmp_path / "c", resume=True, **cfg), teacher=vllm_teacher)
+    assert summary.recomputed_rows > 0  # the resume point split a batch of 5
+    assert [vars(s) for s in LogitStore.open(str(tmp_path / "c")).manifest.shards] == [vars(s) for s in shards]

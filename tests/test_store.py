@@ -60,6 +60,7 @@ def test_crash_leaves_a_valid_store_and_resume_continues(tmp_path):
     assert crashed.manifest.status == "in_progress" and crashed.verify() == []
     done = crashed.manifest.rows
     assert 0 < done < 30
+    w.lock.release()  # a crashed process is gone, and the kernel drops its lock (writer.OutputLock)
     resumed = ShardWriter(str(tmp_path), Manifest(target=TargetSpec("topk", k=8), vocab_size=500),
                           shard_tokens=200, batch_tokens=50, resume=True)
     assert not any(f.startswith(".tmp-") for f in os.listdir(tmp_path))  # stale temp files removed
