@@ -38,7 +38,7 @@ def prepare(work: Path, layers: int, seq: int, rows: int) -> tuple[str, str]:
 
     from benchmarks.gpu_check import SMOLLM2_135M, make_tokenizer
     from logit_store import Manifest, ShardWriter, StoreRow, TargetSpec
-    from logit_store.fingerprint import tokenizer_fingerprint
+    from logit_store.fingerprint import describe_tokenizer
     from logit_store.teachers.hf import HFTeacher
 
     base = work / "base"
@@ -55,7 +55,7 @@ def prepare(work: Path, layers: int, seq: int, rows: int) -> tuple[str, str]:
     mask[0] = False
     store = str(work / "store")
     manifest = Manifest(target=TargetSpec("topk", k=64), vocab_size=teacher.vocab_size,
-                        tokenizer={"name_or_path": str(base), "fingerprint": tokenizer_fingerprint(tok)})
+                        tokenizer=describe_tokenizer(tok, str(base)))
     with ShardWriter(store, manifest, batch_tokens=seq * 2) as w:
         for i, (r, t) in enumerate(zip(ids, teacher.topk([(r, mask) for r in ids], 64), strict=True)):
             w.write(StoreRow(r, mask, t, i))
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
           flush=True)
     for name in [v for v in args.variants.split(",") if v]:
         run = work / name
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc), "--master-port",
-               "29641", "-m", "benchmarks.fsdp_bench", "--worker", *common, *VARIANTS[name], "--out", str(run)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+               "-m", "benchmarks.fsdp_bench", "--worker", *common, *VARIANTS[name], "--out", str(run)]
         p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         if p.returncode != 0:
             out["results"][name] = {"error": p.stderr[-2000:]}

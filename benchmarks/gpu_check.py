@@ -229,7 +229,7 @@ def capture(ctx: Check, model_name: str, rows_n: int, write: bool) -> dict:
     from transformers import AutoTokenizer
 
     from logit_store import Manifest, ShardWriter, StoreRow, TargetSpec
-    from logit_store.fingerprint import tokenizer_fingerprint
+    from logit_store.fingerprint import describe_tokenizer
     from logit_store.teachers.hf import HFTeacher
 
     folder = str(ctx.models[model_name])
@@ -252,7 +252,7 @@ def capture(ctx: Check, model_name: str, rows_n: int, write: bool) -> dict:
     if write:
         tok = AutoTokenizer.from_pretrained(folder)
         manifest = Manifest(target=TargetSpec("topk", k=k), vocab_size=teacher.vocab_size, teacher=teacher.describe(),
-                            tokenizer={"name_or_path": folder, "fingerprint": tokenizer_fingerprint(tok)})
+                            tokenizer=describe_tokenizer(tok, folder))
         path = str(ctx.work / "store")
         t0 = time.perf_counter()
         with ShardWriter(path, manifest, batch_tokens=seq * ctx.size["batch"]) as w:

@@ -68,7 +68,7 @@ def write_teacher_store(path: str, teacher_dir: str, rows: int, seq: int, rows_p
     from transformers import AutoTokenizer
 
     from assets.synthetic import synthetic_corpus
-    from logit_store.fingerprint import tokenizer_fingerprint
+    from logit_store.fingerprint import describe_tokenizer
     from logit_store.teachers.hf import HFTeacher
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)
@@ -80,7 +80,7 @@ def write_teacher_store(path: str, teacher_dir: str, rows: int, seq: int, rows_p
     mask = np.ones(seq, bool)
     mask[0] = False
     manifest = Manifest(target=TargetSpec("topk", k=k), vocab_size=teacher.vocab_size,
-                        tokenizer={"name_or_path": teacher_dir, "fingerprint": tokenizer_fingerprint(tok)})
+                        tokenizer=describe_tokenizer(tok, teacher_dir))
     with ShardWriter(path, manifest, batch_tokens=seq * (rows_per_batch or rows)) as w:
         for i, (r, t) in enumerate(zip(token_rows, teacher.topk([(r, mask) for r in token_rows], k), strict=True)):
             w.write(StoreRow(r, mask, t, i))

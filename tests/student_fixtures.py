@@ -108,7 +108,7 @@ def build_tiny_store(teacher_dir: str, path: str, rows: int = 48, seq: int = 32,
 
     from assets.synthetic import synthetic_corpus
     from logit_store import Manifest, ShardWriter, StoreRow, TargetSpec
-    from logit_store.fingerprint import tokenizer_fingerprint
+    from logit_store.fingerprint import describe_tokenizer
     from logit_store.teachers.hf import HFTeacher
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)
@@ -118,7 +118,7 @@ def build_tiny_store(teacher_dir: str, path: str, rows: int = 48, seq: int = 32,
     mask = np.ones(seq, bool)
     mask[0] = False
     manifest = Manifest(target=TargetSpec("topk", k=k), vocab_size=teacher.vocab_size,
-                        tokenizer={"name_or_path": teacher_dir, "fingerprint": tokenizer_fingerprint(tok)})
+                        tokenizer=describe_tokenizer(tok, teacher_dir))
     with ShardWriter(path, manifest, batch_tokens=seq * rows_per_unit) as w:
         for i, (r, t) in enumerate(zip(chunks, teacher.topk([(r, mask) for r in chunks], k), strict=True)):
             w.write(StoreRow(r, mask, t, i))
