@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
           flush=True)
     for name in [v for v in args.variants.split(",") if v]:
         run = work / name
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc), "--master-port",
-               "29641", "-m", "benchmarks.fsdp_bench", "--worker", *common, *VARIANTS[name], "--out", str(run)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+               "-m", "benchmarks.fsdp_bench", "--worker", *common, *VARIANTS[name], "--out", str(run)]
         p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         if p.returncode != 0:
             out["results"][name] = {"error": p.stderr[-2000:]}

@@ -55,9 +55,9 @@ def _flags(**kw) -> list[str]:
     return out
 
 
-def _torchrun(store, base, out, port: int, **kw) -> None:
+def _torchrun(store, base, out, **kw) -> None:
     opts = dict(OPTIONS, batch_size=ROWS_PER_UNIT, sharding="fsdp", **kw)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "cli.kdstudent", "train", "--store", store, "--base", base, "--out", str(out), "--eval_store", store,
            *_flags(**opts)]
     run = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
@@ -99,7 +99,7 @@ def _assert_equal_to(run, ref) -> None:
 
 def test_fsdp_two_processes_equal_one_and_resume_exactly(store, tiny_teacher_dir, one_process, tmp_path):
     full = tmp_path / "full"
-    _torchrun(store, tiny_teacher_dir, full, 29531, save_every=2, keep_checkpoints=5)
+    _torchrun(store, tiny_teacher_dir, full, save_every=2, keep_checkpoints=5)
     _assert_equal_to(full, one_process)
     assert (full / "checkpoint-2" / "dcp").is_dir() and not (full / "checkpoint-2" / "trainable.safetensors").exists()
     assert (full / "final" / "student" / "adapters.safetensors").is_file()  # same format as DDP's
@@ -118,7 +118,7 @@ def test_fsdp_two_processes_equal_one_and_resume_exactly(store, tiny_teacher_dir
         shutil.rmtree(crashed / name)
     kept = [r for r in read_metrics(crashed) if r["step"] <= 3]
     (crashed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-    _torchrun(store, tiny_teacher_dir, crashed, 29533, save_every=2, keep_checkpoints=5, resume=True)
+    _torchrun(store, tiny_teacher_dir, crashed, save_every=2, keep_checkpoints=5, resume=True)
     assert _losses(crashed) == _losses(full)  # bit for bit: sharded weights, optimizer, RNG, reader restored
     assert _evals(crashed) == _evals(full)
     wa, wb = _weights(full), _weights(crashed)
@@ -126,5 +126,5 @@ def test_fsdp_two_processes_equal_one_and_resume_exactly(store, tiny_teacher_dir
 
 
 def test_fsdp_with_a_replicated_frozen_base_equals_one_process(store, tiny_teacher_dir, one_process, tmp_path):
-    _torchrun(store, tiny_teacher_dir, tmp_path, 29535, fsdp_frozen="replicate", grad_accum=1)
+    _torchrun(store, tiny_teacher_dir, tmp_path, fsdp_frozen="replicate", grad_accum=1)
     _assert_equal_to(tmp_path, one_process)
