@@ -115,8 +115,8 @@ def test_torchrun_two_processes_equal_one(store, tiny_teacher_dir, tmp_path):
     one = subprocess.run([sys.executable, "-m", "cli.kdstudent", "train", *common, "--out", str(tmp_path / "one"),
                           "--batch_size", str(2 * ROWS_PER_UNIT)], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          "29517", "-m", "cli.kdstudent", "train", *common, "--out", str(tmp_path / "two"),
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "cli.kdstudent", "train", *common, "--out", str(tmp_path / "two"),
                           "--batch_size", str(ROWS_PER_UNIT)], env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
