@@ -19,9 +19,9 @@ Arms (budget arms matched to within 1 % of moe-v1's trainable count; every LoRA 
   full           full fine-tune (outside the budget)
   full-moe       full fine-tune + moe-v1's experts (--train-base; the paper's student, outside the budget)
 
-Every finished run leaves a small JSON under benchmarks/results/quality_study_v2/runs/ (committed), keyed by its
-config and the stores' fingerprints: the study resumes across machines and sessions, and several processes can
-share a stage (each run is claimed by one process).
+Every finished run of the cpu scale leaves a small JSON under benchmarks/results/quality_study_v2/runs/ (committed;
+other scales keep theirs under --out), keyed by its config and the stores' fingerprints: the study resumes across
+machines and sessions, and several processes can share a stage (each run is claimed by one process).
 """
 
 from __future__ import annotations
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="stage 2 seeds (a comma list)")
     p.add_argument("--out", default=os.path.expanduser("~/.cache/moekd/quality-study-v2"))
-    p.add_argument("--json", default=f"{RESULTS}.json", help="report (cpu scale; other scales write beside it)")
+    p.add_argument("--json", default=f"{RESULTS}.json", help="report of the cpu scale (other scales write to --out)")
     args = p.parse_args(argv)
     from assets.smollm2 import prepared_teacher_dir
 
@@ -288,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     shape, counts = matched_shapes(stores, teacher, scale)
     print(f"shapes {shape}; trainable " + ", ".join(f"{a} {n:,}" for a, n in counts.items()), flush=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # only the CPU study's results are committed; other scales keep theirs beside them
-    results = RESULTS if args.scale == "cpu" else f"{RESULTS}_{args.scale}"
+    # only the CPU study's results are committed (resumable across sessions); other scales keep theirs in --out
+    results = RESULTS if args.scale == "cpu" else os.path.join(out, "results")
     ctx = dict(out=out, results=results, stores=stores, scale=scale, shape=shape, device=device,
                teacher=Teacher(teacher, device))
     arms = args.arms.split(",")
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed in SEEDS:
                 run_one(f"{best}+{variant}", lrs[best], seed, "test", ctx)
         return 0
-    report(arms, ctx, counts, args.json if args.scale == "cpu" else f"{results}.json")
+    report(arms, ctx, counts, args.json if args.scale == "cpu" else os.path.join(out, "quality_study_v2.json"))
     return 0
 
 
