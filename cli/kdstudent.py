@@ -105,7 +105,8 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from student.evaluate import evaluate_trained, format_report
+    from student.evaluate import format_report
+    from student.train import evaluate_trained
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = evaluate_trained(args.model, args.store, batch_size=args.batch_size, max_rows=args.max_rows,

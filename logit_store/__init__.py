@@ -6,11 +6,10 @@ load on first use of their names, so that reading or verifying a store needs nei
 
 import importlib
 
-__version__ = "0.1.0"
-
 from .codecs import IdOrder, SampledCodec, SampledTargets, TargetError, TopKCodec, TopKTargets  # noqa: E402
 from .manifest import CodecSpec, Manifest, ManifestError, ShardInfo, TargetSpec  # noqa: E402
 from .reader import DecodedRow, LogitStore, StoreError  # noqa: E402
+from .version import __version__  # noqa: F401
 
 _LAZY = {"ShardWriter": "writer", "StoreRow": "writer",
          "KDBatch": "stream", "KDStream": "stream", "StoreLoader": "stream", "collate": "stream"}

@@ -16,6 +16,7 @@ import pyarrow.fs as pafs
 from . import fs as storefs
 from .codecs import CODEC_NAME, DEFAULT_ID_ORDER_HEAD, DEFAULT_LEVELS, id_width
 from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_FILE, WORKER_MANIFEST
+from .version import __version__
 
 # the sections that say what a store's data means: equal in two manifests <=> the same fingerprint
 FINGERPRINTED = ("format_version", "target", "vocab_size", "codec", "teacher", "tokenizer", "input", "sequence")
@@ -103,8 +104,6 @@ class Manifest:
         if not self.created:
             self.created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         if not self.tool:
-            from . import __version__
-
             self.tool = {"name": "moekd", "version": __version__, "vllm": _vllm_version()}
         self.codec.id_bytes = id_width(self.vocab_size)
 

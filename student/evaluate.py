@@ -80,23 +80,6 @@ def _tally_rows(hidden: torch.Tensor, batch: dict, head: nn.Module, kd_cfg: Dist
     return t
 
 
-def evaluate_trained(model_path: str, stores: list[str], batch_size: int = 8, max_rows: int | None = None,
-                     device: torch.device | str = "cpu") -> dict:
-    """`kdstudent eval`: a run's student (or a saved student) on each store and pooled (`evaluate_stores`), after
-    the check training makes, that the student speaks every store's token ids (its base's tokenizer, a vocabulary
-    that holds every stored id)."""
-    from student.config import student_spec
-    from student.run import is_run, load_config
-    from student.train import check_tokenizer, load_trained
-
-    opened = [LogitStore.open(store) for store in stores]
-    model = load_trained(model_path, device)
-    base = load_config(model_path).base if is_run(model_path) else student_spec(model).base_path
-    for store in opened:
-        check_tokenizer(base, store, model)
-    return evaluate_stores(model, list(stores), batch_size=batch_size, max_rows=max_rows, device=device)
-
-
 @torch.no_grad()
 def _evaluate_store(model: nn.Module, store: str | LogitStore, batch_size: int, max_rows: int | None,
                     device: torch.device | str, chunk_size: int) -> tuple[dict[str | None, _Tally], dict, dict]:
