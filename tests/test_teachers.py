@@ -219,10 +219,12 @@ def _copy_teacher(src: str, dst, config: dict | None = None, tokenizer: dict | N
 def test_build_warns_before_loading_when_the_config_bos_is_not_added(tiny_teacher_dir, tmp_path, recwarn):
     teacher = _copy_teacher(tiny_teacher_dir, tmp_path / "t", config={"bos_token_id": 0}, tokenizer={"bos_token": BOS})
     unloadable = _copy_teacher(teacher, tmp_path / "no-weights")
-    os.remove(os.path.join(unloadable, "model.safetensors"))
+    with open(os.path.join(unloadable, "model.safetensors"), "wb") as f:  # weights there, but unreadable
+        f.write(b"not safetensors")
     cfg = BuildConfig(teacher=unloadable, data=_text_file(tmp_path), out=str(tmp_path / "s"), text_field="text",
                       backend="hf", progress=False)
-    with pytest.warns(TeacherWarning, match="prepare-teacher.*--tokenizer"), pytest.raises(TeacherError):
+    with pytest.warns(TeacherWarning, match="prepare-teacher.*--tokenizer"), \
+            pytest.raises(TeacherError, match="cannot load teacher"):
         build(cfg)  # the warning comes before the teacher loads (this one cannot)
     # the tiny teacher as made: its config's bos_token_id (a Llama default) is no BOS of its tokenizer
     build(BuildConfig(teacher=tiny_teacher_dir, data=_text_file(tmp_path), out=str(tmp_path / "s2"),

@@ -38,8 +38,8 @@ class HFTeacher(Teacher):
 
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, resolve_dtype(dtype)))
-        except OSError as e:
-            raise TeacherError(f"cannot load teacher {path!r} with transformers: {e}") from e
+        except Exception as e:  # missing, unreadable or corrupt files (OSError, SafetensorError, ...): name the teacher
+            raise TeacherError(f"cannot load teacher {path!r} with transformers ({type(e).__name__}: {e})") from e
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return cls(model.to(device), path, str(model.dtype).removeprefix("torch."), **kw)
 
