@@ -69,7 +69,7 @@ class ShardInfo:
     target_positions: int
     bytes: int
     sha256: str
-    batch_rows: list[int]  # rows per Arrow record batch: the units the reader splits across ranks/workers
+    batch_rows: list[int]  # rows per Arrow record batch, in order (how a reader finds a row)
     # rows / tokens / target_positions per domain, for a store built with domains; None (and absent from the
     # JSON, so stores without domains read as before) otherwise
     domains: dict[str, dict[str, int]] | None = None
