@@ -38,3 +38,13 @@ def tiny_teacher_dir(tmp_path_factory) -> str:
         torch.set_num_threads(threads)
     return folder
 
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is faster, and immune to OpenMP spin-waits when the machine is shared."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -94,6 +94,21 @@ def randomize_adapters(model: torch.nn.Module, std: float = 0.05, seed: int = 1)
                 m.router.weight.copy_(torch.randn(m.router.weight.shape, generator=g) * 0.5)
 
 
+def assert_layer_matches_loop(loop: torch.nn.Module, fast: torch.nn.Module, x: torch.Tensor) -> None:
+    """`fast` (a MoE-LoRA layer on another expert path, same weights) computes what the autograd `loop` layer
+    computes: outputs, the input's gradient and every trainable parameter's gradient (balance loss included)."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = loop(xa), fast(xb)
+    torch.testing.assert_close(yb, ya)
+    (ya.square().sum() + loop.router_stats.balance).backward()
+    (yb.square().sum() + fast.router_stats.balance).backward()
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
+    fast_params = dict(fast.named_parameters())
+    for name, p in loop.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(fast_params[name].grad, p.grad, rtol=1e-4, atol=1e-5)
+
+
 def sample_ids(batch: int = 2, seq: int = 24, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=g)

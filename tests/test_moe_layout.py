@@ -3,7 +3,7 @@ matmuls): both equal the autograd loop, gradients included, with and without LoR
 
 import pytest
 import torch
-from student_fixtures import randomize_adapters
+from student_fixtures import assert_layer_matches_loop, randomize_adapters
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -21,15 +21,7 @@ def test_ragged_and_padded_layouts_match_the_loop(impl, max_padding):
     fast.load_state_dict(loop.state_dict())
     fast.max_padding = max_padding
     x = torch.randn(3, 11, 32)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = loop(xa), fast(xb)
-    torch.testing.assert_close(yb, ya)
-    (ya.square().sum() + loop.router_stats.balance).backward()
-    (yb.square().sum() + fast.router_stats.balance).backward()
-    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
-    for name, p in loop.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(dict(fast.named_parameters())[name].grad, p.grad, rtol=1e-4, atol=1e-5)
+    assert_layer_matches_loop(loop, fast, x)
 
 
 def test_padded_capacity():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from student_fixtures import randomize_adapters, sample_ids, save_tiny_model
+from student_fixtures import assert_layer_matches_loop, randomize_adapters, sample_ids, save_tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
@@ -121,15 +121,7 @@ def test_fast_paths_match_the_autograd_loop(impl):
     fast = MoELoRAMLP(mlp, num_experts=6, experts_per_token=2, rank=4, impl=impl)
     fast.load_state_dict(loop.state_dict())
     x = torch.randn(3, 11, 32)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = loop(xa), fast(xb)
-    torch.testing.assert_close(ya, yb)
-    (ya.square().sum() + loop.router_stats.balance).backward()
-    (yb.square().sum() + fast.router_stats.balance).backward()
-    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
-    for name, p in loop.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(dict(fast.named_parameters())[name].grad, p.grad, rtol=1e-4, atol=1e-5)
+    assert_layer_matches_loop(loop, fast, x)
 
 
 @pytest.mark.parametrize("impl", ["fused", "compiled"])

@@ -20,14 +20,6 @@ def llama_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("llama"), "llama", num_layers=2)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one thread is faster, and immune to OpenMP spin-waits when the machine is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _skewed_toy(balance_coef: float, steps: int = 60) -> tuple[float, float, list[float]]:
     """Fit a random target MLP with a router that starts sending most tokens to expert 0.

@@ -38,13 +38,6 @@ def llama_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("llama"), "llama", num_layers=3)
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _logits(model, ids, **kw):
     with torch.no_grad():
