@@ -257,9 +257,7 @@ class MoELoRAMLP(nn.Module):
             weight = real.to(device=probs.device, dtype=probs.dtype)
         else:
             weight = torch.ones(probs.shape[0], dtype=probs.dtype, device=probs.device)
-        k = top_i.shape[1]
-        counts = torch.zeros(self.num_experts, dtype=probs.dtype, device=probs.device).scatter_add_(
-            0, top_i.reshape(-1), weight.repeat_interleave(k))
+        counts = _expert_counts(top_i, self.num_experts, weight)
         tokens = weight.sum()
         prob_sum = (probs * weight[:, None]).sum(dim=0)
         z_sum = (torch.logsumexp(logits, dim=-1).square() * weight).sum()
