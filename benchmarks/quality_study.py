@@ -150,10 +150,11 @@ def result_path(results: str, arm: str, lr: float, seed: int) -> str:
 
 
 class Teacher:
-    """The live teacher (fp32), loaded once per process, for the full-vocabulary KL."""
+    """The live teacher (fp32), loaded once per process, for the full-vocabulary KL. Its last hidden states are kept
+    per batch, so every evaluation after the first runs only the LM head (the logits are the same computation)."""
 
     def __init__(self, path: str, device: str):
-        self.path, self.device, self._model = path, device, None
+        self.path, self.device, self._model, self._hidden = path, device, None, {}
 
     @property
     def model(self):
@@ -162,6 +163,11 @@ class Teacher:
 
             self._model = load_base(self.path)[0].to(self.device)
         return self._model
+
+    def logits(self, key: tuple, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        if key not in self._hidden:
+            self._hidden[key] = self.model.model(input_ids=ids, attention_mask=attn).last_hidden_state
+        return self.model.lm_head(self._hidden[key])
 
 
 @torch.no_grad()
@@ -182,7 +188,7 @@ def full_vocab_kl(teacher: Teacher, store: str, model, batch: int, device: str) 
         for lo in range(0, len(rows), batch):
             b = collate(rows[lo:lo + batch], domains=opened.manifest.domain_names)
             ids, attn, mask = (b[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
-            t_lp = teacher.model(input_ids=ids, attention_mask=attn).logits[mask].float().log_softmax(-1)
+            t_lp = teacher.logits((store, domain, lo), ids, attn)[mask].float().log_softmax(-1)
             if is_moe_student(model):
                 count_only(model, attn)
             s_lp = model(input_ids=ids, attention_mask=attn).logits[mask].float().log_softmax(-1)
@@ -240,7 +246,9 @@ def stage_lr(arm: str, ctx: dict) -> float | None:
     half-decade beyond an edge whenever the best sits on it. None while runs are missing."""
     grid = list(LR_GRID["full" if arm.startswith("full") else "lora"])
     while True:
-        results = {lr: run_one(arm, lr, 0, "validation", ctx) for lr in grid}
+        # the middle of the grid first: a stage cut short by time leaves the likeliest choices done
+        order = sorted(grid, key=lambda lr: abs(math.log(lr) - math.log(grid[len(grid) // 2])))
+        results = {lr: run_one(arm, lr, 0, "validation", ctx) for lr in order}
         if any(r is None for r in results.values()):
             return None
         best = min(grid, key=lambda lr: results[lr]["eval"]["validation"]["full_kl"])
