@@ -68,6 +68,16 @@ def tokenizer_matches(tokenizer: Any, recorded: dict[str, Any]) -> bool:
     return tokenizer_fingerprint(tokenizer, version) == recorded["fingerprint"]
 
 
+def recorded_tokenizers_differ(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two manifests' `tokenizer` sections certainly name different tokenizers: both fingerprinted the
+    same way, with different results. (Fingerprints of different versions cannot be compared without the
+    tokenizer itself; training checks each store against the student's tokenizer with `tokenizer_matches`.)"""
+    if not (a.get("fingerprint") and b.get("fingerprint")):
+        return False
+    same_version = int(a.get("fingerprint_version", 1)) == int(b.get("fingerprint_version", 1))
+    return same_version and a["fingerprint"] != b["fingerprint"]
+
+
 def model_fingerprint(folder: str, sample: int | None = _SAMPLE) -> str:
     """Hash of a model folder's configs and weight files (names, sizes, contents).
 

@@ -1,5 +1,6 @@
-"""The training stream over a store: `KDStream` deals its rows to ranks and DataLoader workers, shuffled and
-resumable, and yields them as `KDBatch`es of torch tensors (`collate`); `StoreLoader` runs it in worker processes.
+"""The training stream over a store, or a weighted mixture of stores: `KDStream` deals their rows to ranks and
+DataLoader workers, shuffled and resumable, and yields them as `KDBatch`es of torch tensors (`collate`);
+`StoreLoader` runs it in worker processes.
 
 `KDBatch` is the contract between the store and the loss: student/losses.py, student/evaluate.py and the
 benchmarks read batches by these keys and know nothing else of the store.
@@ -18,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .faults import crash_point
+from .fingerprint import recorded_tokenizers_differ
 from .reader import BatchRows, DecodedRow, LogitStore, StoreError
 
 
@@ -37,7 +39,7 @@ class KDBatch(TypedDict):
     target_mask: torch.Tensor  # [B, T, S] bool: which slots hold a candidate
     target_tail: torch.Tensor  # [B, T] float32: log of the teacher mass outside the candidates (-inf: none)
     source_index: torch.Tensor  # [B] int64: the input example each row came from (-1 if unknown)
-    domain: torch.Tensor  # [B] int64: the row's domain as an index into the store's domain_names (-1: none)
+    domain: torch.Tensor  # [B] int64: the row's domain as an index into the domain_names given to collate (-1: none)
 
 
 def collate(rows: list[DecodedRow], pad_id: int = 0, domains: list[str] | None = None) -> KDBatch:
@@ -79,19 +81,89 @@ def _domain_index(domain: str | None, domains: list[str] | None) -> int:
     return domains.index(domain)
 
 
+_MIX_KEY = 0x6D6978  # seeds where a mixture's stores interleave; the stores' own orders use [seed, epoch, store]
+
+
+def parse_store_spec(spec: str) -> tuple[str, float | None]:
+    """`path` or `path:weight` (as `--store` takes it) -> (path, weight or None). A URL's own colons stay in the
+    path: only a last `:<number>` is a weight."""
+    path, sep, weight = spec.rpartition(":")
+    if sep and path:
+        try:
+            value = float(weight)
+        except ValueError:
+            return spec, None
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"store {spec!r}: the weight after ':' must be a positive number, got {weight!r}")
+        return path, value
+    return spec, None
+
+
+def mixture_rows(stores: list[LogitStore], rows: list[int], weights: list[float | None]) -> tuple[list[int],
+                                                                                                list[float]]:
+    """How many rows of each store (`rows` each) one epoch of a mixture holds, and each store's share of the tokens.
+
+    A weight is a store's share of the tokens the student trains on. Stores without one share what the others
+    leave, in proportion to their tokens (all without one: every store in proportion to its tokens, so an epoch
+    reads each store once); weights given for every store are normalised. An epoch of the mixture holds as many
+    rows as the stores together, split so each store's rows carry its share of the tokens."""
+    tokens = np.array([s.manifest.tokens for s in stores], np.float64)
+    rows = np.array(rows, np.float64)
+    free = np.array([w is None for w in weights])
+    given = np.array([0.0 if w is None else w for w in weights])
+    if free.all():
+        share = tokens / tokens.sum()
+    elif not free.any():
+        share = given / given.sum()
+    elif given.sum() >= 1:
+        raise ValueError(f"the weights given ({given.sum():g} in all) leave nothing for the "
+                         f"{int(free.sum())} store(s) without one: give every store a weight, or weights below 1")
+    else:
+        share = given + free * (1 - given.sum()) * tokens / tokens[free].sum()
+    per_row = share / (tokens / rows)  # rows needed for each unit of token share
+    exact = per_row / per_row.sum() * rows.sum()
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(counts - exact)[: int(rows.sum() - counts.sum())]] += 1  # largest remainders
+    for store, n, w in zip(stores, counts, share, strict=True):
+        if n == 0:
+            raise ValueError(f"{store.root}: a weight of {w:.2g} gives it no row in an epoch of the mixture "
+                             f"({int(rows.sum()):,} rows): raise its weight or leave the store out")
+    return [int(n) for n in counts], [float(w) for w in share]
+
+
+def check_same_tokens(stores: list[LogitStore]) -> None:
+    """Stores mixed in one run must give token ids one meaning: the same tokenizer and vocabulary."""
+    first = stores[0]
+    for other in stores[1:]:
+        a, b = first.manifest, other.manifest
+        if a.vocab_size != b.vocab_size or recorded_tokenizers_differ(a.tokenizer, b.tokenizer):
+            raise ValueError(
+                f"the stores {first.root} (tokenizer {a.tokenizer.get('name_or_path')}, fingerprint "
+                f"{a.tokenizer.get('fingerprint')}, vocabulary {a.vocab_size:,}) and {other.root} (tokenizer "
+                f"{b.tokenizer.get('name_or_path')}, fingerprint {b.tokenizer.get('fingerprint')}, vocabulary "
+                f"{b.vocab_size:,}) were built with different tokenizers or vocabularies: their token ids mean "
+                "different things and cannot be mixed. Rebuild one with the other's tokenizer.")
+
+
 class KDStream(IterableDataset):
-    """Streams batches of a store for training: shuffled, dealt to ranks and DataLoader workers, resumable.
+    """Streams batches of a store, or of a weighted mixture of stores, for training: shuffled, dealt to ranks and
+    DataLoader workers, resumable.
 
     Each epoch is planned first, from metadata only (no I/O), as a pure function of (seed, epoch):
 
     1. **Order.** The store's record batches are permuted, their rows concatenated, and the rows shuffled within
        consecutive windows of `shuffle_buffer` rows (a buffer >= the store's rows is a uniform shuffle). Rows
        stay near their record batch, so a reader holds only the record batches of about one window.
-    2. **Equal shares.** If the rows do not divide by `world_size`, the first rows of the order are appended
+    2. **Mixture.** With several stores, an epoch holds as many rows as the stores together, n_i of them from
+       store i (`mixture_rows`: n_i carry store i's share of the tokens). Each store keeps its own sequence of
+       shuffled epochs (step 1) and the mixture takes the next n_i rows of it every epoch, so every row of a
+       store comes once per pass over that store; the stores' rows are interleaved at seeded random places
+       (stores in proportion, evenly spread, without `shuffle`). One store is the mixture of one.
+    3. **Equal shares.** If the rows do not divide by `world_size`, the first rows of the order are appended
        again (DistributedSampler's wrap-around): every rank gets the same number of rows and batches per epoch,
        so ranks change epochs in lockstep. Every row is dealt once per epoch, and at most `world_size - 1` of
        them (the first of that epoch's order, different rows every shuffled epoch) a second time.
-    3. **Batches.** Global batch j is rows [j·G, (j+1)·G) of the order, G = world_size × batch_size, and rank r
+    4. **Batches.** Global batch j is rows [j·G, (j+1)·G) of the order, G = world_size × batch_size, and rank r
        takes the r-th slice of it in store order. So N processes with batch B see, step by step, the rows one
        process sees with batch N·B. The last global batch of an epoch may be short (split evenly), or dropped
        with `drop_last`.
@@ -103,14 +175,18 @@ class KDStream(IterableDataset):
     w yields batches b + w, b + w + W, ..., so resuming continues the same sequence of batches, also with another
     worker count, also at an epoch boundary.
 
-    Iterate it directly (num_workers=0) or through `StoreLoader`, which tracks the position across workers.
+    `store`: one store, or a list of them; `weights`: each store's share of the tokens, None where unset
+    (`mixture_rows`). Mixed stores must share a tokenizer and vocabulary; they may differ in target kind and k
+    (`collate` pads candidates to the widest). Iterate it directly (num_workers=0) or through `StoreLoader`,
+    which tracks the position across workers.
     """
 
     def __init__(
         self,
-        store: str | LogitStore,
+        store: str | LogitStore | list[str | LogitStore],
         batch_size: int,
         *,
+        weights: list[float | None] | None = None,
         shuffle: bool = True,
         shuffle_buffer: int = 1024,
         seed: int = 0,
@@ -120,12 +196,20 @@ class KDStream(IterableDataset):
         pad_id: int = 0,
         filesystem: pafs.FileSystem | None = None,
     ):
-        self.store = store if isinstance(store, LogitStore) else LogitStore.open(store, filesystem)
-        if self.store.manifest.status != "complete":
-            import warnings
+        given = store if isinstance(store, list) else [store]
+        if not given:
+            raise ValueError("no store to read")
+        self.stores = [s if isinstance(s, LogitStore) else LogitStore.open(s, filesystem) for s in given]
+        weights = [None] * len(self.stores) if weights is None else list(weights)
+        if len(weights) != len(self.stores):
+            raise ValueError(f"{len(weights)} weights for {len(self.stores)} stores")
+        for s in self.stores:
+            if s.manifest.status != "complete":
+                import warnings
 
-            warnings.warn(f"{self.store.root}: the store is still being written; reading its complete shards",
-                          stacklevel=2)
+                warnings.warn(f"{s.root}: the store is still being written; reading its complete shards",
+                              stacklevel=2)
+        check_same_tokens(self.stores)
         if rank is None or world_size is None:
             dist = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank = torch.distributed.get_rank() if dist else 0
@@ -139,34 +223,68 @@ class KDStream(IterableDataset):
         self.num_workers = 0  # set by StoreLoader; recorded in state_dict, free to change on resume
         self.epoch = 0
         self.batches_done = 0  # of this rank's batches this epoch
-        self._units = self.store.units()
-        unit_rows = np.array([n for _, _, n in self._units], dtype=np.int64)
-        self._unit_rows, self._unit_start = unit_rows, np.cumsum(unit_rows) - unit_rows
-        self.rows = int(unit_rows.sum())
+        self._store_units = [s.units() for s in self.stores]
+        self.store_rows = [sum(n for _, _, n in units) for units in self._store_units]
+        self.store_start = np.cumsum(self.store_rows) - self.store_rows  # first global row number of each store
+        # record batches of every store in one list: (store, file, batch, rows)
+        self._units = [(i, *u) for i, units in enumerate(self._store_units) for u in units]
+        unit_rows = np.array([u[-1] for u in self._units], dtype=np.int64)
+        self._unit_start = np.cumsum(unit_rows) - unit_rows
+        self.rows = int(unit_rows.sum())  # rows per epoch (one pass over every store's rows when unweighted)
+        self.epoch_rows, self.token_share = mixture_rows(self.stores, self.store_rows, weights)
+        # every domain of every store, in order: the `domain` index of a batch looks names up here
+        self.domain_names = list(dict.fromkeys(n for s in self.stores for n in s.manifest.domain_names))
+        where = " and ".join(str(s.root) for s in self.stores)
         if self.rows < world_size:
-            raise ValueError(f"{self.store.root}: the store has {self.rows} rows, fewer than the {world_size} "
-                             "processes reading it; every process needs rows of its own: use fewer processes")
+            raise ValueError(f"{where}: {self.rows} rows, fewer than the {world_size} processes reading them; "
+                             "every process needs rows of its own: use fewer processes")
         if len(self) == 0:
-            raise ValueError(f"{self.store.root}: {self.rows} rows make no full batch of {batch_size} rows for "
-                             f"each of {world_size} processes with drop_last: use a smaller batch or fewer processes")
+            raise ValueError(f"{where}: {self.rows} rows make no full batch of {batch_size} rows for each of "
+                             f"{world_size} processes with drop_last: use a smaller batch or fewer processes")
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its padded global order), computed lazily
 
     # ------------------------------------------------------------ plan (metadata only, no I/O)
+    def store_order(self, store: int, epoch: int) -> np.ndarray:
+        """Row numbers within store `store` in the order its own epoch `epoch` reads them (step 1)."""
+        units, rows = self._store_units[store], self.store_rows[store]
+        dtype = np.int32 if rows < 2**31 else np.int64
+        if not self.shuffle:
+            return np.arange(rows, dtype=dtype)
+        # store 0 keeps the key a single store has always had, so runs from before mixing resume exactly
+        rng = np.random.default_rng([self.seed, epoch] + ([store] if store else []))
+        unit_rows = np.array([n for _, _, n in units], dtype=np.int64)
+        unit_start = np.cumsum(unit_rows) - unit_rows
+        perm = rng.permutation(len(units))
+        counts = unit_rows[perm]
+        first = np.repeat(unit_start[perm] - (np.cumsum(counts) - counts), counts)
+        order = (first + np.arange(rows)).astype(dtype)
+        for lo in range(0, rows, self.shuffle_buffer):
+            rng.shuffle(order[lo:lo + self.shuffle_buffer])
+        return order
+
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Global row numbers (store order) in the order epoch `epoch` deals them, wrap-around padding included."""
+        """Global row numbers (stores concatenated) in the order epoch `epoch` deals them, wrap-around padding
+        included."""
         if self._order is not None and self._order[0] == epoch:
             return self._order[1]
-        dtype = np.int32 if self.rows < 2**31 else np.int64
-        if self.shuffle:
-            rng = np.random.default_rng([self.seed, epoch])
-            units = rng.permutation(len(self._units))
-            counts = self._unit_rows[units]
-            first = np.repeat(self._unit_start[units] - (np.cumsum(counts) - counts), counts)
-            order = (first + np.arange(self.rows)).astype(dtype)
-            for lo in range(0, self.rows, self.shuffle_buffer):
-                rng.shuffle(order[lo:lo + self.shuffle_buffer])
+        taken = []  # each store's next epoch_rows[i] rows of its own sequence of epochs (step 2)
+        for i, (n, rows) in enumerate(zip(self.epoch_rows, self.store_rows, strict=True)):
+            lo = epoch * n
+            first, last = lo // rows, -(-(lo + n) // rows)
+            sequence = np.concatenate([self.store_order(i, e) for e in range(first, last)])
+            taken.append(sequence[lo - first * rows:lo - first * rows + n].astype(np.int64) + self.store_start[i])
+        if len(taken) == 1:
+            order = taken[0]
         else:
-            order = np.arange(self.rows, dtype=dtype)
+            slots = np.repeat(np.arange(len(taken)), self.epoch_rows)
+            if self.shuffle:
+                np.random.default_rng([self.seed, epoch, _MIX_KEY]).shuffle(slots)
+            else:  # evenly spread: store i's k-th row at fraction (k + 1/2) / n_i of the epoch
+                spread = np.concatenate([(np.arange(n) + 0.5) / n for n in self.epoch_rows])
+                slots = slots[np.argsort(spread, kind="stable")]
+            order = np.empty(self.rows, np.int64)
+            for i, rows in enumerate(taken):
+                order[slots == i] = rows
         order = np.concatenate([order, order[:(-self.rows) % self.world_size]])
         self._order = (epoch, order)
         return order
@@ -204,7 +322,7 @@ class KDStream(IterableDataset):
         indices = range(self.batches_done + worker, len(self), workers)
         try:
             for index, rows in zip(indices, self._decoded(indices), strict=True):
-                batch = collate(rows, self.pad_id, self.store.manifest.domain_names)
+                batch = collate(rows, self.pad_id, self.domain_names)
                 if info is None:
                     self.batches_done = index + 1
                 else:
@@ -233,8 +351,9 @@ class KDStream(IterableDataset):
             for row in ids:
                 u = int(unit_of[i])
                 if u not in cache:
-                    file, b, _ = self._units[u]
-                    cache[u] = self.store.decode_batch(file, self.store.read_batch(file, b))
+                    store, file, b, _ = self._units[u]
+                    reader = self.stores[store]
+                    cache[u] = reader.decode_batch(file, reader.read_batch(file, b))
                 rows.append(cache[u][int(row - self._unit_start[u])])
                 if last_use[u] == i:
                     del cache[u]
@@ -255,15 +374,20 @@ class KDStream(IterableDataset):
 
     # ------------------------------------------------------------ checkpointing
     def layout(self) -> str:
-        """Digest of the store's record batch layout (files and row counts), which the shuffled order depends on."""
-        return hashlib.sha256(json.dumps(self._units).encode()).hexdigest()[:16]
+        """Digest of the stores' record batch layouts (files and row counts), which the shuffled order depends on."""
+        units = self._store_units[0] if len(self.stores) == 1 else self._store_units
+        return hashlib.sha256(json.dumps(units).encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict:
-        return dict(dealing="rows", epoch=self.epoch, batches_done=self.batches_done, seed=self.seed,
-                    rank=self.rank, world_size=self.world_size, batch_size=self.batch_size, shuffle=self.shuffle,
-                    shuffle_buffer=self.shuffle_buffer, drop_last=self.drop_last,
-                    store=self.store.manifest.fingerprint(), rows=self.rows, layout=self.layout(),
-                    num_workers=self.num_workers)
+        fingerprints = [s.manifest.fingerprint() for s in self.stores]
+        state = dict(dealing="rows", epoch=self.epoch, batches_done=self.batches_done, seed=self.seed,
+                     rank=self.rank, world_size=self.world_size, batch_size=self.batch_size, shuffle=self.shuffle,
+                     shuffle_buffer=self.shuffle_buffer, drop_last=self.drop_last,
+                     store=fingerprints[0] if len(fingerprints) == 1 else fingerprints, rows=self.rows,
+                     layout=self.layout(), num_workers=self.num_workers)
+        if len(self.stores) > 1:
+            state["mixture"] = self.epoch_rows  # rows of each store per epoch: the weights, as the order uses them
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`; refuses (ValueError, naming the setting) what would change the order of batches.
@@ -274,8 +398,8 @@ class KDStream(IterableDataset):
                              "start a new run")
         mine = self.state_dict()
         for key in ("seed", "rank", "world_size", "batch_size", "shuffle", "shuffle_buffer", "drop_last", "store",
-                    "rows", "layout"):
-            if state[key] != mine[key]:
+                    "rows", "layout", "mixture"):
+            if state.get(key) != mine.get(key):
                 raise ValueError(f"cannot resume the reader exactly: {key} was {state[key]!r} when the "
                                  f"checkpoint was taken and is {mine[key]!r} now")
         if not 0 <= state["batches_done"] <= len(self):

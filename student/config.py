@@ -159,7 +159,12 @@ class TrainConfig(MoELoRAConfig):
     """Everything `kdstudent train` takes (as flags, or in a YAML/JSON file): the student's shape (the fields of
     MoELoRAConfig) and the run's options."""
 
-    store: str = field(metadata={"help": "logit store to distil from (path or URL)"})
+    store: list[str] = field(metadata={
+        "help": "logit store to distil from (path or URL); repeat it to train on a mixture, `--store A --store "
+                "B:0.3`: a weight after ':' is the store's share of the training tokens, stores without one share "
+                "the rest in proportion to their tokens (no weights: every store in proportion to its tokens). "
+                "Mixed stores need the same tokenizer; their target kinds and k may differ",
+        "action": "extend"})
     base: str = field(metadata={"help": "dense base model directory the student starts from"})
     out: str = field(metadata={"help": "run directory: checkpoints, metrics.jsonl, final student"})
     student: str = field(default="moe-lora", metadata={
@@ -212,6 +217,11 @@ class TrainConfig(MoELoRAConfig):
     def __post_init__(self) -> None:
         """Refuse options that cannot work now, before a model or a store is loaded (a mistake costs seconds)."""
         super().__post_init__()
+        if isinstance(self.store, str):  # one store, as a config file or an earlier run's config may give it
+            self.store = [self.store]
+        if not self.store:
+            raise ValueError("--store is required: the logit store(s) to distil from")
+        self.store_weights()  # a bad weight is refused here
         at_least = {"batch_size": 1, "grad_accum": 1, "max_steps": 1, "log_every": 1, "eval_rows": 1,
                     "shuffle_buffer": 1, "loss_chunk": 1, "warmup_steps": 0, "save_every": 0, "eval_every": 0,
                     "num_workers": 0, "keep_checkpoints": 0}
@@ -231,6 +241,15 @@ class TrainConfig(MoELoRAConfig):
             self.loss_config()  # the loss's own checks
         except ValueError as e:
             raise ValueError(f"loss options (--loss, --skew-alpha, --jsd-beta): {e}") from None
+
+    def store_weights(self) -> tuple[list[str], list[float | None]]:
+        """The stores' paths and weights (None where `--store` gives none)."""
+        from logit_store.stream import parse_store_spec
+
+        paths, weights = zip(*map(parse_store_spec, self.store), strict=True)
+        if len(set(paths)) < len(paths):
+            raise ValueError(f"--store names a store twice ({list(paths)}): give it one weight instead")
+        return list(paths), list(weights)
 
     def student_config(self) -> MoELoRAConfig:
         """The student's shape: this config's MoELoRAConfig fields."""

@@ -86,7 +86,7 @@ def _evaluate_store(model: nn.Module, store: str | LogitStore, batch_size: int, 
     """Per-domain tallies of one store (key None: rows without a domain) token-weighted expert usage sums and
     token-weighted sums of the effective experts per token (MoE students)."""
     stream = KDStream(store, batch_size, shuffle=False, rank=0, world_size=1)
-    names = stream.store.manifest.domain_names
+    names = stream.domain_names
     head = model.get_output_embeddings()
     kd_cfg = DistillLossConfig(kind="fkl", ce_weight=1.0, chunk_size=chunk_size, reduction="sum")
     tallies: dict[str | None, _Tally] = {}

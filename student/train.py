@@ -389,18 +389,23 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world: int, device: torch.dev
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    store = LogitStore.open(cfg.store)
-    rows = sum(n for _, _, n in store.units())
+    paths, weights = cfg.store_weights()
+    stores = [LogitStore.open(path) for path in paths]
+    rows = sum(n for store in stores for _, _, n in store.units())
     if rows < world * cfg.batch_size:
-        raise TrainError(f"the store {cfg.store} has {rows} rows, fewer than one batch for each process: {world} "
-                         f"process(es) x --batch-size {cfg.batch_size} = {world * cfg.batch_size} rows. Use a "
+        raise TrainError(f"the store(s) {', '.join(paths)} hold {rows} rows, fewer than one batch for each process: "
+                         f"{world} process(es) x --batch-size {cfg.batch_size} = {world * cfg.batch_size} rows. Use a "
                          "smaller --batch-size, fewer processes, or a larger store")
-    stream = KDStream(store, cfg.batch_size, shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
-                      rank=rank, world_size=world)
+    try:
+        stream = KDStream(stores, cfg.batch_size, weights=weights, shuffle=cfg.shuffle,
+                          shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=rank, world_size=world)
+    except ValueError as e:  # stores that cannot be mixed, a weight that gives a store no row
+        raise TrainError(str(e)) from None
     loader = StoreLoader(stream, num_workers=cfg.num_workers)
     model = build_model(cfg).to(device)
     trainable = count_parameters(model)
-    check_tokenizer(cfg.base, store, model)
+    for store in stores:
+        check_tokenizer(cfg.base, store, model)
     if cfg.eval_store:
         check_tokenizer(cfg.base, LogitStore.open(cfg.eval_store), model)
     if cfg.gradient_checkpointing:
@@ -432,6 +437,10 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world: int, device: torch.dev
         write_config(run, cfg)
         print(f"student {cfg.student}: {trainable}; {world} process(es), global batch "
               f"{cfg.batch_size * cfg.grad_accum * world} rows" + (f"; resuming at step {step}" if step else ""))
+        if len(stores) > 1:
+            print("mixture (share of tokens, rows per epoch of the mixture): " + ", ".join(
+                f"{path} {share:.1%} ({n:,})" for path, share, n in
+                zip(paths, stream.token_share, stream.epoch_rows, strict=True)))
     bar = None
     if cfg.progress and rank == 0:
         from tqdm import tqdm

@@ -44,16 +44,19 @@ def target_spec(kind: str, k: int = 8, samples: int = 20) -> TargetSpec:
 
 
 def write_store(path: str, n_rows: int = 40, vocab: int = 500, kind: str = "topk", seed: int = 0,
-                shard_tokens: int = 300, batch_tokens: int = 100, filesystem=None, **row_kw):
-    """Write a store of random rows; returns (manifest, rows, exact log-probs per row)."""
+                shard_tokens: int = 300, batch_tokens: int = 100, filesystem=None, domain: str | None = None,
+                tokenizer: dict | None = None, **row_kw):
+    """Write a store of random rows (every one of `domain`, if given; `tokenizer`: the manifest's tokenizer
+    section); returns (manifest, rows, exact log-probs per row)."""
     rng = np.random.default_rng(seed)
     manifest = Manifest(target=target_spec(kind, row_kw.get("k", 8), row_kw.get("samples", 20)),
-                        vocab_size=vocab, teacher={"name_or_path": "random"})
+                        vocab_size=vocab, teacher={"name_or_path": "random"}, tokenizer=tokenizer or {})
     rows, exact = [], []
     with ShardWriter(path, manifest, shard_tokens=shard_tokens, batch_tokens=batch_tokens,
                      filesystem=filesystem) as w:
         for i in range(n_rows):
             row, lp = random_row(rng, vocab, int(rng.integers(4, 30)), kind, source_index=i, **row_kw)
+            row.domain = domain
             w.write(row)
             rows.append(row)
             exact.append(lp)

@@ -1,0 +1,209 @@
+"""Mixtures of stores (`kdstudent train --store A --store B:0.3`): weights as shares of the training tokens,
+every store at its share over an epoch, every row of a store at its rate, seeded, dealt to ranks and workers,
+exact resume; stores with other tokenizers refused; stores of other target kinds and k mixed in one batch."""
+
+import shutil
+
+import numpy as np
+import pytest
+from store_fixtures import write_store, write_teacher_store
+
+from logit_store import KDStream, LogitStore, StoreLoader
+from logit_store.stream import mixture_rows, parse_store_spec
+from student.config import TrainConfig
+from student.run import read_metrics
+from student.train import TrainError, train
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> dict[str, str]:
+    """chat: 90 rows of top-8 targets; code: 30 rows of sampled targets (other widths), each its own domain."""
+    root = tmp_path_factory.mktemp("mixture")
+    chat, code = str(root / "chat"), str(root / "code")
+    write_store(chat, n_rows=90, domain="chat", seed=1, batch_tokens=120)
+    write_store(code, n_rows=30, kind="sampled", domain="code", seed=2, batch_tokens=80)
+    return dict(chat=chat, code=code)
+
+
+def _epoch(stream: KDStream) -> list[tuple[str, int, int]]:
+    """(domain, source row, tokens) of every row of one epoch, in order."""
+    out = []
+    for batch in stream:
+        for d, i, n in zip(batch["domain"], batch["source_index"], batch["attention_mask"].sum(1), strict=True):
+            out.append((stream.domain_names[int(d)], int(i), int(n)))
+        if stream.batches_done == 0:  # the epoch rolled over
+            break
+    return out
+
+
+def test_store_spec_takes_a_last_numeric_weight():
+    assert parse_store_spec("a/b") == ("a/b", None)
+    assert parse_store_spec("a/b:0.3") == ("a/b", 0.3)
+    assert parse_store_spec("s3://bucket/store") == ("s3://bucket/store", None)
+    assert parse_store_spec("s3://bucket/store:2") == ("s3://bucket/store", 2.0)
+    for bad in ("a:0", "a:-1", "a:nan", "a:inf"):
+        with pytest.raises(ValueError, match="positive number"):
+            parse_store_spec(bad)
+
+
+def test_weights_are_shares_of_tokens(stores):
+    opened = [LogitStore.open(stores["chat"]), LogitStore.open(stores["code"])]
+    rows = [90, 30]
+    tokens = np.array([s.manifest.tokens for s in opened], float)
+    n, share = mixture_rows(opened, rows, [None, None])  # default: each store once per epoch
+    assert n == rows and np.allclose(share, tokens / tokens.sum())
+    n, share = mixture_rows(opened, rows, [None, 0.3])  # code 30 %, chat the rest
+    assert share == pytest.approx([0.7, 0.3]) and sum(n) == 120
+    per_row = tokens / rows
+    assert n[1] * per_row[1] / (n @ per_row) == pytest.approx(0.3, abs=0.01)
+    assert mixture_rows(opened, rows, [3.0, 1.0])[1] == pytest.approx([0.75, 0.25])  # all given: normalised
+    with pytest.raises(ValueError, match="leave nothing"):
+        mixture_rows(opened, rows, [None, 1.0])
+    with pytest.raises(ValueError, match="no row"):
+        mixture_rows(opened, rows, [1.0, 1e-5])
+
+
+@pytest.mark.parametrize("weight", [0.3, 0.6])
+def test_each_store_comes_at_its_share_and_each_row_at_its_rate(stores, weight):
+    stream = KDStream([stores["chat"], stores["code"]], batch_size=4, weights=[None, weight], seed=5,
+                      shuffle_buffer=16)
+    per_store = dict(zip(("chat", "code"), stream.epoch_rows, strict=True))
+    seen = {"chat": [], "code": []}
+    for epoch in range(6):
+        rows = _epoch(stream)
+        assert len(rows) == stream.rows == 120  # an epoch of the mixture = as many rows as the stores hold
+        tokens = {d: sum(n for dd, _, n in rows if dd == d) for d in seen}
+        assert abs(tokens["code"] / sum(tokens.values()) - weight) <= 0.02, epoch  # its share of the tokens
+        for d in seen:
+            got = [i for dd, i, _ in rows if dd == d]
+            assert len(got) == per_store[d]
+            seen[d] += got
+    for d, n_rows in (("chat", 90), ("code", 30)):  # a store's rows come pass after pass: each at the same rate
+        counts = np.bincount(seen[d], minlength=n_rows)
+        assert counts.max() - counts.min() <= 1 and counts.sum() == 6 * per_store[d]
+
+
+def test_mixture_is_seeded_and_interleaves_the_stores(stores):
+    def order(seed):
+        return _epoch(KDStream([stores["chat"], stores["code"]], batch_size=4, weights=[None, 0.3], seed=seed))
+
+    assert order(1) == order(1) and order(1) != order(2)
+    first_half = [d for d, _, _ in order(1)[:60]]
+    assert 0.1 < first_half.count("code") / 60 < 0.6  # spread through the epoch, not one store after the other
+
+
+def test_one_store_in_a_list_is_that_store(stores):
+    alone = _epoch(KDStream(stores["chat"], batch_size=4, seed=3))
+    assert _epoch(KDStream([stores["chat"]], batch_size=4, seed=3)) == alone
+
+
+def test_mixed_kinds_and_widths_share_a_batch(stores):
+    stream = KDStream([stores["chat"], stores["code"]], batch_size=12, seed=0)
+    batch = next(b for b in stream if len(set(b["domain"].tolist())) == 2)  # a batch holding rows of both
+    width = batch["target_ids"].shape[2]
+    assert width >= 8  # the widest row's candidates; narrower rows' extra slots are masked
+    for b, d in enumerate(batch["domain"]):
+        slots = batch["target_mask"][b][batch["loss_mask"][b]].sum(1)
+        if stream.domain_names[int(d)] == "chat":
+            assert (slots == 8).all()
+        else:
+            assert (slots >= 1).all() and (slots <= width).all()
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 2)])
+def test_mixture_resumes_exactly_at_any_position(stores, world, workers):
+    def loader(rank):
+        stream = KDStream([stores["chat"], stores["code"]], batch_size=4, weights=[None, 0.4], seed=7,
+                          shuffle_buffer=8, rank=rank, world_size=world)
+        return StoreLoader(stream, num_workers=workers)
+
+    def take(ld, n):
+        out, it = [], None
+        while len(out) < n:
+            it = it or iter(ld)
+            try:
+                b = next(it)
+            except StopIteration:
+                it = None
+                continue
+            out.append(list(zip(b["domain"].tolist(), b["source_index"].tolist(), strict=True)))
+        return out
+
+    for rank in range(world):
+        epoch = len(loader(rank))
+        full = take(loader(rank), 2 * epoch + 5)
+        for stop in (3, epoch, epoch + 2):
+            first = loader(rank)
+            head = take(first, stop)
+            resumed = loader(rank)
+            resumed.load_state_dict(first.state_dict())
+            assert head + take(resumed, 2 * epoch + 5 - stop) == full
+
+
+def test_resume_refuses_other_weights(stores):
+    a = KDStream([stores["chat"], stores["code"]], batch_size=4, weights=[None, 0.4])
+    b = KDStream([stores["chat"], stores["code"]], batch_size=4, weights=[None, 0.5])
+    with pytest.raises(ValueError, match="mixture"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_stores_of_other_tokenizers_or_vocabularies_are_refused_naming_both(stores, tmp_path):
+    other_tok = str(tmp_path / "other_tok")
+    write_store(other_tok, n_rows=10, tokenizer={"name_or_path": "x", "fingerprint": "abc", "fingerprint_version": 2})
+    first = str(tmp_path / "first_tok")
+    write_store(first, n_rows=10, tokenizer={"name_or_path": "y", "fingerprint": "def", "fingerprint_version": 2})
+    with pytest.raises(ValueError, match="different tokenizers") as e:
+        KDStream([first, other_tok], batch_size=2)
+    assert first in str(e.value) and other_tok in str(e.value)
+    other_vocab = str(tmp_path / "other_vocab")
+    write_store(other_vocab, n_rows=10, vocab=600)
+    with pytest.raises(ValueError, match="vocabular") as e:
+        KDStream([stores["chat"], other_vocab], batch_size=2)
+    assert stores["chat"] in str(e.value) and other_vocab in str(e.value)
+
+
+# ------------------------------------------------------------------ kdstudent train on a mixture
+@pytest.fixture(scope="module")
+def teacher_stores(tiny_teacher_dir, tmp_path_factory) -> tuple[str, str]:
+    """Two captures of the tiny teacher on other text, with other k."""
+    root = tmp_path_factory.mktemp("teacher_mixture")
+    a = write_teacher_store(str(root / "a"), tiny_teacher_dir, 24, 32, rows_per_batch=4, k=16)
+    b = write_teacher_store(str(root / "b"), tiny_teacher_dir, 12, 32, rows_per_batch=4, k=4, corpus_seed=9)
+    return a, b
+
+
+def _cfg(stores, base, out, **kw) -> TrainConfig:
+    options = dict(keep_layers="0", experts=4, rank=4, attn_rank=4, batch_size=4, max_steps=8, lr=3e-3,
+                   warmup_steps=1, log_every=1, progress=False, seed=1, save_every=3, keep_checkpoints=5)
+    options.update(kw)
+    return TrainConfig(store=stores, base=base, out=str(out), **options)
+
+
+def test_training_on_a_mixture_resumes_exactly(teacher_stores, tiny_teacher_dir, tmp_path, capsys):
+    a, b = teacher_stores
+    full = tmp_path / "full"
+    train(_cfg([a, f"{b}:0.5"], tiny_teacher_dir, full))
+    assert "mixture" in capsys.readouterr().out
+    losses = [(r["step"], r["loss"]) for r in read_metrics(full) if "loss" in r]
+    assert len(losses) == 8 and all(np.isfinite(loss) for _, loss in losses)
+    crashed = tmp_path / "crashed"  # killed after step 4: checkpoint 3 is the newest
+    shutil.copytree(full, crashed)
+    shutil.rmtree(crashed / "checkpoint-6")
+    shutil.rmtree(crashed / "final")
+    train(_cfg([a, f"{b}:0.5"], tiny_teacher_dir, crashed, resume=True))
+    assert [(r["step"], r["loss"]) for r in read_metrics(crashed) if "loss" in r] == losses
+    with pytest.raises(TrainError, match="mixture"):  # other weights cannot continue this run's order
+        train(_cfg([a, f"{b}:0.3"], tiny_teacher_dir, crashed, resume=True, max_steps=9))
+
+
+def test_store_option_is_repeatable_and_checked_early(teacher_stores, tiny_teacher_dir, tmp_path):
+    from cli.config import parse_config
+
+    a, b = teacher_stores
+    cfg = parse_config(TrainConfig, ["--store", a, "--store", f"{b}:0.3", "--base", "x", "--out", "y"], "t", "")
+    assert cfg.store_weights() == ([a, b], [None, 0.3])
+    assert TrainConfig(store=a, base="x", out="y").store == [a]  # one store as a config file gives it
+    with pytest.raises(ValueError, match="twice"):
+        TrainConfig(store=[a, f"{a}:0.5"], base="x", out="y")
+    with pytest.raises(ValueError, match="positive"):
+        TrainConfig(store=[f"{a}:-2"], base="x", out="y")
