@@ -19,8 +19,10 @@ The frozen base (`--fsdp_frozen`):
 N/R processes (a node) and gradients all-reduced across groups, so the all-gathers stay on the fast links.
 
 Under `--bf16` the policy is MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): parameters (fp32
-master copies, sharded) are gathered in bf16 and gradients reduced in fp32. The root does not cast its inputs
-(the batch carries the teacher's fp32 log-probs).
+master copies, sharded) are gathered in bf16 and gradients reduced in fp32, except the MoE routers: each is its
+own FSDP unit gathered in fp32, since the router runs in fp32 under autocast too (bf16-rounded router weights
+move tokens to other experts). The root does not cast its inputs (the batch carries the teacher's fp32
+log-probs).
 
 Checkpoints (`checkpoint-N/dcp/`) are written with torch.distributed.checkpoint: every process writes its own
 shard of the trainable parameters and of the optimizer state (`get_model_state_dict` /
@@ -100,6 +102,13 @@ def apply_fsdp(step_module: nn.Module, model: nn.Module, device: torch.device, *
     # With a replicated base only the (small) trainable parameters are sharded: keep them gathered from the
     # forward to the end of the backward (one all-gather per block and micro-batch instead of two).
     reshard = frozen == "shard"
+    if bf16:  # routers stay fp32 (MoELoRAMLP.route): a unit of their own, gathered in fp32
+        from student.moe_lora import MoELoRAMLP
+
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        for layer in model.modules():
+            if isinstance(layer, MoELoRAMLP):
+                fully_shard(layer.router, mesh=mesh, mp_policy=fp32, reshard_after_forward=reshard)
     for block in decoder_layers(model):
         own = set(block.parameters())
         if own - ignored:

@@ -112,29 +112,3 @@ def assert_layer_matches_loop(loop: torch.nn.Module, fast: torch.nn.Module, x: t
 def sample_ids(batch: int = 2, seq: int = 24, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=g)
-
-
-def build_tiny_store(teacher_dir: str, path: str, rows: int = 48, seq: int = 32, rows_per_unit: int = 2,
-                     k: int = 16) -> str:
-    """A top-k logit store of the tiny teacher on `rows` rows of exactly `seq` tokens of generated text,
-    `rows_per_unit` rows per record batch (the reader's unit)."""
-    import numpy as np
-    from transformers import AutoTokenizer
-
-    from assets.synthetic import synthetic_corpus
-    from logit_store import Manifest, ShardWriter, StoreRow, TargetSpec
-    from logit_store.fingerprint import describe_tokenizer
-    from logit_store.teachers.hf import HFTeacher
-
-    tok = AutoTokenizer.from_pretrained(teacher_dir)
-    teacher = HFTeacher.from_pretrained(teacher_dir)
-    ids = np.concatenate([tok(t + tok.eos_token).input_ids for t in synthetic_corpus(120, seed=4)])
-    chunks = [ids[i * seq:(i + 1) * seq] for i in range(rows)]
-    mask = np.ones(seq, bool)
-    mask[0] = False
-    manifest = Manifest(target=TargetSpec("topk", k=k), vocab_size=teacher.vocab_size,
-                        tokenizer=describe_tokenizer(tok, teacher_dir))
-    with ShardWriter(path, manifest, batch_tokens=seq * rows_per_unit) as w:
-        for i, (r, t) in enumerate(zip(chunks, teacher.topk([(r, mask) for r in chunks], k), strict=True)):
-            w.write(StoreRow(r, mask, t, i))
-    return path

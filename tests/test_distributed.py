@@ -9,11 +9,8 @@ import sys
 import numpy as np
 import pytest
 from safetensors.torch import load_file
+from store_fixtures import write_teacher_store
 
-from assets.synthetic import synthetic_corpus
-from logit_store import Manifest, ShardWriter, StoreRow, TargetSpec
-from logit_store.fingerprint import describe_tokenizer
-from logit_store.teachers.hf import HFTeacher
 from student.distributed import load_sharded_into_plain
 from student.run import read_metrics
 from student.train import TrainConfig, build_model, train
@@ -28,21 +25,7 @@ OPTIONS = dict(keep_layers="0,1", experts=4, rank=8, attn_rank=4, max_steps=STEP
 @pytest.fixture(scope="module")
 def store(tiny_teacher_dir, tmp_path_factory):
     """48 rows of SEQ tokens, ROWS_PER_UNIT rows per record batch (the unit the reader deals to ranks)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
-    teacher = HFTeacher.from_pretrained(tiny_teacher_dir)
-    ids = np.concatenate([tok(t + tok.eos_token).input_ids for t in synthetic_corpus(120, seed=4)])
-    rows = [ids[i * SEQ:(i + 1) * SEQ] for i in range(48)]
-    mask = np.ones(SEQ, bool)
-    mask[0] = False
-    path = str(tmp_path_factory.mktemp("fsdp_store"))
-    manifest = Manifest(target=TargetSpec("topk", k=16), vocab_size=teacher.vocab_size,
-                        tokenizer=describe_tokenizer(tok, tiny_teacher_dir))
-    with ShardWriter(path, manifest, batch_tokens=SEQ * ROWS_PER_UNIT) as w:
-        for i, (r, t) in enumerate(zip(rows, teacher.topk([(r, mask) for r in rows], 16), strict=True)):
-            w.write(StoreRow(r, mask, t, i))
-    return path
+    return write_teacher_store(str(tmp_path_factory.mktemp("fsdp_store")), tiny_teacher_dir, 48, SEQ, ROWS_PER_UNIT)
 
 
 def _flags(**kw) -> list[str]:
@@ -128,3 +111,15 @@ def test_fsdp_two_processes_equal_one_and_resume_exactly(store, tiny_teacher_dir
 def test_fsdp_with_a_replicated_frozen_base_equals_one_process(store, tiny_teacher_dir, one_process, tmp_path):
     _torchrun(store, tiny_teacher_dir, tmp_path, fsdp_frozen="replicate", grad_accum=1)
     _assert_equal_to(tmp_path, one_process)
+
+
+def test_fsdp_bf16_gathers_the_routers_in_fp32(tiny_teacher_dir):
+    """Under --bf16 every FSDP unit is gathered in bf16 except the routers, whose logits stay those of the fp32
+    weights (tests/fsdp_router_probe.py, 2 processes)."""
+    probe = os.path.join(os.path.dirname(__file__), "fsdp_router_probe.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", probe,
+           tiny_teacher_dir]
+    run = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd()),
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.count("ok") == 2

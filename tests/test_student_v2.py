@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from student_fixtures import build_tiny_store, randomize_adapters, sample_ids, save_tiny_model
+from store_fixtures import write_teacher_store
+from student_fixtures import randomize_adapters, sample_ids, save_tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
@@ -392,7 +393,7 @@ def test_fused_paths_refuse_activations_they_do_not_compute(tmp_path):
 # ---------------------------------------------------------------- the trainer
 @pytest.fixture(scope="module")
 def store(tiny_teacher_dir, tmp_path_factory):
-    return build_tiny_store(tiny_teacher_dir, str(tmp_path_factory.mktemp("v2_store")), rows=24)
+    return write_teacher_store(str(tmp_path_factory.mktemp("v2_store")), tiny_teacher_dir, 24, 32, rows_per_batch=2)
 
 
 def _cfg(store, base, out, **kw) -> TrainConfig:
