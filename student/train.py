@@ -369,9 +369,30 @@ def _sum_loads(loads: list[torch.Tensor], device: torch.device) -> list[torch.Te
     return list(flat.split([len(x) for x in loads]))
 
 
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks of up to 32 MB in the process (M_MMAP_THRESHOLD) and trim the heap
+    only past 1 GiB of free top (M_TRIM_THRESHOLD). By default every activation-sized CPU tensor is a fresh mmap
+    that the kernel zero-fills page by page on first touch, then unmaps when freed, over and over each step.
+    Measured on 2 threads (docs/PERFORMANCE.md): MoE-LoRA layer fwd+bwd 188 -> 138 ms, dense MLP 82 -> 77 ms; the
+    numbers computed do not change. The process keeps its peak heap instead of returning it between steps (what
+    the CUDA caching allocator does on GPU). False where there is no glibc (nothing changed)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):  # not glibc (musl), or no mallopt
+        return False
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a training; returns the last metrics line. Rank 0 holds the run directory's lock
     (student.run.RunLock) from before anything is loaded until the end."""
+    retain_freed_memory()
     rank, world, device = _setup_distributed()
     run = Path(cfg.out)
     lock = _claim_run(run, cfg, rank)
