@@ -35,6 +35,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from benchmarks.common import write_json
 from student.moe_lora import MoELoRAMLP
+from student.train import retain_freed_memory
 
 
 def _route(moe: MoELoRAMLP, x2: torch.Tensor):
@@ -216,7 +217,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--variants", default="", help="comma-separated subset (dense is always run)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's malloc as it is (kdstudent train sets retain_freed_memory(), and so does this "
+                         "benchmark unless told)")
     args = ap.parse_args(argv)
+    retained = False if args.default_malloc else retain_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -228,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     out["env"] = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "malloc_retains_freed_memory": retained,
         "cpu": platform.processor() or platform.machine(),
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
@@ -237,8 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
     c = out["config"]
     print(
         f"MoE-LoRA MLP fwd+bwd, hidden {c['hidden']}, intermediate {c['intermediate']}, {c['tokens']} tokens, "
-        f"{c['experts']} experts, top-{c['experts_per_token']}, rank {c['rank']}, {torch.get_num_threads()} threads "
-        f"(load avg before {load_before[0]:.2f})"
+        f"{c['experts']} experts, top-{c['experts_per_token']}, rank {c['rank']}, {torch.get_num_threads()} threads, "
+        f"malloc {'retaining freed memory' if retained else 'default'} (load avg before {load_before[0]:.2f})"
     )
     if (pressure_before or 0) > 20 or (out["env"]["cpu_pressure_some_avg10_after"] or 0) > 20:
         print("WARNING: other processes competed for the CPU during this run; ratios are unreliable")
