@@ -19,6 +19,9 @@ a global time budget skips what no longer fits; the JSON is rewritten after ever
                  metrics.jsonl, warm-up steps excluded) and peak GPU memory; students: moe-lora with the
                  grouped GEMM, moe-lora with the per-expert loop, dense LoRA (all at --base_dtype bfloat16),
                  full fine-tune (fp32 master weights + bf16 autocast)
+  fsdp_<model>   `kdstudent train --sharding fsdp --bf16 --base-dtype bfloat16` under torchrun (1 process, NCCL),
+                 killed after its middle checkpoint and resumed: tokens/s, loss difference to the uninterrupted run,
+                 the final student read back
   loss_memory    chunked KD loss vs dense [B, T, V] logits, peak memory and time, vocab 49,152 and 151,936
   bf16_agreement loss and gradients of one MoE-LoRA step: fp32 vs bf16 autocast vs bf16 base (grouped)
   full_1b        full fine-tune of the 1B model with the trainer's pieces (DistillStep + AdamW; the real
@@ -68,7 +71,7 @@ SIZES = {
                  loss_seq=64, loss_vocabs=((4096, 64), (8192, 64)), experts=4, rank=8),
 }
 # rough seconds each item needs at full size on one H100 (an item is skipped when less than this is left)
-ESTIMATE_S = {"capture": 25, "moe_layer": 15, "train": 25, "train_large": 40, "loss_memory": 25,
+ESTIMATE_S = {"capture": 25, "moe_layer": 15, "train": 25, "fsdp": 60, "train_large": 40, "loss_memory": 25,
               "bf16_agreement": 15, "full_1b": 45}
 
 
@@ -518,6 +521,60 @@ def full_large(ctx: Check) -> dict:
     return res
 
 
+# ================================================================ FSDP2 under torchrun
+def fsdp_run(ctx: Check, model_name: str) -> dict:
+    """`kdstudent train --sharding fsdp --bf16` under torchrun with one process (NCCL on a GPU, gloo on CPU), then
+    the same run killed after its middle checkpoint and resumed: the losses after the resume against the
+    uninterrupted run's, and the final student read back by `load_trained`."""
+    import subprocess
+
+    from student.run import read_metrics
+    from student.train import load_trained
+
+    if ctx.store is None:
+        raise RuntimeError("no store (the capture step failed)")
+    size = ctx.size
+    steps = size["warmup"] + size["steps"]
+    half = steps // 2
+    out = ctx.work / f"fsdp-{model_name}"
+    shutil.rmtree(out, ignore_errors=True)
+    flags = ["--store", ctx.store, "--base", str(ctx.models[model_name]), "--experts", str(size["experts"]),
+             "--experts-per-token", "2", "--rank", str(size["rank"]), "--attn-rank", str(size["rank"]),
+             "--batch-size", str(size["batch"]), "--max-steps", str(steps), "--save-every", str(half),
+             "--keep-checkpoints", "0", "--lr", "1e-4", "--warmup-steps", "0", "--log-every", "1", "--no-progress",
+             "--no-shuffle", "--bf16", "--base-dtype", "bfloat16", "--sharding", "fsdp", "--seed", "0"]
+
+    def launch(run: Path, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+               "-m", "cli.kdstudent", "train", *flags, "--out", str(run), *extra]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(ctx.left(), 30))
+        if done.returncode:
+            raise RuntimeError(f"torchrun exited {done.returncode}: {done.stderr[-1500:]}")
+
+    t0 = time.perf_counter()
+    launch(out)
+    wall = time.perf_counter() - t0
+    rate, per_step = steady_rate(out, size["warmup"])
+    losses = {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
+    resumed = ctx.work / f"fsdp-{model_name}-resumed"
+    shutil.rmtree(resumed, ignore_errors=True)
+    shutil.copytree(out, resumed)
+    for name in os.listdir(resumed):  # as if killed right after the middle checkpoint
+        if name == "final" or (name.startswith("checkpoint-") and int(name.split("-")[1]) > half):
+            shutil.rmtree(resumed / name)
+    launch(resumed, "--resume")
+    again = {r["step"]: r["loss"] for r in read_metrics(resumed) if "loss" in r}
+    diff = max(abs(again[s] - losses[s]) for s in losses if s > half)
+    model = load_trained(str(out), ctx.device)
+    res = {"model": model_name, "processes": 1, "steps": steps, "resumed_at": half,
+           "tokens_per_s": round(rate) if rate else None, "train_wall_s": round(wall, 2),
+           "final_loss": losses[steps], "resume_max_abs_loss_diff": diff,
+           "resume_bitwise_equal": all(again[s] == losses[s] for s in losses),
+           "final_student_loads": sum(p.numel() for p in model.parameters()) > 0}
+    shutil.rmtree(resumed, ignore_errors=True)
+    return res
+
+
 # ================================================================ report
 def table(ctx: Check) -> str:
     lines = [f"{'item':<34} result"]
@@ -529,6 +586,10 @@ def table(ctx: Check) -> str:
         elif name.startswith(("train_", "full_")):
             text = (f"{r.get('tokens_per_s')} tok/s, step {r.get('step_s')} s, peak {r.get('peak_gib')} GiB, "
                     f"loss {r.get('final_loss', r.get('final_kd'))}")
+        elif name.startswith("fsdp_"):
+            text = (f"{r.get('tokens_per_s')} tok/s, loss {r.get('final_loss')}, resumed at step "
+                    f"{r.get('resumed_at')}: max |loss diff| {r.get('resume_max_abs_loss_diff')}, "
+                    f"bitwise {r.get('resume_bitwise_equal')}, student loads {r.get('final_student_loads')}")
         elif name.startswith("capture"):
             text = (f"teacher {r.get('teacher_tokens_per_s')} tok/s"
                     + (f", write {r['write_tokens_per_s']} tok/s, capture {r['capture_tokens_per_s']} tok/s"
@@ -579,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx.run("moe_layer", moe_layer)
             for student, impl in (("moe-lora", "grouped"), ("moe-lora", "loop"), ("lora", "auto"), ("full", "auto")):
                 ctx.run(f"train_{small}_{student}_{impl}", train_run, "train", small, student, impl)
+            ctx.run(f"fsdp_{small}", fsdp_run, "fsdp", small)
             ctx.run("loss_memory", loss_memory)
             ctx.run("bf16_agreement", bf16_agreement)
             for student, impl in (("moe-lora", "grouped"), ("moe-lora", "loop"), ("lora", "auto")):
