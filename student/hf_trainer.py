@@ -8,10 +8,10 @@ already train with `transformers.Trainer` keep their loop and take three pieces 
 - `KDCollator`: rows -> a batch: the `KDBatch` tensors of `logit_store.stream.collate`, except that `labels`
   follow the transformers convention (labels[t] = token t, the model shifts), so that `model(**batch)` gives the
   plain CE loss. The target tensors stay aligned with the logits (position t describes token t + 1).
-- `sparse_kd_loss(model, inputs)`: the KD loss of `student.losses.distill_loss` (its chunked LM head: never
-  [batch, seq, vocab] logits) on the model's final hidden states. It runs the model's own forward, through any
-  DDP/peft wrapper, with `logits_to_keep=1` and `output_hidden_states=True`, so data parallelism syncs gradients
-  as for any forward. `KDTrainer` is a Trainer whose `compute_loss` is that.
+- `sparse_kd_loss(model, inputs)`: the KD loss of `student.losses.distill_loss` (its chunked LM head: never [batch,
+  seq, vocab] logits) on the model's final hidden states, plus a MoE-LoRA student's router losses. It runs the
+  model's own forward, through any DDP/peft wrapper, with `logits_to_keep=1` and `output_hidden_states=True`, so
+  data parallelism syncs gradients as for any forward. `KDTrainer` is a Trainer whose `compute_loss` is that.
 """
 
 from __future__ import annotations
@@ -136,12 +136,22 @@ def sparse_kd_loss(model: nn.Module, inputs: dict[str, torch.Tensor], config: Di
     count of label tokens over the whole accumulated, all-process batch), else by this batch's count. The forward
     is the model's own (`model` may be wrapped in DDP or peft) with `logits_to_keep=1`: the LM head is applied to
     one position per row in the forward and, chunk by chunk, to the loss positions in `distill_loss`.
+
+    For a MoE-LoRA student (`kdstudent convert`), the metrics also hold `router_loss`: its load-balance and z-losses
+    of this forward (coefficients from the student's config, padding excluded), with their gradient, a mean over
+    this micro-batch's tokens; `KDTrainer` adds it to the loss, as `kdstudent train` does.
     """
+    from student.config import is_moe_student
+    from student.router_loss import count_only, router_losses
+
     cfg = replace(config or DistillLossConfig(), reduction="sum")
     inner = _unwrap(model)
     if "logits_to_keep" not in inspect.signature(_forward_of(inner)).parameters:
         raise ValueError(f"{type(inner).__name__}.forward takes no logits_to_keep: sparse_kd_loss needs it so that "
                          "the forward does not build [batch, seq, vocab] logits (transformers causal LMs take it)")
+    moe = is_moe_student(inner)
+    if moe:
+        count_only(inner, inputs["attention_mask"])
     out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_hidden_states=True,
                 logits_to_keep=1, use_cache=False)
     hidden = out.hidden_states[-1]  # after the final norm: what the LM head reads
@@ -152,6 +162,9 @@ def sparse_kd_loss(model: nn.Module, inputs: dict[str, torch.Tensor], config: Di
     if torch.is_tensor(count):
         count = count.to(loss_sum.device)
     loss = loss_sum / (count.clamp(min=1) if torch.is_tensor(count) else max(count, 1))
+    if moe:
+        r = router_losses(inner)
+        metrics = dict(metrics, router_loss=r.loss, balance=r.balance.detach(), z=r.z.detach())
     return loss, metrics
 
 
@@ -177,6 +190,13 @@ class KDTrainer(Trainer):
         loss, metrics = sparse_kd_loss(model, inputs, self.kd_config, num_items_in_batch)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count spans all processes
+        if "router_loss" in metrics and model.training:  # MoE-LoRA: a mean per micro-batch, averaged over them
+            scaled = getattr(self, "loss_is_scaled_for_ga", None)
+            if scaled is None:  # the Trainer's own rule for whether it divides the loss by the accumulation steps
+                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) \
+                    or self.compute_loss_func is not None
+            steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+            loss = loss + (metrics["router_loss"] / steps if scaled else metrics["router_loss"])
         return (loss, metrics) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
