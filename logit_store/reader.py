@@ -3,7 +3,9 @@
 The reader trusts nothing it has not checked. Opening a store checks the manifest against itself and the
 directory (`Manifest.consistency_faults`, shard files nobody lists); the first time a process opens a shard it
 checks the file against the manifest (size, sha256 of every byte, what the shard was written as, schema, record
-batches, rows, tokens and targets) before any row of it is decoded. A fault is a `StoreError` that names the
+batches, rows, tokens and targets) before any row of it is decoded. The sha256 is taken once per run: a shard
+hashed before (`LogitStore.hashed`, which DataLoader workers report back to the training process, so the next
+epoch's workers inherit it) is checked again for everything but its hash. A fault is a `StoreError` that names the
 shard and the manifest field. The training stream over a store (`KDStream`, `collate`) is in stream.py and reads
 through these checks.
 """
@@ -75,6 +77,8 @@ class LogitStore:
         self._files: dict[str, pa.ipc.RecordBatchFileReader] = {}
         self._orders: dict[str, IdOrder] = {}
         self._listed = {s.file: (i, s) for i, s in reversed(list(enumerate(manifest.shards)))}  # first entry wins
+        # shard files whose every byte matched the manifest's sha256 in this run (workers' finds included)
+        self.hashed: set[str] = set()
         faults = self.manifest_faults()
         if faults:
             raise StoreError(storefs.join(root, manifest_name), "; ".join(f"{field}: {problem}"
@@ -141,7 +145,9 @@ class LogitStore:
         if info.type == pafs.FileType.NotFound:
             raise fault("missing (listed in the manifest, not on the filesystem)", f"{at}.file")
         size = info.size  # None where the filesystem does not say
-        if size is None or size == s.bytes:
+        if size == s.bytes and s.file in self.hashed:  # hashed earlier in this run; the other checks still run
+            digest = s.sha256
+        elif size is None or size == s.bytes:
             digest, size = storefs.sha256_of(self.fs, path)
         if size != s.bytes:
             raise fault(f"size {size} bytes, manifest says {s.bytes} (truncated or overwritten; {at}.bytes)",
@@ -173,6 +179,7 @@ class LogitStore:
                         "vocab_size") from e
         self._check_counts(path, at, s)
         self._orders[s.file] = order
+        self.hashed.add(s.file)
         return reader
 
     def _check_counts(self, path: str, at: str, s: ShardInfo) -> None:

@@ -320,13 +320,18 @@ class KDStream(IterableDataset):
         else:
             worker, workers = info.id, info.num_workers
         indices = range(self.batches_done + worker, len(self), workers)
+        reported: set[tuple[int, str]] = set()
         try:
             for index, rows in zip(indices, self._decoded(indices), strict=True):
                 batch = collate(rows, self.pad_id, self.domain_names)
                 if info is None:
                     self.batches_done = index + 1
-                else:
-                    batch["_batch_index"] = torch.tensor(index)  # not part of KDBatch: StoreLoader pops it
+                else:  # not part of KDBatch: StoreLoader pops them
+                    batch["_batch_index"] = torch.tensor(index)
+                    hashed = {(i, f) for i, s in enumerate(self.stores) for f in s.hashed} - reported
+                    if hashed:  # shards this worker hashed: later epochs' workers need not hash them again
+                        batch["_hashed"] = sorted(hashed)
+                        reported |= hashed
                 yield batch
         except (StoreError, ValueError, OSError) as e:
             if info is None:
@@ -435,6 +440,8 @@ class StoreLoader:
             if "_error" in batch:
                 raise batch["_error"]
             index = int(batch.pop("_batch_index"))
+            for store, file in batch.pop("_hashed", ()):
+                stream.stores[store].hashed.add(file)
             if index != stream.batches_done:  # the plan guarantees it; a DataLoader that reordered would break it
                 raise RuntimeError(f"DataLoader delivered batch {index} of epoch {stream.epoch}, expected batch "
                                    f"{stream.batches_done}")

@@ -78,6 +78,33 @@ def test_a_bit_flipped_shard_stops_the_stream_and_fails_verify(store, workers, c
     assert f"FAULT {shard}: sha256 mismatch" in capsys.readouterr().err
 
 
+def test_workers_hash_each_shard_once_per_run(store, tmp_path, monkeypatch):
+    """DataLoader workers are new processes every epoch; the shards they hashed come back to the training process,
+    so the next epoch's workers check everything but the hash again (a store read twice per epoch otherwise)."""
+    from logit_store import fs as storefs
+
+    log, real = tmp_path / "hashed.log", storefs.sha256_of
+
+    def counting(fs, path, *args, **kwargs):  # forked workers inherit this patch
+        with open(log, "a") as f:
+            f.write(path + "\n")
+        return real(fs, path, *args, **kwargs)
+
+    monkeypatch.setattr(storefs, "sha256_of", counting)
+    loader = StoreLoader(KDStream(str(store), batch_size=4, seed=1), num_workers=2)
+    shards = {s.file for s in loader.stream.stores[0].manifest.shards}
+    first = sum(len(b["source_index"]) for b in loader)
+    hashed = log.read_text().splitlines()
+    assert {Path(p).name for p in hashed} == shards  # epoch 0: every shard hashed (by whichever worker read it)
+    assert loader.stream.stores[0].hashed == shards
+    assert sum(len(b["source_index"]) for b in loader) == first  # epoch 1: the same rows...
+    assert log.read_text().splitlines() == hashed  # ...and no shard hashed again
+    shard = sorted(shards)[0]
+    (store / shard).write_bytes((store / shard).read_bytes()[:-40])  # damage that keeps being caught: size
+    with pytest.raises(StoreError, match="truncated"):
+        sum(1 for _ in loader)
+
+
 def test_a_truncated_shard_is_named_with_its_size(store):
     shard = LogitStore.open(str(store)).manifest.shards[0].file
     (store / shard).write_bytes((store / shard).read_bytes()[:-40])
