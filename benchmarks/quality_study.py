@@ -206,9 +206,9 @@ def full_vocab_kl(teacher: Teacher, store: str, model, batch: int, device: str) 
     return out
 
 
-def run_one(arm: str, lr: float, seed: int, split: str, ctx: dict) -> dict | None:
+def run_one(arm: str, lr: float, seed: int, split: str, ctx: dict, train_missing: bool = True) -> dict | None:
     """Train (or resume) one run and measure it on `split`; the result is cached under RESULTS. None when another
-    process holds the run."""
+    process holds the run, or when it has no result and `train_missing` is False."""
     from student.evaluate import evaluate
     from student.run import is_run
     from student.train import load_trained, train
@@ -220,6 +220,8 @@ def run_one(arm: str, lr: float, seed: int, split: str, ctx: dict) -> dict | Non
     cached = _read(path)
     if cached and cached["key"] == key and split in cached["eval"]:
         return cached
+    if not train_missing:
+        return None
     if not _claim(run):
         print(f"{arm} lr {lr:g} seed {seed}: held by another process", flush=True)
         return None
@@ -241,14 +243,14 @@ def run_one(arm: str, lr: float, seed: int, split: str, ctx: dict) -> dict | Non
 
 
 # ================================================================ stages
-def stage_lr(arm: str, ctx: dict) -> float | None:
+def stage_lr(arm: str, ctx: dict, train_missing: bool = True) -> float | None:
     """Stage 1: seed 0 over the arm's LR grid, chosen on validation full-vocabulary KL; the grid grows by one
     half-decade beyond an edge whenever the best sits on it. None while runs are missing."""
     grid = list(LR_GRID["full" if arm.startswith("full") else "lora"])
     while True:
         # the middle of the grid first: a stage cut short by time leaves the likeliest choices done
         order = sorted(grid, key=lambda lr: abs(math.log(lr) - math.log(grid[len(grid) // 2])))
-        results = {lr: run_one(arm, lr, 0, "validation", ctx) for lr in order}
+        results = {lr: run_one(arm, lr, 0, "validation", ctx, train_missing) for lr in order}
         if any(r is None for r in results.values()):
             return None
         best = min(grid, key=lambda lr: results[lr]["eval"]["validation"]["full_kl"])
@@ -327,14 +329,16 @@ def main(argv: list[str] | None = None) -> int:
 def report(arms: list[str], ctx: dict, counts: dict[str, int], json_path: str) -> None:
     from benchmarks.common import write_json
 
-    lrs = chosen_lrs(arms, ctx)
+    chosen = {arm: stage_lr(arm, ctx, train_missing=False) for arm in arms}  # trains nothing
+    lrs = {arm: lr for arm, lr in chosen.items() if lr is not None}
+    pending = [arm for arm, lr in chosen.items() if lr is None]
     results = ctx["results"]
     grid = {arm: {r["lr"]: r["eval"]["validation"]["full_kl"] for r in map(_read, _runs_of(results, arm)) if r
                   and r["seed"] == 0 and "validation" in r["eval"]} for arm in arms}
     runs = {arm: [r for s in SEEDS if (r := _read(result_path(results, arm, lrs[arm], s))) and "test" in r["eval"]]
-            for arm in arms}
-    variants = sorted({os.path.basename(f).split("_lr")[0] for f in os.listdir(os.path.join(results, "runs"))
-                       if "+" in f})
+            for arm in lrs}
+    variants = sorted({os.path.basename(f).split("_lr")[0] for f in _runs_of(results, "")
+                       if "+" in os.path.basename(f) and os.path.basename(f).split("+")[0] in lrs})
     for v in variants:
         base = v.split("+")[0]
         runs[v] = [r for s in SEEDS if (r := _read(result_path(results, v, lrs[base], s))) and "test" in r["eval"]]
@@ -342,9 +346,13 @@ def report(arms: list[str], ctx: dict, counts: dict[str, int], json_path: str) -
                for arm, rs in runs.items() if rs}
     diffs = _paired(runs, list(PAIRS) + [(v, v.split("+")[0]) for v in variants])
     print(_format(summary, diffs, grid))
+    if pending:
+        print(f"stage 1 unfinished (runs missing) for: {', '.join(pending)}")
     write_json(json_path, {"protocol": "docs/RESULTS.md (study v2)", "settings": ctx["scale"], "shape": ctx["shape"],
-                           "lr_grid_validation_full_kl": grid, "arms": summary, "paired_differences": diffs})
-    _plot(summary, os.path.splitext(json_path)[0] + ".png")
+                           "lr_grid_validation_full_kl": grid, "stage1_unfinished": pending, "arms": summary,
+                           "paired_differences": diffs})
+    if summary:
+        _plot(summary, os.path.splitext(json_path)[0] + ".png")
 
 
 def _runs_of(results: str, arm: str) -> list[str]:
