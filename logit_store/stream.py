@@ -103,10 +103,10 @@ def mixture_rows(stores: list[LogitStore], rows: list[int], weights: list[float 
                                                                                                 list[float]]:
     """How many rows of each store (`rows` each) one epoch of a mixture holds, and each store's share of the tokens.
 
-    A weight is a store's share of the tokens the student trains on. Stores without one share what the others
-    leave, in proportion to their tokens (all without one: every store in proportion to its tokens, so an epoch
-    reads each store once); weights given for every store are normalised. An epoch of the mixture holds as many
-    rows as the stores together, split so each store's rows carry its share of the tokens."""
+    A weight is a store's share of the tokens the student trains on (rows' tokens, `Manifest.tokens`). Stores without
+    one share what the others leave, in proportion to their tokens (all without one: every store in proportion to
+    its tokens, so an epoch reads each store once); weights given for every store are normalised. An epoch of the
+    mixture holds as many rows as the stores together, split so each store's rows carry its share of the tokens."""
     tokens = np.array([s.manifest.tokens for s in stores], np.float64)
     rows = np.array(rows, np.float64)
     free = np.array([w is None for w in weights])
