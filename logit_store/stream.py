@@ -225,6 +225,10 @@ class KDStream(IterableDataset):
         self.batches_done = 0  # of this rank's batches this epoch
         self._store_units = [s.units() for s in self.stores]
         self.store_rows = [sum(n for _, _, n in units) for units in self._store_units]
+        for s, n in zip(self.stores, self.store_rows, strict=True):
+            if n == 0:
+                raise ValueError(f"{s.root}: the store has no rows to read" + (
+                    "" if s.manifest.status == "complete" else " yet (it is still being written)"))
         self.store_start = np.cumsum(self.store_rows) - self.store_rows  # first global row number of each store
         # record batches of every store in one list: (store, file, batch, rows)
         self._units = [(i, *u) for i, units in enumerate(self._store_units) for u in units]

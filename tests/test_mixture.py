@@ -207,3 +207,12 @@ def test_store_option_is_repeatable_and_checked_early(teacher_stores, tiny_teach
         TrainConfig(store=[a, f"{a}:0.5"], base="x", out="y")
     with pytest.raises(ValueError, match="positive"):
         TrainConfig(store=[f"{a}:-2"], base="x", out="y")
+
+
+def test_an_empty_store_is_refused_by_name(stores, tmp_path):
+    empty = str(tmp_path / "empty")
+    write_store(empty, n_rows=0)
+    for given in (empty, [stores["chat"], empty]):
+        with pytest.raises(ValueError, match="no rows") as e:
+            KDStream(given, batch_size=2)
+        assert empty in str(e.value)
