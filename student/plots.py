@@ -52,8 +52,11 @@ def plot_run(run: str | os.PathLike, out: str | os.PathLike | None = None) -> li
     if usage:
         last = usage[-1]["expert_usage"]
         layers = sorted(last, key=int)
-        fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
-        grid = [last[layer] for layer in layers]
+        routed = [r for r in usage if r.get("routing")]
+        fig, axes = plt.subplots(1, 3 if routed else 2, figsize=(18 if routed else 12, 3.8))
+        # layers may have different expert counts (layer_experts): pad the rows, blank where a layer has none
+        width = max(len(last[layer]) for layer in layers)
+        grid = [last[layer] + [float("nan")] * (width - len(last[layer])) for layer in layers]
         im = axes[0].imshow(grid, aspect="auto", cmap="viridis")
         axes[0].set_yticks(range(len(layers)), layers)
         axes[0].set_xlabel("expert")
@@ -67,6 +70,13 @@ def plot_run(run: str | os.PathLike, out: str | os.PathLike | None = None) -> li
         axes[1].axhline(1.0, color="gray", lw=0.8)
         axes[1].set_title("imbalance (max load / mean load)")
         axes[1].set_xlabel("step")
+        if routed:  # exp(entropy of the load): E when balanced, 1 when collapsed onto one expert
+            for layer in layers:
+                axes[2].plot([r["step"] for r in routed], [r["routing"][layer]["effective_experts"] for r in routed],
+                             label=f"layer {layer}")
+            axes[2].set_title("effective experts (exp of the load entropy)")
+            axes[2].set_xlabel("step")
+            axes[2].set_ylim(bottom=0)
         if len(layers) <= 12:
             axes[1].legend(fontsize=7)
         fig.tight_layout()
