@@ -91,7 +91,7 @@ def arm_config(arm: str, stores: dict[str, str], teacher: str, scale: dict, lr: 
     steps = scale["steps"]
     common = dict(base=teacher, out=run, store=stores["train"], keep_layers=scale["keep"], batch_size=scale["batch"],
                   max_steps=steps, warmup_steps=max(steps // 20, 1), lr=lr, seed=seed, loss="fkl",
-                  log_every=max(steps // 10, 1), save_every=max(steps // 4, 1), progress=False,
+                  log_every=max(steps // 10, 1), save_every=max(steps // 4, 1), progress=False, loss_keep_logits=True,
                   bf16=scale.get("bf16", False), **LORA_RULE)
     moe_v1 = dict(experts=8, experts_per_token=2, rank=16, attn_rank=16)
     fair = dict(experts=8, experts_per_token=2, rank=8, attn_rank=shape["dense_rank"],
@@ -140,7 +140,9 @@ def run_key(cfg: TrainConfig, stores: dict[str, str]) -> str:
 
     from logit_store import LogitStore
 
-    d = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "store", "base", "progress", "resume")}
+    # where it runs and how fast (keeping logits is bitwise the same) do not change what a run computes
+    ignored = ("out", "store", "base", "progress", "resume", "loss_keep_logits")
+    d = {k: v for k, v in cfg.to_dict().items() if k not in ignored}
     d["stores"] = {s: LogitStore.open(p).manifest.fingerprint() for s, p in stores.items()}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -4,6 +4,7 @@ position alignment are right, degenerate buckets stay finite, and the reader's b
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -112,6 +113,18 @@ def test_chunk_size_does_not_change_anything(chunk):
     ref = loss_and_grads(distill_loss, h, w, b, batch, DistillLossConfig(kind="jsd", ce_weight=0.5, chunk_size=2))
     got = loss_and_grads(distill_loss, h, w, b, batch, DistillLossConfig(kind="jsd", ce_weight=0.5, chunk_size=chunk))
     assert_same(got, ref, tol=1e-12)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: f"t{s[0]}-ce{s[1]}")
+@pytest.mark.parametrize("kind", ["fkl", "srkl"])
+def test_kept_logits_give_bitwise_the_same_loss_and_gradients(kind, setting):
+    tau, ce, alpha, beta = setting
+    batch = make_batch(kind="topk", seed=6)
+    h, w, b = make_student(dtype=torch.float32)
+    cfg = DistillLossConfig(kind=kind, temperature=tau, ce_weight=ce, alpha=alpha, beta=beta, chunk_size=5)
+    (la, _, ga), (lb, _, gb) = (loss_and_grads(distill_loss, h, w, b, batch, replace(cfg, keep_logits=keep))
+                                for keep in (False, True))
+    assert torch.equal(la, lb) and all(torch.equal(x, y) for x, y in zip(ga, gb, strict=True))
 
 
 def test_frozen_head_gets_no_gradient_and_hidden_still_does():
