@@ -339,8 +339,9 @@ def report(arms: list[str], ctx: dict, counts: dict[str, int], json_path: str) -
                   and r["seed"] == 0 and "validation" in r["eval"]} for arm in arms}
     runs = {arm: [r for s in SEEDS if (r := _read(result_path(results, arm, lrs[arm], s))) and "test" in r["eval"]]
             for arm in lrs}
-    variants = sorted({os.path.basename(f).split("_lr")[0] for f in _runs_of(results, "")
-                       if "+" in os.path.basename(f) and os.path.basename(f).split("+")[0] in lrs})
+    folder = os.path.join(results, "runs")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    variants = sorted({n.split("_lr")[0] for n in names if "+" in n and n.split("+")[0] in lrs})
     for v in variants:
         base = v.split("+")[0]
         runs[v] = [r for s in SEEDS if (r := _read(result_path(results, v, lrs[base], s))) and "test" in r["eval"]]
