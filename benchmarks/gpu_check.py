@@ -97,6 +97,12 @@ class Check:
         self.models: dict[str, Path] = {}
         self.store: str | None = None
 
+    def require_store(self) -> str:
+        """The captured store; the items that train or read it fail without one."""
+        if self.store is None:
+            raise RuntimeError("no store (the capture step failed)")
+        return self.store
+
     def left(self) -> float:
         return self.args.budget_s - (time.time() - self.start)
 
@@ -368,8 +374,7 @@ def train_run(ctx: Check, model_name: str, student: str, impl: str = "auto") -> 
     from student.run import read_metrics
     from student.train import train
 
-    if ctx.store is None:
-        raise RuntimeError("no store (the capture step failed)")
+    ctx.require_store()
     size = ctx.size
     out = ctx.work / f"run-{model_name}-{student}-{impl}"
     shutil.rmtree(out, ignore_errors=True)
@@ -436,8 +441,7 @@ def bf16_agreement(ctx: Check) -> dict:
     from logit_store import KDStream
     from student.train import DistillStep, build_model
 
-    if ctx.store is None:
-        raise RuntimeError("no store (the capture step failed)")
+    ctx.require_store()
     size = ctx.size
     batch = next(iter(KDStream(ctx.store, size["batch"], shuffle=False, rank=0, world_size=1)))
     batch = {k: v.to(ctx.device) for k, v in batch.items()}
@@ -480,8 +484,7 @@ def full_large(ctx: Check) -> dict:
     from logit_store import KDStream
     from student.train import DistillStep, build_model
 
-    if ctx.store is None:
-        raise RuntimeError("no store (the capture step failed)")
+    ctx.require_store()
     size = ctx.size
     name = size["large"][0]
     cfg = train_config(store=ctx.store, base=str(ctx.models[name]), out=str(ctx.work / "y"), student="full",
@@ -531,8 +534,7 @@ def fsdp_run(ctx: Check, model_name: str) -> dict:
     from student.run import read_metrics
     from student.train import load_trained
 
-    if ctx.store is None:
-        raise RuntimeError("no store (the capture step failed)")
+    ctx.require_store()
     size = ctx.size
     steps = size["warmup"] + size["steps"]
     half = steps // 2

@@ -109,6 +109,23 @@ def assert_layer_matches_loop(loop: torch.nn.Module, fast: torch.nn.Module, x: t
             torch.testing.assert_close(fast_params[name].grad, p.grad, rtol=1e-4, atol=1e-5)
 
 
+def loop_and_fast_layers(impl: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A tiny Llama MLP as a MoE-LoRA layer twice, with the same non-zero adapters: the autograd loop (the
+    reference) and the expert path `impl`."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from student.moe_lora import MoELoRAMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=1))
+    loop = MoELoRAMLP(mlp, num_experts=6, experts_per_token=2, rank=4, impl="loop")
+    randomize_adapters(loop)
+    fast = MoELoRAMLP(mlp, num_experts=6, experts_per_token=2, rank=4, impl=impl)
+    fast.load_state_dict(loop.state_dict())
+    return loop, fast
+
+
 def sample_ids(batch: int = 2, seq: int = 24, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=g)

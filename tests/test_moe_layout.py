@@ -3,22 +3,14 @@ matmuls): both equal the autograd loop, gradients included, with and without LoR
 
 import pytest
 import torch
-from student_fixtures import assert_layer_matches_loop, randomize_adapters
-from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaMLP
+from student_fixtures import assert_layer_matches_loop, loop_and_fast_layers
 
 from student.fused_experts import padded_capacity
-from student.moe_lora import MoELoRAMLP
 
 
 @pytest.mark.parametrize("impl,max_padding", [("fused", 0.0), ("fused", 100.0), ("compiled", 100.0)])
 def test_ragged_and_padded_layouts_match_the_loop(impl, max_padding):
-    torch.manual_seed(0)
-    mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=1))
-    loop = MoELoRAMLP(mlp, num_experts=6, experts_per_token=2, rank=4, impl="loop")
-    randomize_adapters(loop)
-    fast = MoELoRAMLP(mlp, num_experts=6, experts_per_token=2, rank=4, impl=impl)
-    fast.load_state_dict(loop.state_dict())
+    loop, fast = loop_and_fast_layers(impl)
     fast.max_padding = max_padding
     x = torch.randn(3, 11, 32)
     assert_layer_matches_loop(loop, fast, x)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from student_fixtures import assert_layer_matches_loop, randomize_adapters, sample_ids, save_tiny_model
+from student_fixtures import (
+    assert_layer_matches_loop,
+    loop_and_fast_layers,
+    randomize_adapters,
+    sample_ids,
+    save_tiny_model,
+)
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
@@ -114,12 +120,7 @@ def test_moe_layer_matches_textbook_mixture():
 def test_fast_paths_match_the_autograd_loop(impl):
     """The fused CPU kernel and the grouped-GEMM path (used on CUDA) must compute what the autograd
     per-expert loop computes, gradients included."""
-    torch.manual_seed(0)
-    mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=1))
-    loop = MoELoRAMLP(mlp, num_experts=6, experts_per_token=2, rank=4, impl="loop")
-    randomize_adapters(loop)
-    fast = MoELoRAMLP(mlp, num_experts=6, experts_per_token=2, rank=4, impl=impl)
-    fast.load_state_dict(loop.state_dict())
+    loop, fast = loop_and_fast_layers(impl)
     x = torch.randn(3, 11, 32)
     assert_layer_matches_loop(loop, fast, x)
 
