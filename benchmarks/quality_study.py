@@ -27,7 +27,6 @@ machines and sessions, and several processes can share a stage (each run is clai
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -212,7 +211,7 @@ def run_one(arm: str, lr: float, seed: int, split: str, ctx: dict, train_missing
     """Train (or resume) one run and measure it on `split`; the result is cached under RESULTS. None when another
     process holds the run, or when it has no result and `train_missing` is False."""
     from student.evaluate import evaluate
-    from student.run import is_run
+    from student.run import RunLock, RunLockedError, is_run
     from student.train import load_trained, train
 
     path = result_path(ctx["results"], arm, lr, seed)
@@ -224,21 +223,23 @@ def run_one(arm: str, lr: float, seed: int, split: str, ctx: dict, train_missing
         return cached
     if not train_missing:
         return None
-    if not _claim(run):
+    try:  # one process per run; the kernel drops the lock if it dies (no stale claim, whatever the pids)
+        claim = RunLock(os.path.join(run, "study-claim"))
+    except RunLockedError:
         print(f"{arm} lr {lr:g} seed {seed}: held by another process", flush=True)
         return None
-    t = time.time()
-    if not (cached and cached["key"] == key):
-        train(dataclasses.replace(cfg, resume=is_run(run)))
-        cached = dict(arm=arm, lr=lr, seed=seed, key=key, train_s=round(time.time() - t, 1), eval={},
-                      config=cfg.to_dict())
-    model = load_trained(run, ctx["device"])
-    store, scale = ctx["stores"][split], ctx["scale"]
-    result = evaluate(model, store, batch_size=scale["batch"], device=ctx["device"])
-    result.update(full_vocab_kl(ctx["teacher"], store, model, scale["batch"], ctx["device"]))
-    cached["eval"][split] = result
-    _write_json_atomic(path, cached)
-    os.remove(os.path.join(run, ".claim"))
+    with claim:
+        t = time.time()
+        if not (cached and cached["key"] == key):
+            train(dataclasses.replace(cfg, resume=is_run(run)))
+            cached = dict(arm=arm, lr=lr, seed=seed, key=key, train_s=round(time.time() - t, 1), eval={},
+                          config=cfg.to_dict())
+        model = load_trained(run, ctx["device"])
+        store, scale = ctx["stores"][split], ctx["scale"]
+        result = evaluate(model, store, batch_size=scale["batch"], device=ctx["device"])
+        result.update(full_vocab_kl(ctx["teacher"], store, model, scale["batch"], ctx["device"]))
+        cached["eval"][split] = result
+        _write_json_atomic(path, cached)
     print(f"{arm:14s} lr {lr:<7g} seed {seed} {split:10s} full_kl {result['full_kl']:.4f} "
           f"teacher_kl {result['teacher_kl']:.4f} ppl {result['ppl']:.1f}", flush=True)
     return cached
@@ -462,30 +463,6 @@ def _read(path: str) -> dict | None:
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def _claim(run: str) -> bool:
-    """Take a run for this process, so that processes sharing a study never train the same run.
-
-    The claim is a file holding the owner's pid; a claim whose process is gone is taken over."""
-    os.makedirs(run, exist_ok=True)
-    path = os.path.join(run, ".claim")
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    os.kill(int(f.read() or 0), 0)
-                return False  # its owner is alive
-            except (ProcessLookupError, ValueError, FileNotFoundError):  # gone: take it over
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-                continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
-    return False
 
 
 def _write_json_atomic(path: str, data: dict) -> None:
