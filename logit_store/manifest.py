@@ -306,6 +306,10 @@ def merge_workers(store: str, allow_incomplete: bool = False) -> Manifest:
                             f"(worker {workers[0]} vs worker {workers[j]}: {differ})")
     merged = dataclasses.replace(parts[0], shards=[s for p in parts for s in p.shards],
                                  status="complete" if not (missing or incomplete) else "in_progress")
+    if merged.status == "complete" and not merged.shards:
+        raise ManifestError(f"{store}: none of the {count} workers stored a row (their inputs were empty or every "
+                            "example was skipped: each worker's build summary counts the skips); check --data and "
+                            "--text-field, then build again")
     merged.save(fs, root)
     return merged
 

@@ -204,6 +204,19 @@ def test_merge_refuses_unfinished_workers(tiny_teacher_dir, hf_teacher, text_fil
     assert merge_workers(str(tmp_path), allow_incomplete=True).status == "in_progress"
 
 
+def test_merge_refuses_workers_that_stored_nothing(tiny_teacher_dir, hf_teacher, tmp_path):
+    """Every example skipped in every worker's share: each worker finishes with no row (a worker may), but the
+    merge refuses to make an empty store, saying why."""
+    data = _jsonl(tmp_path / "d.jsonl", [{"text": ""}] * 3)
+    for i in range(2):
+        summary = build(_cfg(tiny_teacher_dir, data, tmp_path / "s", num_workers=2, worker_index=i),
+                        teacher=hf_teacher)
+        assert summary.rows == 0 and sum(summary.skipped.values()) > 0
+    with pytest.raises(ManifestError, match=r"none of the 2 workers stored a row .* every example was skipped"):
+        merge_workers(str(tmp_path / "s"))
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
 def test_resume_refuses_other_settings(tiny_teacher_dir, hf_teacher, text_file, tmp_path):
     build(_cfg(tiny_teacher_dir, text_file, tmp_path, limit=4), teacher=hf_teacher)
     with pytest.raises(Exception, match="different settings"):
