@@ -27,58 +27,74 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from logit_store import DecodedRow, LogitStore, collate
+from logit_store import DecodedRow, KDStream, LogitStore, collate
 from logit_store.reader import BatchRows
+from logit_store.stream import check_same_tokens, parse_store_spec
 from student.losses import DistillLossConfig, distill_loss
 
 
 class StoreDataset(torch.utils.data.Dataset):
-    """The rows of a store by index (store order), decoded (`DecodedRow`), for `transformers.Trainer`.
+    """The rows of a store by index (store order), decoded (`DecodedRow`), for `transformers.Trainer`; or of a
+    mixture of stores, given as `kdstudent train --store` specs ("path[:weight]", a weight being a share of the
+    training tokens), concatenated in the order given.
 
     A row is read with its whole Arrow record batch (the store's unit of compression); the last `cache_units`
     decoded record batches are kept, so neighbouring indices are cheap and a random index costs one record
     batch read (docs/HF_TRAINER.md gives the figures). `tokenizer`, if given, must be the store's (same
-    fingerprint): else token ids would mean different things to the student.
+    fingerprint): else token ids would mean different things to the student. Stores of a mixture must share one
+    tokenizer and vocabulary; `KDTrainer` samples a mixture as `kdstudent train` reads it (`MixtureSampler`).
     """
 
-    def __init__(self, store: str | LogitStore, tokenizer=None, cache_units: int = 4):
-        self.store = store if isinstance(store, LogitStore) else LogitStore.open(store)
-        m = self.store.manifest
+    def __init__(self, store: str | LogitStore | list[str | LogitStore], tokenizer=None, cache_units: int = 4):
+        specs = [(s, None) if isinstance(s, LogitStore) else parse_store_spec(s)
+                 for s in (store if isinstance(store, list) else [store])]
+        if not specs:
+            raise ValueError("no store to read")
+        self.stores = [s if isinstance(s, LogitStore) else LogitStore.open(s) for s, _ in specs]
+        self.weights = [w for _, w in specs]
+        check_same_tokens(self.stores)
+        for s in self.stores:
+            self._check(s, tokenizer)
+        self.units = [(i, *u) for i, s in enumerate(self.stores) for u in s.units()]
+        self.starts = np.concatenate([[0], np.cumsum([u[-1] for u in self.units])]).tolist()
+        self.cache_units = cache_units
+        self._cache: OrderedDict[int, BatchRows] = OrderedDict()
+
+    @staticmethod
+    def _check(store: LogitStore, tokenizer) -> None:
+        m = store.manifest
         if m.status != "complete":
-            warnings.warn(f"{self.store.root}: the store is still being written; reading its complete shards",
-                          stacklevel=2)
+            warnings.warn(f"{store.root}: the store is still being written; reading its complete shards",
+                          stacklevel=3)
         if m.target.kind == "sampled" and m.target.sampled_from_top_k:
-            warnings.warn(f"{self.store.root}: its sampled targets were drawn from the teacher's top-"
+            warnings.warn(f"{store.root}: its sampled targets were drawn from the teacher's top-"
                           f"{m.target.sampled_from_top_k} plus one tail bucket, which biases the KD gradient "
-                          "(docs/BUILD.md, 'Sampled targets'); rebuild it with --backend hf", stacklevel=2)
+                          "(docs/BUILD.md, 'Sampled targets'); rebuild it with --backend hf", stacklevel=3)
         if tokenizer is not None:
             from logit_store.fingerprint import tokenizer_matches
 
             if not tokenizer_matches(tokenizer, m.tokenizer):
-                raise ValueError(f"the tokenizer is not the one the store {self.store.root} was built with "
+                raise ValueError(f"the tokenizer is not the one the store {store.root} was built with "
                                  f"({m.tokenizer.get('name_or_path')}, fingerprint {m.tokenizer.get('fingerprint')}): "
                                  "token ids would mean different things. Use a student of the teacher's family.")
-        self.units = self.store.units()
-        self.starts = np.concatenate([[0], np.cumsum([rows for _, _, rows in self.units])]).tolist()
-        self.cache_units = cache_units
-        self._cache: OrderedDict[int, BatchRows] = OrderedDict()
 
     @property
     def domain_names(self) -> list[str]:
-        """The store's domains: a batch's `domain` index points into this list."""
-        return self.store.manifest.domain_names
+        """The stores' domains, in order: a batch's `domain` index points into this list."""
+        return list(dict.fromkeys(n for s in self.stores for n in s.manifest.domain_names))
 
     def __len__(self) -> int:
         return self.starts[-1]
 
     def __getitem__(self, index: int) -> DecodedRow:
         if not 0 <= index < len(self):
-            raise IndexError(f"row {index} out of range: the store has {len(self)} rows")
+            raise IndexError(f"row {index} out of range: the dataset has {len(self)} rows")
         unit = bisect.bisect_right(self.starts, index) - 1
         rows = self._cache.get(unit)
         if rows is None:
-            file, batch, _ = self.units[unit]
-            rows = self._cache[unit] = self.store.decode_batch(file, self.store.read_batch(file, batch))
+            store, file, batch, _ = self.units[unit]
+            opened = self.stores[store]
+            rows = self._cache[unit] = opened.decode_batch(file, opened.read_batch(file, batch))
             if len(self._cache) > self.cache_units:
                 self._cache.popitem(last=False)
         else:
@@ -88,6 +104,26 @@ class StoreDataset(torch.utils.data.Dataset):
     def __getstate__(self) -> dict:
         """DataLoader workers start with an empty cache (decoded batches hold views of Arrow buffers)."""
         return dict(self.__dict__, _cache=OrderedDict())
+
+
+class MixtureSampler(torch.utils.data.Sampler[int]):
+    """Each epoch's row order of a `StoreDataset` mixture, exactly as `kdstudent train` deals it with the same
+    seed (`KDStream.epoch_order`: every store at its token share, every row of a store at the same rate, rows of
+    the stores interleaved at seeded places). The Trainer sets the epoch; its batch sharding and resume (skipping
+    the epoch's first batches) then work as with its own sampler."""
+
+    def __init__(self, dataset: StoreDataset, seed: int = 0):
+        self.plan = KDStream(dataset.stores, batch_size=1, weights=dataset.weights, seed=seed, rank=0, world_size=1)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.plan.rows
+
+    def __iter__(self):
+        return iter(self.plan.epoch_order(self.epoch).tolist())
 
 
 class KDCollator:
@@ -198,6 +234,13 @@ class KDTrainer(Trainer):
             steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
             loss = loss + (metrics["router_loss"] / steps if scaled else metrics["router_loss"])
         return (loss, metrics) if return_outputs else loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        """A mixture of stores is read as `kdstudent train` reads it; one store by the Trainer's own sampler."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if isinstance(dataset, StoreDataset) and len(dataset.stores) > 1:
+            return MixtureSampler(dataset, self.args.seed if self.args.data_seed is None else self.args.data_seed)
+        return super()._get_train_sampler(train_dataset)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The loss only: there are no [batch, seq, vocab] logits to return."""

@@ -241,3 +241,45 @@ def test_kd_trainer_adds_a_moe_students_router_losses(store, tiny_teacher_dir, t
         with torch.no_grad():
             torch.testing.assert_close(trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(count)),
                                        sparse_kd_loss(model, batch, trainer.kd_config, torch.tensor(count))[0])
+
+
+def test_a_mixture_of_stores_is_read_as_kdstudent_train_reads_it(store, student_dir, tiny_teacher_dir, tmp_path):
+    """StoreDataset(["A", "B:0.6"]) holds both stores' rows; KDTrainer samples each epoch in the order
+    `kdstudent train` deals that mixture with the same seed (B at 60 % of the tokens), and trains on it."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from logit_store import KDStream
+    from student.hf_trainer import MixtureSampler
+
+    other = tmp_path / "other"
+    data = tmp_path / "o.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "src": "c"}) + "\n" for t in synthetic_corpus(16, seed=9)))
+    build(BuildConfig(teacher=tiny_teacher_dir, data=str(data), out=str(other), backend="hf", text_field="text",
+                      domain_field="src", top_k=4, max_seq_len=64, progress=False))
+    ds = StoreDataset([store, f"{other}:0.6"])
+    a, b = list(LogitStore.open(store)), list(LogitStore.open(str(other)))
+    assert len(ds) == len(a) + len(b) == 80 and ds.domain_names == ["a", "b", "c"]
+    for i, ref in ((0, a[0]), (63, a[63]), (64, b[0]), (79, b[15])):
+        assert ds[i].source_index == ref.source_index and np.array_equal(ds[i].target_ids, ref.target_ids)
+
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+                             remove_unused_columns=False, report_to=[], save_strategy="no", seed=3,
+                             disable_tqdm=True)
+    trainer = KDTrainer(model=AutoModelForCausalLM.from_pretrained(student_dir), args=args, train_dataset=ds,
+                        data_collator=KDCollator(ds.domain_names))
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, MixtureSampler) and len(sampler) == 80
+    plan = KDStream([store, str(other)], batch_size=1, weights=[None, 0.6], seed=3, rank=0, world_size=1)
+    epochs = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        epochs.append(list(sampler))
+        assert epochs[-1] == plan.epoch_order(epoch).tolist()
+        tokens = np.array([ds[i].input_ids.size for i in epochs[-1]])
+        from_b = np.array(epochs[-1]) >= 64
+        assert tokens[from_b].sum() / tokens.sum() == pytest.approx(0.6, abs=0.05)
+    assert epochs[0] != epochs[1]
+    assert StoreDataset(store).stores and not isinstance(KDTrainer(
+        model=trainer.model, args=args, train_dataset=StoreDataset(store))._get_train_sampler(), MixtureSampler)
+    trainer.train()
+    assert trainer.state.global_step == 3 and np.isfinite(trainer.state.log_history[-1]["train_loss"])
