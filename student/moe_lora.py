@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from student.config import EXPERT_IMPLS, default_alpha, lora_scale
@@ -236,8 +237,10 @@ class MoELoRAMLP(nn.Module):
         """fp32 router, also under autocast: (logits [N, E], top-k renormalised weights [N, k], top-k expert ids
         [N, k]), k = experts_per_token. Selection ranks probs + router_bias; the weights are the probs."""
         with torch.autocast(x2.device.type, enabled=False):
-            # the module is called (not its weight read), so FSDP gathers the router as its own fp32 unit
-            logits = self.router(x2.float())
+            # the module is called (not its weight read), so FSDP gathers the router as its own fp32 unit; a
+            # student cast whole to bf16 (model.to(bfloat16), a Trainer's bf16 eval) still routes in fp32
+            w = self.router.weight
+            logits = self.router(x2.float()) if w.dtype == torch.float32 else F.linear(x2.float(), w.float())
             probs = logits.softmax(dim=-1)
             n_tok, k = probs.shape[0], self.experts_per_token
             if self.soft:  # nothing to select

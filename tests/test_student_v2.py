@@ -158,6 +158,22 @@ def test_router_is_fp32_under_bf16_autocast():
     assert layer.router_stats.prob_sum.dtype == torch.float32
 
 
+def test_a_student_cast_to_bf16_still_routes_in_fp32(llama_dir):
+    """model.to(bfloat16) (inference, a Trainer's bf16 eval) casts the routers too: routing still runs in fp32 on
+    the same weights, and picks the experts the fp32 student picks for the same (bf16-rounded) input."""
+    torch.manual_seed(0)
+    student = build_student(llama_dir, MoELoRAConfig(experts=4, rank=4))
+    layer = moe_modules(student)[0]
+    x = torch.randn(50, layer.hidden_size).bfloat16()
+    ref = layer.route(x.float())
+    student.to(torch.bfloat16)
+    assert layer.router.weight.dtype == torch.bfloat16
+    logits, w, i = layer.route(x)
+    assert logits.dtype == torch.float32 and torch.equal(i, ref[2])
+    torch.testing.assert_close(logits, ref[0], atol=0.05, rtol=0.02)  # the weights themselves are bf16 now
+    assert torch.isfinite(student(input_ids=sample_ids(batch=1, seq=8)).logits).all()
+
+
 @pytest.mark.parametrize("k,padded", [(2, True), (1, False)])
 def test_balance_loss_is_transformers_mixtral_loss(llama_dir, k, padded, one_thread):
     """Pooled over layers before the product, f over all k slots, padding excluded: Mixtral's function."""
