@@ -245,7 +245,7 @@ class KDStream(IterableDataset):
         if len(self) == 0:
             raise ValueError(f"{where}: {self.rows} rows make no full batch of {batch_size} rows for each of "
                              f"{world_size} processes with drop_last: use a smaller batch or fewer processes")
-        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its padded global order), computed lazily
+        self._order: tuple | None = None  # (epoch, its padded global order, read passes), computed lazily
 
     # ------------------------------------------------------------ plan (metadata only, no I/O)
     def store_order(self, store: int, epoch: int) -> np.ndarray:
@@ -269,16 +269,22 @@ class KDStream(IterableDataset):
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Global row numbers (stores concatenated) in the order epoch `epoch` deals them, wrap-around padding
         included."""
+        return self._epoch_plan(epoch)[0]
+
+    def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(epoch_order, the pass of its store each row is read in): a weighted store's rows of one mixture epoch
+        can come from two or more of its own epochs (passes); the reader keeps a record batch only within one."""
         if self._order is not None and self._order[0] == epoch:
-            return self._order[1]
-        taken = []  # each store's next epoch_rows[i] rows of its own sequence of epochs (step 2)
+            return self._order[1:]
+        taken, passes = [], []  # each store's next epoch_rows[i] rows of its own sequence of epochs (step 2)
         for i, (n, rows) in enumerate(zip(self.epoch_rows, self.store_rows, strict=True)):
             lo = epoch * n
             first, last = lo // rows, -(-(lo + n) // rows)
             sequence = np.concatenate([self.store_order(i, e) for e in range(first, last)])
             taken.append(sequence[lo - first * rows:lo - first * rows + n].astype(np.int64) + self.store_start[i])
+            passes.append((lo + np.arange(n)) // rows)
         if len(taken) == 1:
-            order = taken[0]
+            order, read_pass = taken[0], passes[0]
         else:
             slots = np.repeat(np.arange(len(taken)), self.epoch_rows)
             if self.shuffle:
@@ -286,23 +292,43 @@ class KDStream(IterableDataset):
             else:  # evenly spread: store i's k-th row at fraction (k + 1/2) / n_i of the epoch
                 spread = np.concatenate([(np.arange(n) + 0.5) / n for n in self.epoch_rows])
                 slots = slots[np.argsort(spread, kind="stable")]
-            order = np.empty(self.rows, np.int64)
-            for i, rows in enumerate(taken):
-                order[slots == i] = rows
-        order = np.concatenate([order, order[:(-self.rows) % self.world_size]])
-        self._order = (epoch, order)
-        return order
+            order, read_pass = np.empty(self.rows, np.int64), np.empty(self.rows, np.int64)
+            for i, (rows, p) in enumerate(zip(taken, passes, strict=True)):
+                order[slots == i], read_pass[slots == i] = rows, p
+        pad = (-self.rows) % self.world_size  # wrap-around rows: read again, apart from their first reading
+        order = np.concatenate([order, order[:pad]])
+        read_pass = np.concatenate([read_pass, np.full(pad, -1)])
+        self._order = (epoch, order, read_pass)
+        return order, read_pass
 
     def batch_rows(self, index: int, epoch: int | None = None) -> np.ndarray:
         """Global row numbers of this rank's batch `index` of epoch `epoch` (default: the current one)."""
-        order = self.epoch_order(self.epoch if epoch is None else epoch)
+        return self._batch(index, epoch)[0]
+
+    def _batch(self, index: int, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(this rank's rows of batch `index`, the store pass each is read in)."""
+        order, read_pass = self._epoch_plan(self.epoch if epoch is None else epoch)
         step = self.world_size * self.batch_size
+        window = slice(index * step, (index + 1) * step)
         # sorted: rank r takes the r-th part of the batch's rows in store order, so over a window each rank
         # reads about 1/world_size of its record batches, not all of them (which ranks compute which rows of a
         # global batch does not change the step: its loss is normalised over the global batch)
-        chunk = np.sort(order[index * step:(index + 1) * step])
-        share = chunk.size // self.world_size
-        return chunk[self.rank * share:(self.rank + 1) * share]
+        by_row = np.argsort(order[window], kind="stable")
+        rows, passes = order[window][by_row], read_pass[window][by_row]
+        spread = len(self.stores) > 1 and self.world_size > 1
+        if spread:  # each store's rows split evenly over the ranks, each rank a contiguous run of them
+            store = np.searchsorted(self.store_start, rows, side="right") - 1
+            counts = np.bincount(store, minlength=len(self.stores))
+            at = (np.arange(rows.size) - (np.cumsum(counts) - counts)[store] + 0.5) / counts[store]
+            by_share = np.argsort(at, kind="stable")
+            rows, passes = rows[by_share], passes[by_share]
+        share = rows.size // self.world_size
+        mine = slice(self.rank * share, (self.rank + 1) * share)
+        rows, passes = rows[mine], passes[mine]
+        if spread:
+            by_row = np.argsort(rows, kind="stable")
+            rows, passes = rows[by_row], passes[by_row]
+        return rows, passes
 
     def rows_per_rank(self) -> int:
         """Rows this rank yields per epoch (the same on every rank)."""
@@ -348,24 +374,29 @@ class KDStream(IterableDataset):
             self.set_epoch(self.epoch + 1)
 
     def _decoded(self, indices: range) -> Iterator[list[DecodedRow]]:
-        """The rows of these batches, reading each record batch once and dropping it after its last row here."""
-        batches = [self.batch_rows(i) for i in indices]
-        flat = np.concatenate(batches) if batches else np.zeros(0, np.int64)
+        """The rows of these batches, reading each record batch once per store pass and dropping it after its
+        last row of that pass here (so the decoded batches held stay within about one shuffle window)."""
+        batches = [self._batch(i) for i in indices]
+        if not batches:
+            return
+        flat = np.concatenate([b for b, _ in batches])
         unit_of = np.searchsorted(self._unit_start, flat, side="right") - 1
-        last_use = {int(u): i for i, u in enumerate(unit_of)}
-        cache: dict[int, BatchRows] = {}
+        keys = list(zip(unit_of.tolist(), np.concatenate([p for _, p in batches]).tolist(), strict=True))
+        last_use = {key: i for i, key in enumerate(keys)}
+        cache: dict[tuple[int, int], BatchRows] = {}
         i = 0
-        for ids in batches:
+        for ids, _ in batches:
             rows = []
             for row in ids:
-                u = int(unit_of[i])
-                if u not in cache:
+                key = keys[i]
+                u = key[0]
+                if key not in cache:
                     store, file, b, _ = self._units[u]
                     reader = self.stores[store]
-                    cache[u] = reader.decode_batch(file, reader.read_batch(file, b))
-                rows.append(cache[u][int(row - self._unit_start[u])])
-                if last_use[u] == i:
-                    del cache[u]
+                    cache[key] = reader.decode_batch(file, reader.read_batch(file, b))
+                rows.append(cache[key][int(row - self._unit_start[u])])
+                if last_use[key] == i:
+                    del cache[key]
                 i += 1
             yield rows
 
@@ -389,7 +420,9 @@ class KDStream(IterableDataset):
 
     def state_dict(self) -> dict:
         fingerprints = [s.manifest.fingerprint() for s in self.stores]
-        state = dict(dealing="rows", epoch=self.epoch, batches_done=self.batches_done, seed=self.seed,
+        # a mixture on several ranks spreads each store's rows of a batch over the ranks (earlier: sorted runs)
+        dealing = "rows, stores spread over ranks" if len(self.stores) > 1 and self.world_size > 1 else "rows"
+        state = dict(dealing=dealing, epoch=self.epoch, batches_done=self.batches_done, seed=self.seed,
                      rank=self.rank, world_size=self.world_size, batch_size=self.batch_size, shuffle=self.shuffle,
                      shuffle_buffer=self.shuffle_buffer, drop_last=self.drop_last,
                      store=fingerprints[0] if len(fingerprints) == 1 else fingerprints, rows=self.rows,
@@ -401,16 +434,16 @@ class KDStream(IterableDataset):
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`; refuses (ValueError, naming the setting) what would change the order of batches.
         The number of DataLoader workers may change."""
-        if state.get("dealing") != "rows":
-            raise ValueError("this reader position was saved by an earlier moekd that dealt whole record batches "
-                             "to ranks; it cannot be continued exactly: finish the run with that version, or "
-                             "start a new run")
         mine = self.state_dict()
+        if state.get("dealing") != mine["dealing"]:
+            raise ValueError(f"this reader position was saved by an earlier moekd that dealt batches to ranks "
+                             f"another way ({state.get('dealing', 'whole record batches')!r}); it cannot be "
+                             "continued exactly: finish the run with that version, or start a new run")
         for key in ("seed", "rank", "world_size", "batch_size", "shuffle", "shuffle_buffer", "drop_last", "store",
                     "rows", "layout", "mixture"):
             if state.get(key) != mine.get(key):
-                raise ValueError(f"cannot resume the reader exactly: {key} was {state[key]!r} when the "
-                                 f"checkpoint was taken and is {mine[key]!r} now")
+                raise ValueError(f"cannot resume the reader exactly: {key} was {state.get(key)!r} when the "
+                                 f"checkpoint was taken and is {mine.get(key)!r} now")
         if not 0 <= state["batches_done"] <= len(self):
             raise ValueError(f"reader position {state['batches_done']} is outside an epoch of {len(self)} batches")
         self.epoch, self.batches_done = state["epoch"], state["batches_done"]
