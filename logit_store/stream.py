@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from typing import TypedDict
 
@@ -85,18 +86,34 @@ _MIX_KEY = 0x6D6978  # seeds where a mixture's stores interleave; the stores' ow
 
 
 def parse_store_spec(spec: str) -> tuple[str, float | None]:
-    """`path` or `path:weight` (as `--store` takes it) -> (path, weight or None). A URL's own colons stay in the
-    path: only a last `:<number>` is a weight."""
+    """`path` or `path:weight` (as `--store` takes it) -> (path, weight or None). Only a last `:<number>` is a
+    weight, and not when it is a URL's port (`http://host:8080`, `...?endpoint_override=host:9000`; write
+    `...host:9000:0.3` to weight such a store) or part of a local path that exists as given."""
     path, sep, weight = spec.rpartition(":")
-    if sep and path:
-        try:
-            value = float(weight)
-        except ValueError:
-            return spec, None
-        if not value > 0 or value == float("inf"):
-            raise ValueError(f"store {spec!r}: the weight after ':' must be a positive number, got {weight!r}")
-        return path, value
-    return spec, None
+    if not sep or not path or _is_url_port(spec, len(path)) or ("://" not in spec and os.path.exists(spec)):
+        return spec, None
+    try:
+        value = float(weight)
+    except ValueError:
+        return spec, None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"store {spec!r}: the weight after ':' must be a positive number, got {weight!r}")
+    return path, value
+
+
+def _is_url_port(spec: str, colon: int) -> bool:
+    """Whether the colon at `colon` separates a host from its port: in the URL's authority, or in a query value
+    that holds no other colon (`endpoint_override=host:9000`)."""
+    scheme = spec.find("://")
+    if scheme >= 0:
+        authority_end = spec.find("/", scheme + 3)
+        if authority_end < 0 or colon < authority_end:
+            return True
+    query = spec.find("?")
+    if 0 <= query < colon:
+        value_start = max(spec.rfind("=", 0, colon), spec.rfind("&", 0, colon), query) + 1
+        return ":" not in spec[value_start:colon]
+    return False
 
 
 def mixture_rows(stores: list[LogitStore], rows: list[int], weights: list[float | None]) -> tuple[list[int],
@@ -107,6 +124,9 @@ def mixture_rows(stores: list[LogitStore], rows: list[int], weights: list[float 
     one share what the others leave, in proportion to their tokens (all without one: every store in proportion to
     its tokens, so an epoch reads each store once); weights given for every store are normalised. An epoch of the
     mixture holds as many rows as the stores together, split so each store's rows carry its share of the tokens."""
+    for store, w in zip(stores, weights, strict=True):
+        if w is not None and not 0 < w < float("inf"):
+            raise ValueError(f"{store.root}: weight {w!r} is not a positive number")
     tokens = np.array([s.manifest.tokens for s in stores], np.float64)
     rows = np.array(rows, np.float64)
     free = np.array([w is None for w in weights])
@@ -131,8 +151,16 @@ def mixture_rows(stores: list[LogitStore], rows: list[int], weights: list[float 
     return [int(n) for n in counts], [float(w) for w in share]
 
 
-def check_same_tokens(stores: list[LogitStore]) -> None:
-    """Stores mixed in one run must give token ids one meaning: the same tokenizer and vocabulary."""
+def check_mixable(stores: list[LogitStore]) -> None:
+    """Stores mixed in one run: each once (weights say how often), and giving token ids one meaning (the same
+    tokenizer and vocabulary)."""
+    seen: dict[tuple[str, str], str] = {}
+    for s in stores:
+        where = (type(s.fs).__name__, s.root.rstrip("/"))
+        if where in seen:
+            raise ValueError(f"the store {s.root} is listed twice: list it once, with a weight if it should count "
+                             "more")
+        seen[where] = s.root
     first = stores[0]
     for other in stores[1:]:
         a, b = first.manifest, other.manifest
@@ -209,7 +237,7 @@ class KDStream(IterableDataset):
 
                 warnings.warn(f"{s.root}: the store is still being written; reading its complete shards",
                               stacklevel=2)
-        check_same_tokens(self.stores)
+        check_mixable(self.stores)
         if rank is None or world_size is None:
             dist = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank = torch.distributed.get_rank() if dist else 0

@@ -29,7 +29,7 @@ from transformers import Trainer
 
 from logit_store import DecodedRow, KDStream, LogitStore, collate
 from logit_store.reader import BatchRows
-from logit_store.stream import check_same_tokens, parse_store_spec
+from logit_store.stream import check_mixable, parse_store_spec
 from student.losses import DistillLossConfig, distill_loss
 
 
@@ -52,7 +52,7 @@ class StoreDataset(torch.utils.data.Dataset):
             raise ValueError("no store to read")
         self.stores = [s if isinstance(s, LogitStore) else LogitStore.open(s) for s, _ in specs]
         self.weights = [w for _, w in specs]
-        check_same_tokens(self.stores)
+        check_mixable(self.stores)
         for s in self.stores:
             self._check(s, tokenizer)
         self.units = [(i, *u) for i, s in enumerate(self.stores) for u in s.units()]

@@ -44,6 +44,30 @@ def test_store_spec_takes_a_last_numeric_weight():
     for bad in ("a:0", "a:-1", "a:nan", "a:inf"):
         with pytest.raises(ValueError, match="positive number"):
             parse_store_spec(bad)
+    # a URL's port is not a weight, in its authority or in a query value; a weight may still follow
+    assert parse_store_spec("http://host:8080") == ("http://host:8080", None)
+    assert parse_store_spec("http://host:8080/store:0.3") == ("http://host:8080/store", 0.3)
+    s3 = "s3://bucket/store?endpoint_override=localhost:9000"
+    assert parse_store_spec(s3) == (s3, None)
+    assert parse_store_spec(s3 + ":0.3") == (s3, 0.3)
+    assert parse_store_spec(s3 + "&scheme=http") == (s3 + "&scheme=http", None)
+
+
+def test_a_local_path_that_exists_keeps_its_colon(tmp_path):
+    store = tmp_path / "ckpt:3"
+    store.mkdir()
+    assert parse_store_spec(str(store)) == (str(store), None)
+    assert parse_store_spec(f"{store}:0.5") == (str(store), 0.5)
+    assert parse_store_spec(str(tmp_path / "absent:3")) == (str(tmp_path / "absent"), 3.0)
+
+
+def test_a_store_listed_twice_or_a_bad_weight_is_refused(stores):
+    with pytest.raises(ValueError, match="listed twice"):
+        KDStream([stores["chat"], stores["chat"] + "/"], batch_size=4)
+    opened = [LogitStore.open(stores["chat"]), LogitStore.open(stores["code"])]
+    for bad in (-0.5, float("nan"), 0.0):
+        with pytest.raises(ValueError, match="not a positive number"):
+            mixture_rows(opened, [90, 30], [bad, None])
 
 
 def test_weights_are_shares_of_tokens(stores):
