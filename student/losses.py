@@ -186,10 +186,11 @@ class _ChunkedHead(torch.autograd.Function):
             w = weight.to(compute_dtype)
             for i, lo in enumerate(range(0, n, chunk_size)):
                 sl = slice(lo, lo + chunk_size)
-                if ctx.kept is None:
+                kept = None if ctx.kept is None else ctx.kept[i]
+                if kept is None:  # (also a second backward through a kept graph: the first one used them)
                     z = _logits(hidden[sl], w, bias, acc)
                 else:  # modified in place below: released chunk by chunk
-                    z, ctx.kept[i] = ctx.kept[i], None
+                    z, ctx.kept[i] = kept, None
                 # d loss / d raw logits: softmax-shaped terms + the gathered entries; two [C, V] buffers at τ = 1
                 dz = None
                 if plain_lse and g_lse1 is not None:

@@ -127,6 +127,16 @@ def test_kept_logits_give_bitwise_the_same_loss_and_gradients(kind, setting):
     assert torch.equal(la, lb) and all(torch.equal(x, y) for x, y in zip(ga, gb, strict=True))
 
 
+def test_kept_logits_allow_a_second_backward():
+    """backward(retain_graph=True) twice: the second recomputes the logits the first one consumed."""
+    batch = make_batch(kind="topk", seed=6)
+    h, w, b = make_student(dtype=torch.float32)
+    loss, _ = distill_loss(h, w, batch, DistillLossConfig(chunk_size=5, keep_logits=True), b)
+    first = torch.autograd.grad(loss, [h, w], retain_graph=True)
+    second = torch.autograd.grad(loss, [h, w])
+    assert all(torch.equal(x, y) for x, y in zip(first, second, strict=True))
+
+
 def test_frozen_head_gets_no_gradient_and_hidden_still_does():
     batch = make_batch()
     h, w, b = make_student(bias=False)
