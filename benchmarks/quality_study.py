@@ -229,6 +229,9 @@ def run_one(arm: str, lr: float, seed: int, split: str, ctx: dict, train_missing
         print(f"{arm} lr {lr:g} seed {seed}: held by another process", flush=True)
         return None
     with claim:
+        cached = _read(path)  # another process may have finished it meanwhile
+        if cached and cached["key"] == key and split in cached["eval"]:
+            return cached
         t = time.time()
         if not (cached and cached["key"] == key):
             train(dataclasses.replace(cfg, resume=is_run(run)))

@@ -101,19 +101,27 @@ def parse_store_spec(spec: str) -> tuple[str, float | None]:
     return path, value
 
 
+_NO_PORT_SCHEMES = {"s3", "gs", "gcs", "az", "abfs", "abfss", "memory", "file"}  # their URLs name no host:port
+
+
 def _is_url_port(spec: str, colon: int) -> bool:
-    """Whether the colon at `colon` separates a host from its port: in the URL's authority, or in a query value
-    that holds no other colon (`endpoint_override=host:9000`)."""
+    """Whether the colon at `colon` separates a host from its port: in the authority of a URL whose scheme has
+    ports (http://host:8080, hdfs://namenode:8020), or in a query value that names an endpoint or host and holds
+    no port yet (`endpoint_override=host:9000`, `=http://host:9000`, `=[::1]:9000`)."""
     scheme = spec.find("://")
-    if scheme >= 0:
+    if scheme >= 0 and spec[:scheme].lower() not in _NO_PORT_SCHEMES:
         authority_end = spec.find("/", scheme + 3)
         if authority_end < 0 or colon < authority_end:
             return True
     query = spec.find("?")
-    if 0 <= query < colon:
-        value_start = max(spec.rfind("=", 0, colon), spec.rfind("&", 0, colon), query) + 1
-        return ":" not in spec[value_start:colon]
-    return False
+    if not 0 <= query < colon:
+        return False
+    eq = spec.rfind("=", query, colon)
+    key = spec[max(spec.rfind("&", query, eq), query) + 1:eq].lower() if eq >= 0 else ""
+    if not any(word in key for word in ("endpoint", "host", "proxy")):
+        return False
+    host = spec[eq + 1:colon].split("://", 1)[-1]
+    return host.endswith("]") or ":" not in host
 
 
 def mixture_rows(stores: list[LogitStore], rows: list[int], weights: list[float | None]) -> tuple[list[int],
@@ -154,13 +162,15 @@ def mixture_rows(stores: list[LogitStore], rows: list[int], weights: list[float 
 def check_mixable(stores: list[LogitStore]) -> None:
     """Stores mixed in one run: each once (weights say how often), and giving token ids one meaning (the same
     tokenizer and vocabulary)."""
-    seen: dict[tuple[str, str], str] = {}
-    for s in stores:
-        where = (type(s.fs).__name__, s.root.rstrip("/"))
-        if where in seen:
-            raise ValueError(f"the store {s.root} is listed twice: list it once, with a weight if it should count "
-                             "more")
-        seen[where] = s.root
+    def where(s: LogitStore) -> str:
+        local = isinstance(s.fs, pafs.LocalFileSystem)
+        return os.path.realpath(s.root) if local else s.root.rstrip("/")
+
+    for i, s in enumerate(stores):
+        for t in stores[:i]:
+            if where(s) == where(t) and s.fs.equals(t.fs):
+                raise ValueError(f"the store {s.root} is listed twice (also as {t.root}): list it once, with a "
+                                 "weight if it should count more")
     first = stores[0]
     for other in stores[1:]:
         a, b = first.manifest, other.manifest
@@ -463,12 +473,12 @@ class KDStream(IterableDataset):
         """Continue from `state`; refuses (ValueError, naming the setting) what would change the order of batches.
         The number of DataLoader workers may change."""
         mine = self.state_dict()
-        if state.get("dealing") != mine["dealing"]:
-            raise ValueError(f"this reader position was saved by an earlier moekd that dealt batches to ranks "
-                             f"another way ({state.get('dealing', 'whole record batches')!r}); it cannot be "
-                             "continued exactly: finish the run with that version, or start a new run")
-        for key in ("seed", "rank", "world_size", "batch_size", "shuffle", "shuffle_buffer", "drop_last", "store",
-                    "rows", "layout", "mixture"):
+        for key in ("world_size", "store", "dealing", "seed", "rank", "batch_size", "shuffle", "shuffle_buffer",
+                    "drop_last", "rows", "layout", "mixture"):
+            if key == "dealing" and state.get(key) != mine[key]:  # how the stores' rows are dealt to ranks
+                raise ValueError(f"this reader position was saved by an earlier moekd that dealt batches to ranks "
+                                 f"another way ({state.get('dealing', 'whole record batches')!r}); it cannot be "
+                                 "continued exactly: finish the run with that version, or start a new run")
             if state.get(key) != mine.get(key):
                 raise ValueError(f"cannot resume the reader exactly: {key} was {state.get(key)!r} when the "
                                  f"checkpoint was taken and is {mine.get(key)!r} now")

@@ -59,6 +59,19 @@ class StoreDataset(torch.utils.data.Dataset):
         self.starts = np.concatenate([[0], np.cumsum([u[-1] for u in self.units])]).tolist()
         self.cache_units = cache_units
         self._cache: OrderedDict[int, BatchRows] = OrderedDict()
+        self.epoch = 0  # a mixture's epoch, for MixtureSampler
+
+    @property
+    def store(self) -> LogitStore:
+        """The store, when there is one (a mixture has `stores`)."""
+        if len(self.stores) != 1:
+            raise AttributeError(f"a mixture of {len(self.stores)} stores has no single store: use .stores")
+        return self.stores[0]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by accelerate's data loader each epoch (also where it cannot reach the sampler: several processes
+        wrap it in a batch-sampler shard); MixtureSampler orders the epoch it says."""
+        self.epoch = epoch
 
     @staticmethod
     def _check(store: LogitStore, tokenizer) -> None:
@@ -108,22 +121,24 @@ class StoreDataset(torch.utils.data.Dataset):
 
 class MixtureSampler(torch.utils.data.Sampler[int]):
     """Each epoch's row order of a `StoreDataset` mixture, exactly as `kdstudent train` deals it with the same
-    seed (`KDStream.epoch_order`: every store at its token share, every row of a store at the same rate, rows of
-    the stores interleaved at seeded places). The Trainer sets the epoch; its batch sharding and resume (skipping
-    the epoch's first batches) then work as with its own sampler."""
+    seed and shuffle buffer (`KDStream.epoch_order`: every store at its token share, every row of a store at the
+    same rate, rows of the stores interleaved at seeded places). The epoch is the dataset's, which the Trainer's
+    data loader sets each epoch (also on resume, and with several processes); its batch sharding and resume
+    (skipping the epoch's first batches) then work as with its own sampler."""
 
-    def __init__(self, dataset: StoreDataset, seed: int = 0):
-        self.plan = KDStream(dataset.stores, batch_size=1, weights=dataset.weights, seed=seed, rank=0, world_size=1)
-        self.epoch = 0
+    def __init__(self, dataset: StoreDataset, seed: int = 0, shuffle_buffer: int = 1024):
+        self.dataset = dataset
+        self.plan = KDStream(dataset.stores, batch_size=1, weights=dataset.weights, seed=seed,
+                             shuffle_buffer=shuffle_buffer, rank=0, world_size=1)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
         return self.plan.rows
 
     def __iter__(self):
-        return iter(self.plan.epoch_order(self.epoch).tolist())
+        return iter(self.plan.epoch_order(self.dataset.epoch).tolist())
 
 
 class KDCollator:

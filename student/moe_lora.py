@@ -109,6 +109,15 @@ def _segment_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int], offsets
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
+def _is_sharded(t: torch.Tensor) -> bool:
+    """An FSDP2-sharded parameter (a DTensor): calling its module gathers it in its policy's dtype."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def _expert_counts(top_i: torch.Tensor, num_experts: int, weight: torch.Tensor | None = None) -> torch.Tensor:
     """[E] (weighted) number of (token, slot) assignments per expert; a scatter-add, so no host sync on CUDA
     (torch.bincount reads the input's maximum back to size its output)."""
@@ -240,7 +249,10 @@ class MoELoRAMLP(nn.Module):
             # the module is called (not its weight read), so FSDP gathers the router as its own fp32 unit; a
             # student cast whole to bf16 (model.to(bfloat16), a Trainer's bf16 eval) still routes in fp32
             w = self.router.weight
-            logits = self.router(x2.float()) if w.dtype == torch.float32 else F.linear(x2.float(), w.float())
+            if w.dtype == torch.float32 or _is_sharded(w):
+                logits = self.router(x2.float())
+            else:
+                logits = F.linear(x2.float(), w.float())
             probs = logits.softmax(dim=-1)
             n_tok, k = probs.shape[0], self.experts_per_token
             if self.soft:  # nothing to select

@@ -279,6 +279,20 @@ def test_a_mixture_of_stores_is_read_as_kdstudent_train_reads_it(store, student_
         from_b = np.array(epochs[-1]) >= 64
         assert tokens[from_b].sum() / tokens.sum() == pytest.approx(0.6, abs=0.05)
     assert epochs[0] != epochs[1]
+    # resumed in epoch 2 on 2 processes: accelerate wraps the sampler in a batch-sampler shard, which has no
+    # set_epoch; the epoch reaches the sampler through the dataset
+    from accelerate.data_loader import prepare_data_loader, skip_first_batches
+
+    def ids(rows):
+        return [(r.domain, r.source_index) for r in rows]
+
+    loader = prepare_data_loader(torch.utils.data.DataLoader(ds, sampler=MixtureSampler(ds, seed=3), batch_size=4,
+                                                             collate_fn=ids),
+                                 num_processes=2, process_index=0, put_on_device=False)
+    resumed = skip_first_batches(loader, 1)
+    resumed.set_epoch(2)
+    assert next(iter(resumed)) == ids(ds[i] for i in plan.epoch_order(2)[8:12])  # this process's second batch
+    ds.set_epoch(0)
     assert StoreDataset(store).stores and not isinstance(KDTrainer(
         model=trainer.model, args=args, train_dataset=StoreDataset(store))._get_train_sampler(), MixtureSampler)
     trainer.train()

@@ -51,6 +51,13 @@ def test_store_spec_takes_a_last_numeric_weight():
     assert parse_store_spec(s3) == (s3, None)
     assert parse_store_spec(s3 + ":0.3") == (s3, 0.3)
     assert parse_store_spec(s3 + "&scheme=http") == (s3 + "&scheme=http", None)
+    for endpoint in ("http://localhost:9000", "[::1]:9000"):
+        url = f"s3://bucket/store?endpoint_override={endpoint}"
+        assert parse_store_spec(url) == (url, None) and parse_store_spec(url + ":0.3") == (url, 0.3)
+    # object stores name no port; other query values hold no host
+    assert parse_store_spec("s3://bucket:0.3") == ("s3://bucket", 0.3)
+    assert parse_store_spec("s3://b/s?region=us-east-1:0.3") == ("s3://b/s?region=us-east-1", 0.3)
+    assert parse_store_spec("hdfs://namenode:8020/stores/a") == ("hdfs://namenode:8020/stores/a", None)
 
 
 def test_a_local_path_that_exists_keeps_its_colon(tmp_path):
@@ -61,9 +68,13 @@ def test_a_local_path_that_exists_keeps_its_colon(tmp_path):
     assert parse_store_spec(str(tmp_path / "absent:3")) == (str(tmp_path / "absent"), 3.0)
 
 
-def test_a_store_listed_twice_or_a_bad_weight_is_refused(stores):
+def test_a_store_listed_twice_or_a_bad_weight_is_refused(stores, tmp_path):
     with pytest.raises(ValueError, match="listed twice"):
         KDStream([stores["chat"], stores["chat"] + "/"], batch_size=4)
+    alias = tmp_path / "alias"
+    alias.symlink_to(stores["chat"])
+    with pytest.raises(ValueError, match="listed twice"):
+        KDStream([stores["chat"], str(alias)], batch_size=4)
     opened = [LogitStore.open(stores["chat"]), LogitStore.open(stores["code"])]
     for bad in (-0.5, float("nan"), 0.0):
         with pytest.raises(ValueError, match="not a positive number"):
