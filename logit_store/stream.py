@@ -159,6 +159,11 @@ def mixture_rows(stores: list[LogitStore], rows: list[int], weights: list[float 
     return [int(n) for n in counts], [float(w) for w in share]
 
 
+def domain_names(stores: list[LogitStore]) -> list[str]:
+    """Every domain of every store, in order, once: what a batch's `domain` index points into."""
+    return list(dict.fromkeys(n for s in stores for n in s.manifest.domain_names))
+
+
 def check_mixable(stores: list[LogitStore]) -> None:
     """Stores mixed in one run: each once (weights say how often), and giving token ids one meaning (the same
     tokenizer and vocabulary)."""
@@ -274,8 +279,7 @@ class KDStream(IterableDataset):
         self._unit_start = np.cumsum(unit_rows) - unit_rows
         self.rows = int(unit_rows.sum())  # rows per epoch (one pass over every store's rows when unweighted)
         self.epoch_rows, self.token_share = mixture_rows(self.stores, self.store_rows, weights)
-        # every domain of every store, in order: the `domain` index of a batch looks names up here
-        self.domain_names = list(dict.fromkeys(n for s in self.stores for n in s.manifest.domain_names))
+        self.domain_names = domain_names(self.stores)  # the `domain` index of a batch looks names up here
         where = " and ".join(str(s.root) for s in self.stores)
         if self.rows < world_size:
             raise ValueError(f"{where}: {self.rows} rows, fewer than the {world_size} processes reading them; "

@@ -29,7 +29,7 @@ from transformers import Trainer
 
 from logit_store import DecodedRow, KDStream, LogitStore, collate
 from logit_store.reader import BatchRows
-from logit_store.stream import check_mixable, parse_store_spec
+from logit_store.stream import check_mixable, domain_names, parse_store_spec
 from student.losses import DistillLossConfig, distill_loss
 
 
@@ -94,7 +94,7 @@ class StoreDataset(torch.utils.data.Dataset):
     @property
     def domain_names(self) -> list[str]:
         """The stores' domains, in order: a batch's `domain` index points into this list."""
-        return list(dict.fromkeys(n for s in self.stores for n in s.manifest.domain_names))
+        return domain_names(self.stores)
 
     def __len__(self) -> int:
         return self.starts[-1]
