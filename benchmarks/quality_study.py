@@ -428,14 +428,17 @@ def _format(summary: dict, diffs: dict, grid: dict) -> str:
 
 
 def _plot(summary: dict, path: str) -> None:
-    """Per metric: every seed as a dot, mean ± std as a bar; then each MoE arm's expert load per domain."""
+    """Per metric: every seed as a dot, mean ± std as a bar; then each MoE arm's expert load per domain (not for
+    soft routing, whose load is even by construction: every token uses every expert)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     arms = list(summary)
-    loads = {a: s["expert_load_by_domain"] for a, s in summary.items() if s.get("expert_load_by_domain")}
+    loads = {a: s["expert_load_by_domain"] for a, s in summary.items() if s.get("expert_load_by_domain")
+             and len({round(f, 9) for layers in s["expert_load_by_domain"].values() for v in layers.values()
+                      for f in v}) > 1}
     rows = 1 + len(loads)
     fig = plt.figure(figsize=(4 * len(METRICS), 3.6 * rows))
     for i, m in enumerate(METRICS):
