@@ -109,9 +109,9 @@ def assert_layer_matches_loop(loop: torch.nn.Module, fast: torch.nn.Module, x: t
             torch.testing.assert_close(fast_params[name].grad, p.grad, rtol=1e-4, atol=1e-5)
 
 
-def loop_and_fast_layers(impl: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+def loop_and_fast_layers(impl: str, **layer) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A tiny Llama MLP as a MoE-LoRA layer twice, with the same non-zero adapters: the autograd loop (the
-    reference) and the expert path `impl`."""
+    reference) and the expert path `impl`; `layer`: MoELoRAMLP options (default 6 experts, top-2, rank 4)."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -119,9 +119,10 @@ def loop_and_fast_layers(impl: str) -> tuple[torch.nn.Module, torch.nn.Module]:
 
     torch.manual_seed(0)
     mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=1))
-    loop = MoELoRAMLP(mlp, num_experts=6, experts_per_token=2, rank=4, impl="loop")
+    layer = dict(dict(num_experts=6, experts_per_token=2, rank=4), **layer)
+    loop = MoELoRAMLP(mlp, impl="loop", **layer)
     randomize_adapters(loop)
-    fast = MoELoRAMLP(mlp, num_experts=6, experts_per_token=2, rank=4, impl=impl)
+    fast = MoELoRAMLP(mlp, impl=impl, **layer)
     fast.load_state_dict(loop.state_dict())
     return loop, fast
 

@@ -127,12 +127,7 @@ def test_fast_paths_match_the_autograd_loop(impl):
 
 @pytest.mark.parametrize("impl", ["fused", "compiled"])
 def test_fused_path_with_lora_dropout_trains_and_is_exact_in_eval(impl):
-    torch.manual_seed(0)
-    mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=1))
-    loop = MoELoRAMLP(mlp, num_experts=4, rank=4, lora_dropout=0.3, impl="loop")
-    randomize_adapters(loop)
-    fused = MoELoRAMLP(mlp, num_experts=4, rank=4, lora_dropout=0.3, impl=impl)
-    fused.load_state_dict(loop.state_dict())
+    loop, fused = loop_and_fast_layers(impl, num_experts=4, lora_dropout=0.3)
     x = torch.randn(2, 9, 32)
     y = fused.train()(x.requires_grad_())
     y.square().sum().backward()
