@@ -2,7 +2,8 @@
 
     python -m benchmarks.quality_study --stage lr       # stage 1: each arm over its LR grid, seed 0, on validation
     python -m benchmarks.quality_study --stage seeds    # stage 2: 3 seeds at each arm's chosen LR, on test
-    python -m benchmarks.quality_study --stage balance  # stage 3: balance variants of the best MoE arm
+    python -m benchmarks.quality_study --stage balance  # stage 3: balance variants of the best top-k MoE arm
+    python -m benchmarks.quality_study --stage routing  # routing weights by domain for runs measured without them
     python -m benchmarks.quality_study --stage report   # table, paired differences, JSON, plots (trains nothing)
 
 The protocol, its decision rule and the reasons for each choice are in docs/RESULTS.md, written before the runs.
@@ -171,40 +172,109 @@ class Teacher:
         return self.model.lm_head(self._hidden[key])
 
 
-@torch.no_grad()
-def full_vocab_kl(teacher: Teacher, store: str, model, batch: int, device: str) -> dict:
-    """KL(teacher || student) over the whole vocabulary per token, pooled and per domain, with the teacher run live;
-    for MoE students also each MoE layer's expert load per domain. Batches hold one domain each."""
+def _domain_batches(store: str, batch: int, device: str):
+    """(domain, first row, input_ids, attention_mask, loss_mask) over `store` in batches that hold one domain each."""
     from logit_store import LogitStore
     from logit_store.stream import collate
-    from student.config import is_moe_student
-    from student.router_loss import count_only, expert_usage
 
     opened = LogitStore.open(store)
     rows_by_domain: dict[str, list] = {}
     for row in opened:
         rows_by_domain.setdefault(row.domain, []).append(row)
-    sums, tokens, load = {}, {}, {}
     for domain, rows in sorted(rows_by_domain.items()):
         for lo in range(0, len(rows), batch):
             b = collate(rows[lo:lo + batch], domains=opened.manifest.domain_names)
-            ids, attn, mask = (b[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask"))
-            t_lp = teacher.logits((store, domain, lo), ids, attn)[mask].float().log_softmax(-1)
-            if is_moe_student(model):
-                count_only(model, attn)
-            s_lp = model(input_ids=ids, attention_mask=attn).logits[mask].float().log_softmax(-1)
-            n = int(mask.sum())
-            sums[domain] = sums.get(domain, 0.0) + float((t_lp.exp() * (t_lp - s_lp)).sum())
-            tokens[domain] = tokens.get(domain, 0) + n
-            for layer, fractions in (expert_usage(model) if is_moe_student(model) else {}).items():
-                acc = load.setdefault(domain, {}).setdefault(str(layer), [0.0] * len(fractions))
-                load[domain][str(layer)] = [a + f * n for a, f in zip(acc, fractions, strict=True)]
-    out = {"full_kl": sum(sums.values()) / sum(tokens.values()),
-           "full_kl_by_domain": {d: sums[d] / tokens[d] for d in sums}}
-    if load:
-        out["expert_load_by_domain"] = {d: {layer: [f / tokens[d] for f in v] for layer, v in layers.items()}
-                                        for d, layers in load.items()}
-    return out
+            yield (domain, lo, *(b[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask")))
+
+
+class _RoutingByDomain:
+    """Each MoE layer's expert load (share of routed assignments) and mean routing weight per domain, token-weighted
+    over batches: do experts specialise? Under soft routing only the weights can say (the load is even)."""
+
+    def __init__(self):
+        self.sums: dict[str, dict] = {"expert_load_by_domain": {}, "expert_weight_by_domain": {}}
+        self.tokens: dict[str, int] = {}
+
+    def add(self, model, domain: str, n: int) -> None:
+        from student.router_loss import expert_usage, expert_weights
+
+        self.tokens[domain] = self.tokens.get(domain, 0) + n
+        for name, per_layer in (("expert_load_by_domain", expert_usage(model)),
+                                ("expert_weight_by_domain", expert_weights(model))):
+            for layer, values in per_layer.items():
+                acc = self.sums[name].setdefault(domain, {}).setdefault(str(layer), [0.0] * len(values))
+                self.sums[name][domain][str(layer)] = [a + v * n for a, v in zip(acc, values, strict=True)]
+
+    def result(self) -> dict:
+        return {name: {d: {layer: [v / self.tokens[d] for v in vs] for layer, vs in layers.items()}
+                       for d, layers in by_domain.items()} for name, by_domain in self.sums.items() if by_domain}
+
+
+@torch.no_grad()
+def full_vocab_kl(teacher: Teacher, store: str, model, batch: int, device: str) -> dict:
+    """KL(teacher || student) over the whole vocabulary per token, pooled and per domain, with the teacher run live;
+    for MoE students also each MoE layer's routing per domain (`_RoutingByDomain`)."""
+    from student.config import is_moe_student
+    from student.router_loss import count_only
+
+    moe = is_moe_student(model)
+    sums, tokens, routing = {}, {}, _RoutingByDomain()
+    for domain, lo, ids, attn, mask in _domain_batches(store, batch, device):
+        t_lp = teacher.logits((store, domain, lo), ids, attn)[mask].float().log_softmax(-1)
+        if moe:
+            count_only(model, attn)
+        s_lp = model(input_ids=ids, attention_mask=attn).logits[mask].float().log_softmax(-1)
+        n = int(mask.sum())
+        sums[domain] = sums.get(domain, 0.0) + float((t_lp.exp() * (t_lp - s_lp)).sum())
+        tokens[domain] = tokens.get(domain, 0) + n
+        if moe:
+            routing.add(model, domain, n)
+    return {"full_kl": sum(sums.values()) / sum(tokens.values()),
+            "full_kl_by_domain": {d: sums[d] / tokens[d] for d in sums}, **routing.result()}
+
+
+@torch.no_grad()
+def routing_by_domain(store: str, model, batch: int, device: str) -> dict:
+    """`_RoutingByDomain` of a MoE student alone (no teacher): for runs measured before the weights were recorded."""
+    from student.router_loss import count_only
+
+    routing = _RoutingByDomain()
+    for domain, _, ids, attn, mask in _domain_batches(store, batch, device):
+        count_only(model, attn)
+        model(input_ids=ids, attention_mask=attn)
+        routing.add(model, domain, int(mask.sum()))
+    return routing.result()
+
+
+def stage_routing(ctx: dict) -> None:
+    """Adds `expert_weight_by_domain` to finished MoE runs measured without it (the runs of sessions 4–6 trained at
+    commit 238f47e, whose evaluation recorded the load only), from each run's final checkpoint. The load is
+    measured again on the way and must match the recorded one (to 1e-3, room for a rare top-k tie flipped by
+    rounding; another checkpoint routes differently by far more): the checkpoint is the run that was measured."""
+    from student.train import load_trained
+
+    folder = os.path.join(ctx["results"], "runs")
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        cached = _read(path)
+        test = cached["eval"].get("test", {})
+        if "expert_load_by_domain" not in test or "expert_weight_by_domain" in test:
+            continue
+        run = os.path.join(ctx["out"], "runs", name.removesuffix(".json"))
+        if not os.path.isdir(os.path.join(run, "final")):
+            print(f"{name}: no final checkpoint under {run}; its routing weights stay unmeasured", flush=True)
+            continue
+        found = routing_by_domain(ctx["stores"]["test"], load_trained(run, ctx["device"]), ctx["scale"]["batch"],
+                                  ctx["device"])
+        for domain, layers in test["expert_load_by_domain"].items():
+            for layer, load in layers.items():
+                again = found["expert_load_by_domain"][domain][layer]
+                if max(abs(a - b) for a, b in zip(load, again, strict=True)) > 1e-3:
+                    raise SystemExit(f"{name}: the checkpoint under {run} routes {domain} tokens differently from "
+                                     f"the recorded evaluation (layer {layer}); not the run that was measured")
+        test["expert_weight_by_domain"] = found["expert_weight_by_domain"]
+        _write_json_atomic(path, cached)
+        print(f"{name}: routing weights by domain added", flush=True)
 
 
 def run_one(arm: str, lr: float, seed: int, split: str, ctx: dict, train_missing: bool = True) -> dict | None:
@@ -285,7 +355,7 @@ def chosen_lrs(arms: list[str], ctx: dict) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["lr", "seeds", "balance", "report"], default="report")
+    p.add_argument("--stage", choices=["lr", "seeds", "balance", "routing", "report"], default="report")
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="stage 2 seeds (a comma list)")
@@ -319,8 +389,12 @@ def main(argv: list[str] | None = None) -> int:
             for seed in (int(s) for s in args.seeds.split(",")):
                 run_one(arm, lr, seed, "test", ctx)
         return 0
+    if args.stage == "routing":
+        stage_routing(ctx)
+        return 0
     if args.stage == "balance":
-        lrs = chosen_lrs([a for a in arms if a.startswith("moe")], ctx)
+        # balancing acts on top-k selection: soft routing (every token through every expert) has nothing to balance
+        lrs = chosen_lrs([a for a in arms if a.startswith("moe") and not a.endswith("-soft")], ctx)
         best = min(lrs, key=lambda a: statistics.mean(
             _read(result_path(ctx["results"], a, lrs[a], s))["eval"]["test"]["full_kl"] for s in SEEDS))
         for variant in ("bias", "nobalance"):
@@ -380,7 +454,8 @@ def _arm_summary(arm: str, lr: float | None, trainable: int | None, runs: list[d
         out["effective_experts"] = {layer: statistics.mean(
             math.exp(-sum(f * math.log(f) for f in t["expert_usage"][layer] if f > 0)) for t in tests)
             for layer in tests[0]["expert_usage"]}
-        out["expert_load_by_domain"] = tests[0].get("expert_load_by_domain")
+        for name in ("expert_load_by_domain", "expert_weight_by_domain"):  # seed 0's
+            out[name] = tests[0].get(name)
     return out
 
 
@@ -428,18 +503,25 @@ def _format(summary: dict, diffs: dict, grid: dict) -> str:
 
 
 def _plot(summary: dict, path: str) -> None:
-    """Per metric: every seed as a dot, mean ± std as a bar; then each MoE arm's expert load per domain (not for
-    soft routing, whose load is even by construction: every token uses every expert)."""
+    """Per metric: every seed as a dot, mean ± std as a bar; then each MoE arm's expert load per domain, or its mean
+    routing weight per domain under soft routing (whose load is even by construction: every token uses every
+    expert)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     arms = list(summary)
-    loads = {a: s["expert_load_by_domain"] for a, s in summary.items() if s.get("expert_load_by_domain")
-             and len({round(f, 9) for layers in s["expert_load_by_domain"].values() for v in layers.values()
-                      for f in v}) > 1}
-    rows = 1 + len(loads)
+    def varies(by_domain: dict | None) -> bool:
+        return bool(by_domain) and len({round(f, 9) for ls in by_domain.values() for v in ls.values() for f in v}) > 1
+
+    maps = {}
+    for arm, s in summary.items():
+        if varies(s.get("expert_load_by_domain")):
+            maps[arm] = ("load", s["expert_load_by_domain"])
+        elif varies(s.get("expert_weight_by_domain")):
+            maps[arm] = ("routing weight", s["expert_weight_by_domain"])
+    rows = 1 + len(maps)
     fig = plt.figure(figsize=(4 * len(METRICS), 3.6 * rows))
     for i, m in enumerate(METRICS):
         ax = fig.add_subplot(rows, len(METRICS), i + 1)
@@ -449,7 +531,7 @@ def _plot(summary: dict, path: str) -> None:
             ax.errorbar(j + 0.15, summary[arm][m][0], yerr=summary[arm][m][1], fmt="s", color="C1", capsize=3, ms=5)
         ax.set_xticks(range(len(arms)), arms, rotation=45, ha="right")
         ax.set_title(m)
-    for r, (arm, by_domain) in enumerate(loads.items(), start=1):
+    for r, (arm, (what, by_domain)) in enumerate(maps.items(), start=1):
         domains = sorted(by_domain)
         layers = sorted(by_domain[domains[0]], key=int)
         for c, layer in enumerate(layers[: len(METRICS)]):
@@ -457,7 +539,7 @@ def _plot(summary: dict, path: str) -> None:
             ax.imshow([by_domain[d][layer] for d in domains], aspect="auto", cmap="viridis", vmin=0)
             ax.set_yticks(range(len(domains)), domains)
             ax.set_xlabel("expert")
-            ax.set_title(f"{arm}: layer {layer} load by domain", fontsize=9)
+            ax.set_title(f"{arm}: layer {layer} {what} by domain", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

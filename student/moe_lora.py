@@ -64,6 +64,7 @@ class RouterStats:
     z_sum: torch.Tensor  # sum over tokens of the squared log-partition (carries the gradient)
     tokens: torch.Tensor  # number of tokens counted (float scalar)
     weight_ess: torch.Tensor  # mean over tokens of 1 / sum_j w_j^2: effective experts per token, detached
+    weight_sum: torch.Tensor  # [E] sum over tokens of each expert's routing weight, detached (soft routing's "load")
 
 
 class MLPLayout(NamedTuple):
@@ -280,9 +281,12 @@ class MoELoRAMLP(nn.Module):
         # transformers' Mixtral load_balancing_loss_func: E * sum_e f_e P_e, f_e = assignments to e (all k slots)
         # per token, P_e = mean probability; f carries no gradient
         balance = self.num_experts * ((counts / n) * (prob_sum / n)).sum()
-        ess = ((1.0 / top_w.detach().square().sum(dim=-1)) * weight).sum() / n
+        top_w = top_w.detach()
+        ess = ((1.0 / top_w.square().sum(dim=-1)) * weight).sum() / n
+        weight_sum = torch.zeros(self.num_experts, dtype=top_w.dtype, device=top_w.device).index_add_(
+            0, top_i.reshape(-1), (top_w * weight[:, None].to(top_w.dtype)).reshape(-1))
         return RouterStats(balance=balance, z=z_sum / n, counts=counts.detach().round().long(), prob_sum=prob_sum,
-                           z_sum=z_sum, tokens=tokens.detach(), weight_ess=ess)
+                           z_sum=z_sum, tokens=tokens.detach(), weight_ess=ess, weight_sum=weight_sum)
 
     def resolve_impl(self, x: torch.Tensor) -> str:
         """Which expert implementation runs for this input (see `impl` and student.config.EXPERT_IMPLS)."""

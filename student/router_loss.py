@@ -90,6 +90,17 @@ def expert_usage(model: nn.Module) -> dict[int, list[float]]:
     return out
 
 
+def expert_weights(model: nn.Module) -> dict[int, list[float]]:
+    """Mean routing weight per expert (over tokens) for each MoE layer, from the latest forward: where the layer
+    sends its output mass. Unlike `expert_usage` it varies under soft routing, where every token uses every expert."""
+    out: dict[int, list[float]] = {}
+    for i, m in enumerate(_layers(model)):
+        if m.router_stats is None:
+            continue
+        out[_layer_key(i, m)] = (m.router_stats.weight_sum / m.router_stats.tokens.clamp_min(1)).tolist()
+    return out
+
+
 def effective_experts(usage: list[float]) -> float:
     """exp(entropy) of a load distribution: how many experts the layer really uses (E when balanced, 1 when one
     expert takes everything)."""

@@ -64,10 +64,10 @@ def write_store(path: str, n_rows: int = 40, vocab: int = 500, kind: str = "topk
 
 
 def write_teacher_store(path: str, teacher_dir: str, rows: int, seq: int, rows_per_batch: int | None = None,
-                        k: int = 16, n_docs: int = 120, corpus_seed: int = 4) -> str:
+                        k: int = 16, n_docs: int = 120, corpus_seed: int = 4, domains: list[str] | None = None) -> str:
     """A store of a real (tiny) teacher's top-k targets: `rows` rows of exactly `seq` tokens of synthetic text, with
     its tokenizer's fingerprint, so that students of its family train on it. `rows_per_batch` rows per Arrow record
-    batch (default: all in one)."""
+    batch (default: all in one); row i's domain is domains[i % len(domains)] (default: none)."""
     from transformers import AutoTokenizer
 
     from assets.synthetic import synthetic_corpus
@@ -86,5 +86,5 @@ def write_teacher_store(path: str, teacher_dir: str, rows: int, seq: int, rows_p
                         tokenizer=describe_tokenizer(tok, teacher_dir))
     with ShardWriter(path, manifest, batch_tokens=seq * (rows_per_batch or rows)) as w:
         for i, (r, t) in enumerate(zip(token_rows, teacher.topk([(r, mask) for r in token_rows], k), strict=True)):
-            w.write(StoreRow(r, mask, t, i))
+            w.write(StoreRow(r, mask, t, i, domains[i % len(domains)] if domains else None))
     return path

@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from student.config import MoELoRAConfig
 from student.convert import build_student, moe_modules
 from student.moe_lora import MoELoRAMLP
-from student.router_loss import expert_usage, router_losses, usage_imbalance
+from student.router_loss import count_only, expert_usage, expert_weights, router_losses, usage_imbalance
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +132,6 @@ def test_expert_usage_per_layer(llama_dir):
 
 
 def test_padding_takes_no_part_in_router_stats(llama_dir, one_thread):
-    from student.router_loss import count_only
-
     student = build_student(llama_dir, MoELoRAConfig(experts=4, rank=4))
     randomize_adapters(student)
     row = sample_ids(batch=1, seq=16)
@@ -152,3 +150,28 @@ def test_padding_takes_no_part_in_router_stats(llama_dir, one_thread):
                                    strict=True)]
     for p, a in zip(padded, apart, strict=True):
         assert torch.equal(p, a) and int(p.sum()) == 25 * 2  # 25 real tokens x top-2, no padding counted
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_expert_weights_are_the_mean_routing_weight_of_real_tokens(k):
+    """Top-k: each token's renormalised top-k weights, zero elsewhere; soft (k = E): the router's softmax. Padding
+    takes no part; every layer's weights sum to 1."""
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=1))
+    layer = MoELoRAMLP(mlp, num_experts=4, experts_per_token=k)
+    torch.nn.init.normal_(layer.router.weight, std=1.0)
+    x = torch.randn(2, 12, 16)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    count_only(layer, mask)
+    with torch.no_grad():
+        layer(x)
+    probs = F.linear(x.reshape(-1, 16), layer.router.weight).softmax(-1)[mask.reshape(-1).bool()]
+    top = probs.topk(k, dim=-1)
+    dense = torch.zeros_like(probs).scatter_(1, top.indices, top.values / top.values.sum(-1, keepdim=True))
+    weights = expert_weights(layer)[0]
+    assert weights == pytest.approx(dense.mean(0).tolist(), abs=1e-6)
+    assert sum(weights) == pytest.approx(1.0)
+    if k == 4:
+        assert weights == pytest.approx(probs.mean(0).tolist(), abs=1e-6)
+        assert expert_usage(layer)[0] == pytest.approx([0.25] * 4)  # the load says nothing under soft routing

@@ -1,0 +1,61 @@
+"""The study's own arithmetic (benchmarks/quality_study.py): the pre-registered decision rule and the routing
+tallies per domain. The study itself needs the real teacher and hours; these parts need neither."""
+
+import pytest
+from store_fixtures import write_teacher_store
+from student_fixtures import randomize_adapters
+
+from benchmarks.quality_study import _paired, routing_by_domain
+from student.config import MoELoRAConfig
+from student.convert import build_student
+
+
+def _runs(full_kls: list[float]) -> list[dict]:
+    metrics = dict(teacher_kl=1.0, ppl=10.0, top1_agree=0.5, ece=0.01)
+    return [{"seed": s, "eval": {"test": dict(metrics, full_kl=v)}} for s, v in enumerate(full_kls)]
+
+
+@pytest.mark.parametrize(("diffs", "verdict"), [
+    ([-0.018, -0.023, -0.026], "better"),  # interval [-0.033, -0.012]
+    ([+0.012, +0.037, +0.047], "no difference shown"),  # [-0.013, +0.077]
+    ([+0.030, +0.031, +0.033], "worse"),
+])
+def test_paired_difference_and_verdict_follow_the_preregistered_rule(diffs, verdict):
+    """Per-seed differences, their mean and 95 % Student-t half-width (2 degrees of freedom: t = 4.303)."""
+    base = [2.80, 2.83, 2.87]
+    out = _paired({"moe": _runs([b + d for b, d in zip(base, diffs, strict=True)]), "dense": _runs(base)},
+                  [("moe", "dense")])["moe - dense"]
+    mean, sd, half = out["full_kl"]
+    m = sum(diffs) / 3
+    assert mean == pytest.approx(m)
+    assert sd == pytest.approx((sum((d - m) ** 2 for d in diffs) / 2) ** 0.5)
+    assert half == pytest.approx(4.303 * sd / 3 ** 0.5)
+    assert out["verdict"] == verdict
+    assert out["teacher_kl"][0] == 0.0  # every metric is paired the same way
+
+
+def test_paired_needs_two_common_seeds():
+    runs = {"moe": _runs([2.8]), "dense": _runs([2.9, 2.7])}
+    assert _paired(runs, [("moe", "dense")]) == {}
+
+
+@pytest.mark.parametrize("experts_per_token", [2, 4])
+def test_routing_by_domain_pools_batches_by_tokens(tiny_teacher_dir, tmp_path, experts_per_token):
+    """Batches of 2 rows (the last one short) pool to the figures of one batch per domain: token-weighted. Loads and
+    weights are distributions over experts; under soft routing (k = E) the load is even and the weights are not."""
+    store = write_teacher_store(str(tmp_path / "store"), tiny_teacher_dir, rows=10, seq=16, domains=["a", "b"])
+    student = build_student(tiny_teacher_dir, MoELoRAConfig(experts=4, experts_per_token=experts_per_token, rank=4))
+    randomize_adapters(student, std=0.5)
+    batched = routing_by_domain(store, student, batch=2, device="cpu")
+    whole = routing_by_domain(store, student, batch=5, device="cpu")
+    assert set(batched) == {"expert_load_by_domain", "expert_weight_by_domain"}
+    for name, by_domain in batched.items():
+        assert set(by_domain) == {"a", "b"}
+        for domain, layers in by_domain.items():
+            assert set(layers) == {"0", "1"}
+            for layer, values in layers.items():
+                assert values == pytest.approx(whole[name][domain][layer], abs=1e-6)
+                assert sum(values) == pytest.approx(1.0)
+    load, weight = batched["expert_load_by_domain"]["a"]["0"], batched["expert_weight_by_domain"]["a"]["0"]
+    if experts_per_token == 4:
+        assert load == pytest.approx([0.25] * 4) and max(weight) - min(weight) > 1e-3
