@@ -444,6 +444,8 @@ def _runs_of(results: str, arm: str) -> list[str]:
 
 
 def _arm_summary(arm: str, lr: float | None, trainable: int | None, runs: list[dict]) -> dict:
+    from student.router_loss import effective_experts
+
     tests = [r["eval"]["test"] for r in runs]
     out = {"lr": lr, "trainable": trainable, "seeds": [r["seed"] for r in runs],
            "per_seed": [{m: t[m] for m in (*METRICS, "full_kl_by_domain")} for t in tests]}
@@ -451,12 +453,23 @@ def _arm_summary(arm: str, lr: float | None, trainable: int | None, runs: list[d
         values = [t[m] for t in tests]
         out[m] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
     if all("expert_usage" in t for t in tests):  # exp(entropy) of each MoE layer's load: 8 = even, 1 = collapsed
-        out["effective_experts"] = {layer: statistics.mean(
-            math.exp(-sum(f * math.log(f) for f in t["expert_usage"][layer] if f > 0)) for t in tests)
-            for layer in tests[0]["expert_usage"]}
+        layers = list(tests[0]["expert_usage"])
+        out["effective_experts"] = {
+            layer: statistics.mean(effective_experts(t["expert_usage"][layer]) for t in tests) for layer in layers}
+        if all("expert_weight_by_domain" in t for t in tests):  # the same of the mean routing weight: output mass
+            out["effective_experts_by_weight"] = {layer: statistics.mean(effective_experts(_pooled(
+                t["expert_weight_by_domain"], {d: t["domains"][d]["tokens"] for d in t["domains"]}, layer))
+                for t in tests) for layer in layers}
         for name in ("expert_load_by_domain", "expert_weight_by_domain"):  # seed 0's
             out[name] = tests[0].get(name)
     return out
+
+
+def _pooled(by_domain: dict, tokens: dict[str, int], layer: str) -> list[float]:
+    """One layer's per-domain figures pooled over domains, weighted by their tokens."""
+    n = sum(tokens[d] for d in by_domain)
+    per_domain = [[v * tokens[d] / n for v in layers[layer]] for d, layers in by_domain.items()]
+    return [sum(column) for column in zip(*per_domain, strict=True)]
 
 
 # two-sided 95 % Student-t quantiles by degrees of freedom (no scipy here)
@@ -493,6 +506,14 @@ def _format(summary: dict, diffs: dict, grid: dict) -> str:
     for arm, row in summary.items():
         lines.append(f"{arm:18s} {row['lr'] or 0:7.0e} {row['trainable'] or 0:11,d} "
                      + " ".join(f"{row[m][0]:10.4g} ± {row[m][1]:<8.2g}" for m in METRICS))
+    routed = {arm: row for arm, row in summary.items() if "effective_experts" in row}
+    if routed:
+        lines += ["routing (effective experts per MoE layer, mean of seeds: by load / by mean routing weight):"]
+        for arm, row in routed.items():
+            by_weight = row.get("effective_experts_by_weight", {})
+            lines.append(f"{arm:18s} " + "  ".join(
+                f"layer {layer}: {n:.2f} / " + (f"{by_weight[layer]:.2f}" if layer in by_weight else "-")
+                for layer, n in row["effective_experts"].items()))
     if diffs:
         lines += ["paired differences (per seed: mean ± 95 % CI half-width; * = CI excludes 0)"]
         for pair, row in diffs.items():
