@@ -187,70 +187,60 @@ def _domain_batches(store: str, batch: int, device: str):
             yield (domain, lo, *(b[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask")))
 
 
-class _RoutingByDomain:
-    """Each MoE layer's expert load (share of routed assignments) and mean routing weight per domain, token-weighted
-    over batches: do experts specialise? Under soft routing only the weights can say (the load is even)."""
-
-    def __init__(self):
-        self.sums: dict[str, dict] = {"expert_load_by_domain": {}, "expert_weight_by_domain": {}}
-        self.tokens: dict[str, int] = {}
-
-    def add(self, model, domain: str, n: int) -> None:
-        from student.router_loss import expert_usage, expert_weights
-
-        self.tokens[domain] = self.tokens.get(domain, 0) + n
-        for name, per_layer in (("expert_load_by_domain", expert_usage(model)),
-                                ("expert_weight_by_domain", expert_weights(model))):
-            for layer, values in per_layer.items():
-                acc = self.sums[name].setdefault(domain, {}).setdefault(str(layer), [0.0] * len(values))
-                self.sums[name][domain][str(layer)] = [a + v * n for a, v in zip(acc, values, strict=True)]
-
-    def result(self) -> dict:
-        return {name: {d: {layer: [v / self.tokens[d] for v in vs] for layer, vs in layers.items()}
-                       for d, layers in by_domain.items()} for name, by_domain in self.sums.items() if by_domain}
+def _by_domain(tallies: dict) -> dict:
+    """Per-domain RoutingTally results as the study records them: each MoE layer's expert load (share of routed
+    assignments) and mean routing weight per domain. Do experts specialise? Under soft routing only the weights
+    can say (the load is even)."""
+    results = {d: t.result() for d, t in tallies.items()}
+    if not any(results.values()):  # a dense student
+        return {}
+    return {"expert_load_by_domain": {d: r["expert_usage"] for d, r in results.items()},
+            "routing_weight_by_domain": {d: r["routing_weights"] for d, r in results.items()}}
 
 
 @torch.no_grad()
 def full_vocab_kl(teacher: Teacher, store: str, model, batch: int, device: str) -> dict:
     """KL(teacher || student) over the whole vocabulary per token, pooled and per domain, with the teacher run live;
-    for MoE students also each MoE layer's routing per domain (`_RoutingByDomain`)."""
-    from student.config import is_moe_student
-    from student.router_loss import count_only
+    for MoE students also each MoE layer's routing per domain (`_by_domain`)."""
+    from student.router_loss import RoutingTally, count_only
 
-    moe = is_moe_student(model)
-    sums, tokens, routing = {}, {}, _RoutingByDomain()
+    sums, tokens, routing = {}, {}, {}
     for domain, lo, ids, attn, mask in _domain_batches(store, batch, device):
         t_lp = teacher.logits((store, domain, lo), ids, attn)[mask].float().log_softmax(-1)
-        if moe:
-            count_only(model, attn)
+        count_only(model, attn)  # (a no-op for a dense student, whose tallies stay empty)
         s_lp = model(input_ids=ids, attention_mask=attn).logits[mask].float().log_softmax(-1)
         n = int(mask.sum())
         sums[domain] = sums.get(domain, 0.0) + float((t_lp.exp() * (t_lp - s_lp)).sum())
         tokens[domain] = tokens.get(domain, 0) + n
-        if moe:
-            routing.add(model, domain, n)
+        routing.setdefault(domain, RoutingTally()).add_forward(model)
     return {"full_kl": sum(sums.values()) / sum(tokens.values()),
-            "full_kl_by_domain": {d: sums[d] / tokens[d] for d in sums}, **routing.result()}
+            "full_kl_by_domain": {d: sums[d] / tokens[d] for d in sums}, **_by_domain(routing)}
 
 
 @torch.no_grad()
-def routing_by_domain(store: str, model, batch: int, device: str) -> dict:
-    """`_RoutingByDomain` of a MoE student alone (no teacher): for runs measured before the weights were recorded."""
-    from student.router_loss import count_only
+def routing_by_domain(store: str, model, batch: int, device: str) -> tuple[dict, dict]:
+    """A MoE student's routing alone (its body, no teacher, no LM head), for runs measured before the weights were
+    recorded: (`_by_domain` of it, its RoutingTally pooled over domains)."""
+    from student.router_loss import RoutingTally, count_only
 
-    routing = _RoutingByDomain()
-    for domain, _, ids, attn, mask in _domain_batches(store, batch, device):
+    tallies: dict[str, RoutingTally] = {}
+    for domain, _, ids, attn, _ in _domain_batches(store, batch, device):
         count_only(model, attn)
-        model(input_ids=ids, attention_mask=attn)
-        routing.add(model, domain, int(mask.sum()))
-    return routing.result()
+        model.base_model(input_ids=ids, attention_mask=attn)
+        tallies.setdefault(domain, RoutingTally()).add_forward(model)
+    pooled = RoutingTally()
+    for t in tallies.values():
+        pooled.add(t)
+    return _by_domain(tallies), pooled.result()
 
 
 def stage_routing(ctx: dict) -> None:
-    """Adds `expert_weight_by_domain` to finished MoE runs measured without it (the runs of sessions 4–6 trained at
-    commit 238f47e, whose evaluation recorded the load only), from each run's final checkpoint. The load is
-    measured again on the way and must match the recorded one (to 1e-3, room for a rare top-k tie flipped by
-    rounding; another checkpoint routes differently by far more): the checkpoint is the run that was measured."""
+    """Adds `routing_weight_by_domain` to finished MoE runs measured without it (the runs trained at commit 238f47e,
+    whose evaluation recorded the load only), from each finished run's last checkpoint. Two recorded figures are
+    measured again on the way and must match (to 1e-3 — room for a rare top-k tie flipped by rounding; another
+    checkpoint is off by far more): the load per domain (even under soft routing, so not enough alone) and the
+    effective experts per token (the weights' ESS): the checkpoint is the run that was measured. Finished runs'
+    JSONs are never rewritten by the stages that train, so this may run beside them."""
     from student.train import load_trained
 
     folder = os.path.join(ctx["results"], "runs")
@@ -258,23 +248,25 @@ def stage_routing(ctx: dict) -> None:
         path = os.path.join(folder, name)
         cached = _read(path)
         test = cached["eval"].get("test", {})
-        if "expert_load_by_domain" not in test or "expert_weight_by_domain" in test:
+        if "expert_load_by_domain" not in test or "routing_weight_by_domain" in test:
             continue
         run = os.path.join(ctx["out"], "runs", name.removesuffix(".json"))
         if not os.path.isdir(os.path.join(run, "final")):
-            print(f"{name}: no final checkpoint under {run}; its routing weights stay unmeasured", flush=True)
+            print(f"{name}: {run} holds no finished run; its routing weights stay unmeasured", flush=True)
             continue
-        found = routing_by_domain(ctx["stores"]["test"], load_trained(run, ctx["device"]), ctx["scale"]["batch"],
-                                  ctx["device"])
-        off = max(abs(a - b) for domain, layers in test["expert_load_by_domain"].items()
-                  for layer, load in layers.items()
-                  for a, b in zip(load, found["expert_load_by_domain"][domain][layer], strict=True))
+        model = load_trained(run, ctx["device"])
+        found, pooled = routing_by_domain(ctx["stores"]["test"], model, ctx["scale"]["batch"], ctx["device"])
+        off = max([abs(a - b) for domain, layers in test["expert_load_by_domain"].items()
+                   for layer, load in layers.items()
+                   for a, b in zip(load, found["expert_load_by_domain"][domain][layer], strict=True)]
+                  + [abs(r["effective_experts_per_token"] - pooled["routing"][layer]["effective_experts_per_token"])
+                     for layer, r in test["routing"].items()])
         if off > 1e-3:
             raise SystemExit(f"{name}: the checkpoint under {run} routes tokens differently from the recorded "
-                             f"evaluation (load off by {off:.2g}); not the run that was measured")
-        test["expert_weight_by_domain"] = found["expert_weight_by_domain"]
+                             f"evaluation (off by {off:.2g}); not the run that was measured")
+        test["routing_weight_by_domain"] = found["routing_weight_by_domain"]
         _write_json_atomic(path, cached)
-        print(f"{name}: routing weights by domain added (recorded load reproduced to {off:.1g})", flush=True)
+        print(f"{name}: routing weights by domain added (recorded routing reproduced to {off:.1g})", flush=True)
 
 
 def run_one(arm: str, lr: float, seed: int, split: str, ctx: dict, train_missing: bool = True) -> dict | None:
@@ -395,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "balance":
         # balancing acts on top-k selection: soft routing (every token through every expert) has nothing to balance
         lrs = chosen_lrs([a for a in arms if a.startswith("moe") and not a.endswith("-soft")], ctx)
+        if not lrs:
+            raise SystemExit(f"stage 3 needs a top-k MoE arm among --arms {args.arms}")
         best = min(lrs, key=lambda a: statistics.mean(
             _read(result_path(ctx["results"], a, lrs[a], s))["eval"]["test"]["full_kl"] for s in SEEDS))
         for variant in ("bias", "nobalance"):
@@ -456,11 +450,11 @@ def _arm_summary(arm: str, lr: float | None, trainable: int | None, runs: list[d
         layers = list(tests[0]["expert_usage"])
         out["effective_experts"] = {
             layer: statistics.mean(effective_experts(t["expert_usage"][layer]) for t in tests) for layer in layers}
-        if all("expert_weight_by_domain" in t for t in tests):  # the same of the mean routing weight: output mass
+        if all("routing_weight_by_domain" in t for t in tests):  # the same of the mean routing weight: output mass
             out["effective_experts_by_weight"] = {layer: statistics.mean(effective_experts(_pooled(
-                t["expert_weight_by_domain"], {d: t["domains"][d]["tokens"] for d in t["domains"]}, layer))
+                t["routing_weight_by_domain"], {d: t["domains"][d]["tokens"] for d in t["domains"]}, layer))
                 for t in tests) for layer in layers}
-        for name in ("expert_load_by_domain", "expert_weight_by_domain"):  # seed 0's
+        for name in ("expert_load_by_domain", "routing_weight_by_domain"):  # seed 0's
             out[name] = tests[0].get(name)
     return out
 
@@ -540,8 +534,8 @@ def _plot(summary: dict, path: str) -> None:
     for arm, s in summary.items():
         if varies(s.get("expert_load_by_domain")):
             maps[arm] = ("load", s["expert_load_by_domain"])
-        elif varies(s.get("expert_weight_by_domain")):
-            maps[arm] = ("routing weight", s["expert_weight_by_domain"])
+        elif varies(s.get("routing_weight_by_domain")):
+            maps[arm] = ("routing weight", s["routing_weight_by_domain"])
     rows = 1 + len(maps)
     fig = plt.figure(figsize=(4 * len(METRICS), 3.6 * rows))
     for i, m in enumerate(METRICS):

@@ -13,7 +13,7 @@ from torch import nn
 
 from logit_store import KDStream, LogitStore
 from student.losses import DistillLossConfig, distill_loss
-from student.router_loss import count_only, effective_experts, expert_usage, expert_weights, routing_metrics
+from student.router_loss import RoutingTally, count_only
 
 ECE_BINS = 15
 METRICS = ("teacher_kl", "ce", "ppl", "top1_agree", "ece", "tokens", "rows")
@@ -44,40 +44,6 @@ class _Tally:
         return {"teacher_kl": self.kd / n, "ce": self.ce / n, "ppl": float(torch.tensor(self.ce / n).exp()),
                 "top1_agree": self.agree / n, "ece": float((self.conf - self.correct).abs().sum() / n),
                 "tokens": self.tokens, "rows": self.rows}
-
-
-@dataclass
-class _RoutingTally:
-    """Token-weighted sums, per MoE layer, of the expert load, the mean routing weights and the effective experts
-    per token of a student's forwards (each counted with the loss tokens of its batch)."""
-
-    usage: dict[int, torch.Tensor] = field(default_factory=dict)
-    weights: dict[int, torch.Tensor] = field(default_factory=dict)
-    per_token: dict[int, float] = field(default_factory=dict)
-
-    def add_forward(self, model: nn.Module, tokens: int) -> None:
-        for sums, per_layer in ((self.usage, expert_usage(model)), (self.weights, expert_weights(model))):
-            for layer, values in per_layer.items():
-                sums[layer] = sums.get(layer, 0) + torch.tensor(values, dtype=torch.float64) * tokens
-        for layer, r in routing_metrics(model).items():
-            self.per_token[layer] = self.per_token.get(layer, 0.0) + r["effective_experts_per_token"] * tokens
-
-    def add(self, other: _RoutingTally) -> _RoutingTally:
-        for mine, theirs in ((self.usage, other.usage), (self.weights, other.weights),
-                             (self.per_token, other.per_token)):
-            for layer, v in theirs.items():
-                mine[layer] = mine.get(layer, 0) + v
-        return self
-
-    def result(self, tokens: int) -> dict:
-        if not self.usage:
-            return {}
-        n = max(tokens, 1)
-        return {"expert_usage": {str(k): (v / n).tolist() for k, v in self.usage.items()},
-                "expert_weights": {str(k): (v / n).tolist() for k, v in self.weights.items()},
-                "routing": {str(k): {"effective_experts": effective_experts((v / n).tolist()),
-                                     "effective_experts_per_token": self.per_token.get(k, 0.0) / n}
-                            for k, v in self.usage.items()}}
 
 
 def _pool(tallies) -> _Tally:
@@ -116,14 +82,14 @@ def _tally_rows(hidden: torch.Tensor, batch: dict, head: nn.Module, kd_cfg: Dist
 
 @torch.no_grad()
 def _evaluate_store(model: nn.Module, store: str | LogitStore, batch_size: int, max_rows: int | None,
-                    device: torch.device | str, chunk_size: int) -> tuple[dict[str | None, _Tally], _RoutingTally]:
+                    device: torch.device | str, chunk_size: int) -> tuple[dict[str | None, _Tally], RoutingTally]:
     """Per-domain tallies of one store (key None: rows without a domain) and its routing tally (MoE students)."""
     stream = KDStream(store, batch_size, shuffle=False, rank=0, world_size=1)
     names = stream.domain_names
     head = model.get_output_embeddings()
     kd_cfg = DistillLossConfig(kind="fkl", ce_weight=1.0, chunk_size=chunk_size, reduction="sum")
     tallies: dict[str | None, _Tally] = {}
-    routing = _RoutingTally()
+    routing = RoutingTally()
     rows = 0
     for batch in stream:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -139,21 +105,21 @@ def _evaluate_store(model: nn.Module, store: str | LogitStore, batch_size: int, 
                 sel = (domain == d).nonzero()[:, 0]
                 part = _tally_rows(hidden[sel], {k: v[sel] for k, v in batch.items()}, head, kd_cfg, chunk_size)
             tallies.setdefault(name, _Tally()).add(part)
-        routing.add_forward(model, int(batch["loss_mask"].sum()))
+        routing.add_forward(model)
         rows += batch["input_ids"].shape[0]
         if max_rows is not None and rows >= max_rows:
             break
     return tallies, routing
 
 
-def _report(tallies: dict[str | None, _Tally], routing: _RoutingTally) -> dict:
+def _report(tallies: dict[str | None, _Tally], routing: RoutingTally) -> dict:
     """Pooled metrics, then per domain ("domains", when any row has one), expert usage and routing (MoE students)."""
     pooled = _pool(tallies.values())
     out = pooled.result()
     named = {name: t.result() for name, t in sorted((k, v) for k, v in tallies.items() if k is not None)}
     if named:
         out["domains"] = named
-    return out | routing.result(pooled.tokens)
+    return out | routing.result()
 
 
 def evaluate(model: nn.Module, store: str | LogitStore, batch_size: int = 8, max_rows: int | None = None,
@@ -167,8 +133,8 @@ def evaluate(model: nn.Module, store: str | LogitStore, batch_size: int = 8, max
     tokens, rows what they were computed on
     domains      the same per domain ({name: {...}}), for a store built with domains
     expert_usage mean fraction of routed assignments per expert and MoE layer (MoE students)
-    expert_weights mean routing weight per expert and MoE layer: where the output mass goes (under soft routing,
-                 where every token uses every expert and the usage is even, only this varies)
+    routing_weights mean routing weight per expert and MoE layer: where the output mass goes (under soft
+                 routing, where every token uses every expert and the usage is even, only this varies)
     routing      per MoE layer: effective_experts (exp of the entropy of expert_usage) and
                  effective_experts_per_token (1 / sum of squared routing weights, mean over tokens)
     """
@@ -187,7 +153,7 @@ def evaluate_stores(model: nn.Module, stores: list[str | LogitStore], batch_size
         raise ValueError(f"a store is given twice: {names}")
     was_training = model.training
     model.eval()
-    per_store, pooled, pooled_routing = {}, {}, _RoutingTally()
+    per_store, pooled, pooled_routing = {}, {}, RoutingTally()
     try:
         for name, store in zip(names, stores, strict=True):
             tallies, routing = _evaluate_store(model, store, batch_size, max_rows, device, chunk_size)
@@ -220,7 +186,7 @@ def format_report(result: dict) -> str:
                                                 for v in cells))
         for layer, fractions in r.get("expert_usage", {}).items():
             lines.append(f"experts L{layer:<3s} " + " ".join(f"{f:.2f}" for f in fractions))
-        for layer, weights in r.get("expert_weights", {}).items():
+        for layer, weights in r.get("routing_weights", {}).items():
             lines.append(f"weights L{layer:<3s} " + " ".join(f"{w:.2f}" for w in weights))
         for layer, m in r.get("routing", {}).items():
             lines.append(f"routing L{layer:<3s} effective experts {m['effective_experts']:.2f}, "

@@ -13,7 +13,7 @@ k (experts_per_token) when the load is balanced.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -90,17 +90,6 @@ def expert_usage(model: nn.Module) -> dict[int, list[float]]:
     return out
 
 
-def expert_weights(model: nn.Module) -> dict[int, list[float]]:
-    """Mean routing weight per expert (over tokens) for each MoE layer, from the latest forward: where the layer
-    sends its output mass. Unlike `expert_usage` it varies under soft routing, where every token uses every expert."""
-    out: dict[int, list[float]] = {}
-    for i, m in enumerate(_layers(model)):
-        if m.router_stats is None:
-            continue
-        out[_layer_key(i, m)] = (m.router_stats.weight_sum / m.router_stats.tokens.clamp_min(1)).tolist()
-    return out
-
-
 def effective_experts(usage: list[float]) -> float:
     """exp(entropy) of a load distribution: how many experts the layer really uses (E when balanced, 1 when one
     expert takes everything)."""
@@ -108,6 +97,60 @@ def effective_experts(usage: list[float]) -> float:
     if total <= 0:
         return float("nan")
     return math.exp(-sum(p / total * math.log(p / total) for p in usage if p > 0))
+
+
+def routing_weights(model: nn.Module) -> dict[int, list[float]]:
+    """Mean routing weight per expert (over tokens) for each MoE layer, from the latest forward: where the layer
+    sends its output mass. Unlike `expert_usage` it varies under soft routing, where every token uses every expert."""
+    out: dict[int, list[float]] = {}
+    for i, m in enumerate(_layers(model)):
+        if m.router_stats is not None:
+            out[_layer_key(i, m)] = (m.router_stats.weight_sum / m.router_stats.tokens.clamp_min(1)).tolist()
+    return out
+
+
+@dataclass
+class RoutingTally:
+    """Routing over many forwards, per MoE layer, pooled exactly over their real (non-padding) tokens: sums, not
+    means of means. `result()`: expert_usage (share of routed assignments), routing_weights (mean routing weight),
+    routing (effective experts by load, and per token)."""
+
+    counts: dict[int, torch.Tensor] = field(default_factory=dict)  # [E] assignments, float64, on the CPU
+    weights: dict[int, torch.Tensor] = field(default_factory=dict)  # [E] summed routing weights
+    ess: dict[int, float] = field(default_factory=dict)  # summed per-token effective experts
+    tokens: dict[int, float] = field(default_factory=dict)
+
+    def add_forward(self, model: nn.Module) -> RoutingTally:
+        """Add the latest forward of every MoE layer of `model`."""
+        for i, m in enumerate(_layers(model)):
+            st = m.router_stats
+            if st is not None:
+                n = float(st.tokens)
+                self._add(_layer_key(i, m), st.counts.double().cpu(), st.weight_sum.double().cpu(),
+                          float(st.weight_ess) * n, n)
+        return self
+
+    def add(self, other: RoutingTally) -> RoutingTally:
+        for layer in other.tokens:
+            self._add(layer, other.counts[layer], other.weights[layer], other.ess[layer], other.tokens[layer])
+        return self
+
+    def _add(self, layer: int, counts: torch.Tensor, weights: torch.Tensor, ess: float, tokens: float) -> None:
+        self.counts[layer] = self.counts.get(layer, 0) + counts
+        self.weights[layer] = self.weights.get(layer, 0) + weights
+        self.ess[layer] = self.ess.get(layer, 0.0) + ess
+        self.tokens[layer] = self.tokens.get(layer, 0.0) + tokens
+
+    def result(self) -> dict:
+        """{} for a model without MoE layers."""
+        if not self.tokens:
+            return {}
+        usage = {k: (c / c.sum().clamp_min(1)).tolist() for k, c in self.counts.items()}
+        return {"expert_usage": {str(k): u for k, u in usage.items()},
+                "routing_weights": {str(k): (w / max(self.tokens[k], 1)).tolist() for k, w in self.weights.items()},
+                "routing": {str(k): {"effective_experts": effective_experts(u),
+                                     "effective_experts_per_token": self.ess[k] / max(self.tokens[k], 1)}
+                            for k, u in usage.items()}}
 
 
 def routing_metrics(model: nn.Module) -> dict[int, dict[str, float]]:

@@ -64,10 +64,12 @@ def write_store(path: str, n_rows: int = 40, vocab: int = 500, kind: str = "topk
 
 
 def write_teacher_store(path: str, teacher_dir: str, rows: int, seq: int, rows_per_batch: int | None = None,
-                        k: int = 16, n_docs: int = 120, corpus_seed: int = 4, domains: list[str] | None = None) -> str:
+                        k: int = 16, n_docs: int = 120, corpus_seed: int = 4, domains: list[str] | None = None,
+                        lengths: list[int] | None = None) -> str:
     """A store of a real (tiny) teacher's top-k targets: `rows` rows of exactly `seq` tokens of synthetic text, with
     its tokenizer's fingerprint, so that students of its family train on it. `rows_per_batch` rows per Arrow record
-    batch (default: all in one); row i's domain is domains[i % len(domains)] (default: none)."""
+    batch (default: all in one); row i's domain is domains[i % len(domains)] (default: none) and its length
+    lengths[i % len(lengths)] (≤ seq; default: seq)."""
     from transformers import AutoTokenizer
 
     from assets.synthetic import synthetic_corpus
@@ -79,12 +81,12 @@ def write_teacher_store(path: str, teacher_dir: str, rows: int, seq: int, rows_p
     ids = np.concatenate([tok(t + tok.eos_token).input_ids for t in synthetic_corpus(n_docs, seed=corpus_seed)])
     if ids.size < rows * seq:
         raise ValueError(f"{n_docs} synthetic documents hold {ids.size} tokens, fewer than {rows} x {seq}")
-    token_rows = [ids[i * seq:(i + 1) * seq] for i in range(rows)]
-    mask = np.ones(seq, bool)
-    mask[0] = False
+    token_rows = [ids[i * seq:i * seq + (lengths[i % len(lengths)] if lengths else seq)] for i in range(rows)]
     manifest = Manifest(target=TargetSpec("topk", k=k), vocab_size=teacher.vocab_size,
                         tokenizer=describe_tokenizer(tok, teacher_dir))
+    masks = [np.arange(len(r)) > 0 for r in token_rows]  # every token but the first is predicted
     with ShardWriter(path, manifest, batch_tokens=seq * (rows_per_batch or rows)) as w:
-        for i, (r, t) in enumerate(zip(token_rows, teacher.topk([(r, mask) for r in token_rows], k), strict=True)):
-            w.write(StoreRow(r, mask, t, i, domains[i % len(domains)] if domains else None))
+        targets = teacher.topk(list(zip(token_rows, masks, strict=True)), k)
+        for i, (r, m, t) in enumerate(zip(token_rows, masks, targets, strict=True)):
+            w.write(StoreRow(r, m, t, i, domains[i % len(domains)] if domains else None))
     return path

@@ -259,11 +259,12 @@ def test_kdstudent_eval_reports_each_store_and_the_pool(tiny_teacher_dir, hf_tea
         assert pooled[key] == pytest.approx(want, rel=1e-6), key
     assert pooled["domains"] == a["domains"]  # only the first store has domains
     assert abs(sum(pooled["expert_usage"]["0"]) - 1) < 1e-6
-    for name in ("expert_usage", "expert_weights"):  # pooled like every metric: token-weighted
-        want = [(x * a["tokens"] + y * b["tokens"]) / pooled["tokens"] for x, y in zip(a[name]["0"], b[name]["0"],
-                                                                                         strict=True)]
+    # routing pools over the routed tokens: the loss tokens and every row's first token (routed, predicts nothing)
+    na, nb = a["tokens"] + a["rows"], b["tokens"] + b["rows"]
+    for name in ("expert_usage", "routing_weights"):
+        want = [(x * na + y * nb) / (na + nb) for x, y in zip(a[name]["0"], b[name]["0"], strict=True)]
         assert pooled[name]["0"] == pytest.approx(want, abs=1e-9), name
-    assert pooled["expert_weights"]["0"] == pytest.approx(pooled["expert_usage"]["0"])  # top-1: each weight is 1
+    assert pooled["routing_weights"]["0"] == pytest.approx(pooled["expert_usage"]["0"])  # top-1: each weight is 1
     assert kdstudent.main(["eval", "--model", str(student_dir), "--store", path, "--store", str(other)]) == 0
     out = capsys.readouterr().out
     assert f"store {path}\n" in out and "pooled over 2 stores" in out and "weights L0" in out

@@ -2,6 +2,7 @@
 tallies per domain. The study itself needs the real teacher and hours; these parts need neither."""
 
 import pytest
+import torch
 from store_fixtures import write_teacher_store
 from student_fixtures import randomize_adapters
 
@@ -40,22 +41,35 @@ def test_paired_needs_two_common_seeds():
 
 
 @pytest.mark.parametrize("experts_per_token", [2, 4])
-def test_routing_by_domain_pools_batches_by_tokens(tiny_teacher_dir, tmp_path, experts_per_token):
-    """Batches of 2 rows (the last one short) pool to the figures of one batch per domain: token-weighted. Loads and
-    weights are distributions over experts; under soft routing (k = E) the load is even and the weights are not."""
-    store = write_teacher_store(str(tmp_path / "store"), tiny_teacher_dir, rows=10, seq=16, domains=["a", "b"])
+def test_routing_by_domain_pools_real_tokens_of_each_domain(tiny_teacher_dir, tmp_path, experts_per_token):
+    """Padded batches of mixed lengths give each domain's routing over its real tokens: the figures of its rows run
+    one at a time. Loads and weights are distributions over experts; under soft routing (k = E) the load is even
+    and the weights are not."""
+    from logit_store import LogitStore
+    from student.router_loss import RoutingTally
+
+    store = write_teacher_store(str(tmp_path / "store"), tiny_teacher_dir, rows=10, seq=16, domains=["a", "b"],
+                                lengths=[16, 16, 9, 5, 12])
     student = build_student(tiny_teacher_dir, MoELoRAConfig(experts=4, experts_per_token=experts_per_token, rank=4))
     randomize_adapters(student, std=0.5)
-    batched = routing_by_domain(store, student, batch=2, device="cpu")
-    whole = routing_by_domain(store, student, batch=5, device="cpu")
-    assert set(batched) == {"expert_load_by_domain", "expert_weight_by_domain"}
-    for name, by_domain in batched.items():
-        assert set(by_domain) == {"a", "b"}
-        for domain, layers in by_domain.items():
-            assert set(layers) == {"0", "1"}
+    found, pooled = routing_by_domain(store, student, batch=3, device="cpu")
+    alone = {"a": RoutingTally(), "b": RoutingTally()}
+    with torch.no_grad():
+        for row in LogitStore.open(store):
+            ids = torch.as_tensor(row.input_ids)[None]
+            student(input_ids=ids, attention_mask=torch.ones_like(ids))
+            alone[row.domain].add_forward(student)
+    for name, key in (("expert_load_by_domain", "expert_usage"), ("routing_weight_by_domain", "routing_weights")):
+        assert set(found[name]) == {"a", "b"}
+        for domain, layers in found[name].items():
+            want = alone[domain].result()[key]
+            assert set(layers) == set(want) == {"0", "1"}
             for layer, values in layers.items():
-                assert values == pytest.approx(whole[name][domain][layer], abs=1e-6)
+                assert values == pytest.approx(want[layer], abs=1e-6), (name, domain, layer)
                 assert sum(values) == pytest.approx(1.0)
-    load, weight = batched["expert_load_by_domain"]["a"]["0"], batched["expert_weight_by_domain"]["a"]["0"]
+    both = alone["a"].add(alone["b"]).result()["routing"]
+    for layer, r in pooled["routing"].items():
+        assert r["effective_experts_per_token"] == pytest.approx(both[layer]["effective_experts_per_token"])
+    load, weight = found["expert_load_by_domain"]["a"]["0"], found["routing_weight_by_domain"]["a"]["0"]
     if experts_per_token == 4:
         assert load == pytest.approx([0.25] * 4) and max(weight) - min(weight) > 1e-3

@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from student.config import MoELoRAConfig
 from student.convert import build_student, moe_modules
 from student.moe_lora import MoELoRAMLP
-from student.router_loss import count_only, expert_usage, expert_weights, router_losses, usage_imbalance
+from student.router_loss import count_only, expert_usage, router_losses, routing_weights, usage_imbalance
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_padding_takes_no_part_in_router_stats(llama_dir, one_thread):
 
 
 @pytest.mark.parametrize("k", [2, 4])
-def test_expert_weights_are_the_mean_routing_weight_of_real_tokens(k):
+def test_routing_weights_are_the_mean_routing_weight_of_real_tokens(k):
     """Top-k: each token's renormalised top-k weights, zero elsewhere; soft (k = E): the router's softmax. Padding
     takes no part; every layer's weights sum to 1."""
     torch.manual_seed(0)
@@ -169,7 +169,7 @@ def test_expert_weights_are_the_mean_routing_weight_of_real_tokens(k):
     probs = F.linear(x.reshape(-1, 16), layer.router.weight).softmax(-1)[mask.reshape(-1).bool()]
     top = probs.topk(k, dim=-1)
     dense = torch.zeros_like(probs).scatter_(1, top.indices, top.values / top.values.sum(-1, keepdim=True))
-    weights = expert_weights(layer)[0]
+    weights = routing_weights(layer)[0]
     assert weights == pytest.approx(dense.mean(0).tolist(), abs=1e-6)
     assert sum(weights) == pytest.approx(1.0)
     if k == 4:
