@@ -120,10 +120,13 @@ def _is_sharded(t: torch.Tensor) -> bool:
 
 
 def _expert_counts(top_i: torch.Tensor, num_experts: int, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """[E] (weighted) number of (token, slot) assignments per expert; a scatter-add, so no host sync on CUDA
-    (torch.bincount reads the input's maximum back to size its output)."""
+    """[E] (token, slot) assignments per expert, counted or summed with a weight per token [N] or per slot [N, k];
+    a scatter-add, so no host sync on CUDA (torch.bincount reads the input's maximum back to size its output)."""
     flat = top_i.reshape(-1)
-    src = torch.ones_like(flat) if weight is None else weight[:, None].expand(top_i.shape).reshape(-1)
+    if weight is None:
+        src = torch.ones_like(flat)
+    else:
+        src = (weight[:, None] if weight.dim() == 1 else weight).expand(top_i.shape).reshape(-1)
     return torch.zeros(num_experts, dtype=src.dtype, device=flat.device).scatter_add_(0, flat, src)
 
 
@@ -283,8 +286,7 @@ class MoELoRAMLP(nn.Module):
         balance = self.num_experts * ((counts / n) * (prob_sum / n)).sum()
         top_w = top_w.detach()
         ess = ((1.0 / top_w.square().sum(dim=-1)) * weight).sum() / n
-        weight_sum = torch.zeros(self.num_experts, dtype=top_w.dtype, device=top_w.device).index_add_(
-            0, top_i.reshape(-1), (top_w * weight[:, None].to(top_w.dtype)).reshape(-1))
+        weight_sum = _expert_counts(top_i, self.num_experts, top_w * weight[:, None])
         return RouterStats(balance=balance, z=z_sum / n, counts=counts.detach().round().long(), prob_sum=prob_sum,
                            z_sum=z_sum, tokens=tokens.detach(), weight_ess=ess, weight_sum=weight_sum)
 
