@@ -311,34 +311,55 @@ def run_one(arm: str, lr: float, seed: int, split: str, ctx: dict, train_missing
 
 
 # ================================================================ stages
-def stage_lr(arm: str, ctx: dict, train_missing: bool = True) -> float | None:
-    """Stage 1: seed 0 over the arm's LR grid, chosen on validation full-vocabulary KL; the grid grows by one
-    half-decade beyond an edge whenever the best sits on it. None while runs are missing."""
+def stage_lr(arm: str, ctx: dict, train_missing: bool = True, whole_grid: bool = True) -> float | None:
+    """Stage 1: seed 0 at learning rates of the arm's grid, chosen on validation full-vocabulary KL. The best value is
+    bracketed first — the middle of the grid, then the neighbours of the best so far, the grid growing by a
+    half-decade beyond an edge whenever the best sits on it — so that a stage cut short by time still leaves a
+    choice; with `whole_grid` the rest of the grid runs too and the choice is the best of all of it. None while a
+    run it needs is missing (`train_missing` False) or held by another process."""
     grid = list(LR_GRID["full" if arm.startswith("full") else "lora"])
-    while True:
-        # the middle of the grid first: a stage cut short by time leaves the likeliest choices done
-        order = sorted(grid, key=lambda lr: abs(math.log(lr) - math.log(grid[len(grid) // 2])))
-        results = {lr: run_one(arm, lr, 0, "validation", ctx, train_missing) for lr in order}
-        if any(r is None for r in results.values()):
-            return None
-        best = min(grid, key=lambda lr: results[lr]["eval"]["validation"]["full_kl"])
+    kl: dict[float, float] = {}
+    todo = [grid[len(grid) // 2]]
+    while todo:
+        for lr in todo:
+            result = run_one(arm, lr, 0, "validation", ctx, train_missing)
+            if result is None:
+                return None
+            kl[lr] = result["eval"]["validation"]["full_kl"]
+        best = min(kl, key=kl.get)
         if best == grid[0]:
             grid.insert(0, _round_lr(grid[0] / math.sqrt(10)))
         elif best == grid[-1]:
             grid.append(_round_lr(grid[-1] * math.sqrt(10)))
-        else:
-            return best
+        i = grid.index(best)
+        todo = [lr for lr in (grid[i + 1], grid[i - 1]) if lr not in kl]
+        if not todo and whole_grid:
+            todo = [lr for lr in grid if lr not in kl]
+    return best
+
+
+def grid_not_run(arm: str, ctx: dict) -> list[float]:
+    """The arm's pre-registered grid values that have no stage-1 result yet."""
+    return [lr for lr in LR_GRID["full" if arm.startswith("full") else "lora"]
+            if run_one(arm, lr, 0, "validation", ctx, train_missing=False) is None]
 
 
 def _round_lr(lr: float) -> float:
     return float(f"{lr:.1g}")
 
 
+def choice(arm: str, ctx: dict, train_missing: bool = True) -> float | None:
+    """The arm's stage-1 choice: the best of its whole grid once that has run, else the bracketed best (training
+    the runs that bracket it, unless `train_missing` is False); None while those are missing."""
+    lr = stage_lr(arm, ctx, train_missing=False)
+    return lr if lr is not None else stage_lr(arm, ctx, train_missing, whole_grid=False)
+
+
 def chosen_lrs(arms: list[str], ctx: dict) -> dict[str, float]:
-    """Each arm's stage-1 choice (stage 1 must have finished for it)."""
+    """Each arm's stage-1 choice (`choice`), for the stages that follow."""
     chosen = {}
     for arm in arms:
-        lr = stage_lr(arm, ctx)
+        lr = choice(arm, ctx)
         if lr is None:
             raise SystemExit(f"stage 1 is not finished for {arm}: run --stage lr")
         chosen[arm] = lr
@@ -403,9 +424,11 @@ def main(argv: list[str] | None = None) -> int:
 def report(arms: list[str], ctx: dict, counts: dict[str, int], json_path: str) -> None:
     from benchmarks.common import write_json
 
-    chosen = {arm: stage_lr(arm, ctx, train_missing=False) for arm in arms}  # trains nothing
+    chosen = {arm: choice(arm, ctx, train_missing=False) for arm in arms}  # trains nothing
     lrs = {arm: lr for arm, lr in chosen.items() if lr is not None}
     pending = [arm for arm, lr in chosen.items() if lr is None]
+    # a choice made before the rest of its grid ran (bracketed, provisional): the grid values it lacks
+    provisional = {arm: missing for arm in lrs if (missing := grid_not_run(arm, ctx))}
     results = ctx["results"]
     grid = {arm: {r["lr"]: r["eval"]["validation"]["full_kl"] for r in map(_read, _runs_of(results, arm)) if r
                   and r["seed"] == 0 and "validation" in r["eval"]} for arm in arms}
@@ -423,9 +446,11 @@ def report(arms: list[str], ctx: dict, counts: dict[str, int], json_path: str) -
     print(_format(summary, diffs, grid))
     if pending:
         print(f"stage 1 unfinished (runs missing) for: {', '.join(pending)}")
+    for arm, missing in provisional.items():
+        print(f"{arm}: LR {lrs[arm]:g} bracketed; grid values not run yet: {', '.join(f'{lr:g}' for lr in missing)}")
     write_json(json_path, {"protocol": "docs/RESULTS.md (study v2)", "settings": ctx["scale"], "shape": ctx["shape"],
-                           "lr_grid_validation_full_kl": grid, "stage1_unfinished": pending, "arms": summary,
-                           "paired_differences": diffs})
+                           "lr_grid_validation_full_kl": grid, "stage1_unfinished": pending,
+                           "stage1_grid_not_run": provisional, "arms": summary, "paired_differences": diffs})
     if summary:
         _plot(summary, os.path.splitext(json_path)[0] + ".png")
 
