@@ -313,10 +313,10 @@ def run_one(arm: str, lr: float, seed: int, split: str, ctx: dict, train_missing
 # ================================================================ stages
 def stage_lr(arm: str, ctx: dict, train_missing: bool = True, whole_grid: bool = True) -> float | None:
     """Stage 1: seed 0 at learning rates of the arm's grid, chosen on validation full-vocabulary KL. The best value is
-    bracketed first — the middle of the grid, then the neighbours of the best so far, the grid growing by a
-    half-decade beyond an edge whenever the best sits on it — so that a stage cut short by time still leaves a
-    choice; with `whole_grid` the rest of the grid runs too and the choice is the best of all of it. None while a
-    run it needs is missing (`train_missing` False) or held by another process."""
+    bracketed first — the middle of the grid, then one missing neighbour of the best so far at a time (the one
+    above first), the grid growing by a half-decade beyond an edge whenever the best sits on it — so that a stage
+    cut short by time still leaves a choice; with `whole_grid` the rest of the grid runs too and the choice is the
+    best of all of it. None while a run it needs is missing (`train_missing` False) or held by another process."""
     grid = list(LR_GRID["full" if arm.startswith("full") else "lora"])
     kl: dict[float, float] = {}
     todo = [grid[len(grid) // 2]]
@@ -332,7 +332,7 @@ def stage_lr(arm: str, ctx: dict, train_missing: bool = True, whole_grid: bool =
         elif best == grid[-1]:
             grid.append(_round_lr(grid[-1] * math.sqrt(10)))
         i = grid.index(best)
-        todo = [lr for lr in (grid[i + 1], grid[i - 1]) if lr not in kl]
+        todo = [lr for lr in (grid[i + 1], grid[i - 1]) if lr not in kl][:1]
         if not todo and whole_grid:
             todo = [lr for lr in grid if lr not in kl]
     return best
