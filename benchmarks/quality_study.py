@@ -543,35 +543,39 @@ def _format(summary: dict, diffs: dict, grid: dict) -> str:
 
 
 def _plot(summary: dict, path: str) -> None:
-    """Per metric: every seed as a dot, mean ± std as a bar; then each MoE arm's expert load per domain, or its mean
-    routing weight per domain under soft routing (whose load is even by construction: every token uses every
-    expert)."""
+    """Per metric: every seed as a dot, mean ± std as a bar, a row for the budget arms and one for the full fine-tune
+    pair (whose scale would flatten the budget arms' differences); then each MoE arm's expert load per domain, or
+    its mean routing weight per domain under soft routing (whose load is even by construction)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = list(summary)
     def varies(by_domain: dict | None) -> bool:
         return bool(by_domain) and len({round(f, 9) for ls in by_domain.values() for v in ls.values() for f in v}) > 1
 
+    full = [a for a in summary if a.startswith("full")]
+    groups = [g for g in ([a for a in summary if a not in full], full) if g]
     maps = {}
     for arm, s in summary.items():
         if varies(s.get("expert_load_by_domain")):
             maps[arm] = ("load", s["expert_load_by_domain"])
         elif varies(s.get("routing_weight_by_domain")):
             maps[arm] = ("routing weight", s["routing_weight_by_domain"])
-    rows = 1 + len(maps)
+    rows = len(groups) + len(maps)
     fig = plt.figure(figsize=(4 * len(METRICS), 3.6 * rows))
-    for i, m in enumerate(METRICS):
-        ax = fig.add_subplot(rows, len(METRICS), i + 1)
-        for j, arm in enumerate(arms):
-            values = [s[m] for s in summary[arm]["per_seed"]]
-            ax.plot([j] * len(values), values, "o", color="C0", alpha=0.5, ms=4)
-            ax.errorbar(j + 0.15, summary[arm][m][0], yerr=summary[arm][m][1], fmt="s", color="C1", capsize=3, ms=5)
-        ax.set_xticks(range(len(arms)), arms, rotation=45, ha="right")
-        ax.set_title(m)
-    for r, (arm, (what, by_domain)) in enumerate(maps.items(), start=1):
+    for g, arms in enumerate(groups):
+        for i, m in enumerate(METRICS):
+            ax = fig.add_subplot(rows, len(METRICS), g * len(METRICS) + i + 1)
+            for j, arm in enumerate(arms):
+                values = [s[m] for s in summary[arm]["per_seed"]]
+                ax.plot([j] * len(values), values, "o", color="C0", alpha=0.5, ms=4)
+                ax.errorbar(j + 0.15, summary[arm][m][0], yerr=summary[arm][m][1], fmt="s", color="C1", capsize=3,
+                            ms=5)
+            ax.set_xticks(range(len(arms)), arms, rotation=45, ha="right")
+            ax.set_xlim(-0.5, len(arms) - 0.5)
+            ax.set_title(m)
+    for r, (arm, (what, by_domain)) in enumerate(maps.items(), start=len(groups)):
         domains = sorted(by_domain)
         layers = sorted(by_domain[domains[0]], key=int)
         for c, layer in enumerate(layers[: len(METRICS)]):
