@@ -235,8 +235,9 @@ def routing_by_domain(store: str, model, batch: int, device: str) -> tuple[dict,
 
 
 def stage_routing(ctx: dict) -> None:
-    """Adds `routing_weight_by_domain` to finished MoE runs measured without it (the runs trained at commit 238f47e,
-    whose evaluation recorded the load only), from each finished run's last checkpoint. Two recorded figures are
+    """Adds `routing_weight_by_domain` and `routing_weights` (pooled over the split, as `kdstudent eval` reports
+    it) to finished MoE runs measured without them (the runs trained at commit 238f47e, whose evaluation recorded
+    the load only), from each finished run's last checkpoint. Two recorded figures are
     measured again on the way and must match (to 1e-3 — room for a rare top-k tie flipped by rounding; another
     checkpoint is off by far more): the load per domain (even under soft routing, so not enough alone) and the
     effective experts per token (the weights' ESS): the checkpoint is the run that was measured. Finished runs'
@@ -248,7 +249,7 @@ def stage_routing(ctx: dict) -> None:
         path = os.path.join(folder, name)
         cached = _read(path)
         test = cached["eval"].get("test", {})
-        if "expert_load_by_domain" not in test or "routing_weight_by_domain" in test:
+        if "expert_load_by_domain" not in test or {"routing_weight_by_domain", "routing_weights"} <= test.keys():
             continue
         run = os.path.join(ctx["out"], "runs", name.removesuffix(".json"))
         if not os.path.isdir(os.path.join(run, "final")):
@@ -265,8 +266,9 @@ def stage_routing(ctx: dict) -> None:
             raise SystemExit(f"{name}: the checkpoint under {run} routes tokens differently from the recorded "
                              f"evaluation (off by {off:.2g}); not the run that was measured")
         test["routing_weight_by_domain"] = found["routing_weight_by_domain"]
+        test["routing_weights"] = pooled["routing_weights"]
         _write_json_atomic(path, cached)
-        print(f"{name}: routing weights by domain added (recorded routing reproduced to {off:.1g})", flush=True)
+        print(f"{name}: routing weights added (recorded routing reproduced to {off:.1g})", flush=True)
 
 
 def run_one(arm: str, lr: float, seed: int, split: str, ctx: dict, train_missing: bool = True) -> dict | None:
@@ -475,20 +477,13 @@ def _arm_summary(arm: str, lr: float | None, trainable: int | None, runs: list[d
         layers = list(tests[0]["expert_usage"])
         out["effective_experts"] = {
             layer: statistics.mean(effective_experts(t["expert_usage"][layer]) for t in tests) for layer in layers}
-        if all("routing_weight_by_domain" in t for t in tests):  # the same of the mean routing weight: output mass
-            out["effective_experts_by_weight"] = {layer: statistics.mean(effective_experts(_pooled(
-                t["routing_weight_by_domain"], {d: t["domains"][d]["tokens"] for d in t["domains"]}, layer))
-                for t in tests) for layer in layers}
+        if all("routing_weights" in t for t in tests):  # the same of the mean routing weight: output mass
+            out["effective_experts_by_weight"] = {
+                layer: statistics.mean(effective_experts(t["routing_weights"][layer]) for t in tests)
+                for layer in layers}
         for name in ("expert_load_by_domain", "routing_weight_by_domain"):  # seed 0's
             out[name] = tests[0].get(name)
     return out
-
-
-def _pooled(by_domain: dict, tokens: dict[str, int], layer: str) -> list[float]:
-    """One layer's per-domain figures pooled over domains, weighted by their tokens."""
-    n = sum(tokens[d] for d in by_domain)
-    per_domain = [[v * tokens[d] / n for v in layers[layer]] for d, layers in by_domain.items()]
-    return [sum(column) for column in zip(*per_domain, strict=True)]
 
 
 # two-sided 95 % Student-t quantiles by degrees of freedom (no scipy here)

@@ -67,9 +67,10 @@ def test_routing_by_domain_pools_real_tokens_of_each_domain(tiny_teacher_dir, tm
             for layer, values in layers.items():
                 assert values == pytest.approx(want[layer], abs=1e-6), (name, domain, layer)
                 assert sum(values) == pytest.approx(1.0)
-    both = alone["a"].add(alone["b"]).result()["routing"]
+    both = alone["a"].add(alone["b"]).result()  # pooled over the split: what stage_routing records beside them
     for layer, r in pooled["routing"].items():
-        assert r["effective_experts_per_token"] == pytest.approx(both[layer]["effective_experts_per_token"])
+        assert r["effective_experts_per_token"] == pytest.approx(both["routing"][layer]["effective_experts_per_token"])
+        assert pooled["routing_weights"][layer] == pytest.approx(both["routing_weights"][layer], abs=1e-6)
     load, weight = found["expert_load_by_domain"]["a"]["0"], found["routing_weight_by_domain"]["a"]["0"]
     if experts_per_token == 4:
         assert load == pytest.approx([0.25] * 4) and max(weight) - min(weight) > 1e-3
