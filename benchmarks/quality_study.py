@@ -531,16 +531,17 @@ def _format(summary: dict, diffs: dict, grid: dict) -> str:
     if diffs:
         lines += ["paired differences (per seed: mean ± 95 % CI half-width; * = CI excludes 0)"]
         for pair, row in diffs.items():
-            lines.append(f"{pair:26s} " + " ".join(
+            lines.append(f"{pair:29s} " + " ".join(
                 f"{row[m][0]:+10.4g} ± {row[m][2]:<7.2g}{'*' if abs(row[m][0]) > row[m][2] else ' '}" for m in METRICS)
                 + f"  {row['verdict']}")
     return "\n".join(lines)
 
 
 def _plot(summary: dict, path: str) -> None:
-    """Per metric: every seed as a dot, mean ± std as a bar, a row for the budget arms and one for the full fine-tune
-    pair (whose scale would flatten the budget arms' differences); then each MoE arm's expert load per domain, or
-    its mean routing weight per domain under soft routing (whose load is even by construction)."""
+    """Per metric: every seed as a dot, mean ± std as a bar, a row for the budget arms, one for stage 3's balance
+    variants beside their arm, and one for the full fine-tune pair (whose scale would flatten the budget arms'
+    differences); then each MoE arm's expert load per domain, or its mean routing weight per domain under soft
+    routing (whose load is even by construction)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -550,7 +551,9 @@ def _plot(summary: dict, path: str) -> None:
         return bool(by_domain) and len({round(f, 9) for ls in by_domain.values() for v in ls.values() for f in v}) > 1
 
     full = [a for a in summary if a.startswith("full")]
-    groups = [g for g in ([a for a in summary if a not in full], full) if g]
+    variants = [a for a in summary if "+" in a]
+    balance = [a for a in summary if a in {v.split("+")[0] for v in variants}] + variants
+    groups = [g for g in ([a for a in summary if a not in full and a not in variants], balance, full) if g]
     maps = {}
     for arm, s in summary.items():
         if varies(s.get("expert_load_by_domain")):
