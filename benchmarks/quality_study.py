@@ -237,11 +237,11 @@ def routing_by_domain(store: str, model, batch: int, device: str) -> tuple[dict,
 def stage_routing(ctx: dict) -> None:
     """Adds `routing_weight_by_domain` and `routing_weights` (pooled over the split, as `kdstudent eval` reports
     it) to finished MoE runs measured without them (the runs trained at commit 238f47e, whose evaluation recorded
-    the load only), from each finished run's last checkpoint. Two recorded figures are
-    measured again on the way and must match (to 1e-3 — room for a rare top-k tie flipped by rounding; another
-    checkpoint is off by far more): the load per domain (even under soft routing, so not enough alone) and the
-    effective experts per token (the weights' ESS): the checkpoint is the run that was measured. Finished runs'
-    JSONs are never rewritten by the stages that train, so this may run beside them."""
+    the load only), from each finished run's last checkpoint. Two recorded figures are measured again on the way
+    and must match (to 1e-3 — room for a rare top-k tie flipped by rounding; another checkpoint is off by far more):
+    the load per domain (even under soft routing, so not enough alone) and the effective experts per token (the
+    weights' ESS): the checkpoint is the run that was measured. Finished runs' JSONs are never rewritten by the
+    stages that train, so this may run beside them."""
     from student.train import load_trained
 
     folder = os.path.join(ctx["results"], "runs")
