@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from logit_store.plan import parse_store_specs
 from student.losses import DistillLossConfig
 
 # how the experts are computed: "auto" picks grouped GEMM on CUDA, the compiled SwiGLU kernel on CPU where it
@@ -248,12 +249,7 @@ class TrainConfig(MoELoRAConfig):
 
     def store_weights(self) -> tuple[list[str], list[float | None]]:
         """The stores' paths and weights (None where `--store` gives none)."""
-        from logit_store.stream import parse_store_spec
-
-        paths, weights = zip(*map(parse_store_spec, self.store), strict=True)
-        if len(set(paths)) < len(paths):
-            raise ValueError(f"--store names a store twice ({list(paths)}): give it one weight instead")
-        return list(paths), list(weights)
+        return parse_store_specs(self.store)
 
     def student_config(self) -> MoELoRAConfig:
         """The student's shape: this config's MoELoRAConfig fields."""

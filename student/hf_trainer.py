@@ -16,20 +16,23 @@ already train with `transformers.Trainer` keep their loop and take three pieces 
 
 from __future__ import annotations
 
-import bisect
 import inspect
-import warnings
-from collections import OrderedDict
 from dataclasses import replace
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import Trainer
 
-from logit_store import DecodedRow, KDStream, LogitStore, collate
-from logit_store.reader import BatchRows
-from logit_store.stream import check_mixable, domain_names, parse_store_spec
+from logit_store import DecodedRow, LogitStore, collate
+from logit_store.plan import (
+    DecodedBatches,
+    ReadPlan,
+    RowIndex,
+    check_store_for_model,
+    domain_names,
+    open_stores,
+    parse_store_spec,
+)
 from student.losses import DistillLossConfig, distill_loss
 
 
@@ -48,17 +51,13 @@ class StoreDataset(torch.utils.data.Dataset):
     def __init__(self, store: str | LogitStore | list[str | LogitStore], tokenizer=None, cache_units: int = 4):
         specs = [(s, None) if isinstance(s, LogitStore) else parse_store_spec(s)
                  for s in (store if isinstance(store, list) else [store])]
-        if not specs:
-            raise ValueError("no store to read")
-        self.stores = [s if isinstance(s, LogitStore) else LogitStore.open(s) for s, _ in specs]
+        self.stores = open_stores([s for s, _ in specs])  # each once, mixable
         self.weights = [w for _, w in specs]
-        check_mixable(self.stores)
-        for s in self.stores:
-            self._check(s, tokenizer)
-        self.units = [(i, *u) for i, s in enumerate(self.stores) for u in s.units()]
-        self.starts = np.concatenate([[0], np.cumsum([u[-1] for u in self.units])]).tolist()
-        self.cache_units = cache_units
-        self._cache: OrderedDict[int, BatchRows] = OrderedDict()
+        if tokenizer is not None:
+            for s in self.stores:
+                check_store_for_model(s, tokenizer, tokenizer_name=getattr(tokenizer, "name_or_path", "given"))
+        self.index = RowIndex(self.stores)
+        self.decoded = DecodedBatches(self.index, capacity=cache_units)
         self.epoch = 0  # a mixture's epoch, for MixtureSampler
 
     @property
@@ -73,63 +72,32 @@ class StoreDataset(torch.utils.data.Dataset):
         wrap it in a batch-sampler shard); MixtureSampler orders the epoch it says."""
         self.epoch = epoch
 
-    @staticmethod
-    def _check(store: LogitStore, tokenizer) -> None:
-        m = store.manifest
-        if m.status != "complete":
-            warnings.warn(f"{store.root}: the store is still being written; reading its complete shards",
-                          stacklevel=3)
-        if m.target.kind == "sampled" and m.target.sampled_from_top_k:
-            warnings.warn(f"{store.root}: its sampled targets were drawn from the teacher's top-"
-                          f"{m.target.sampled_from_top_k} plus one tail bucket, which biases the KD gradient "
-                          "(docs/BUILD.md, 'Sampled targets'); rebuild it with --backend hf", stacklevel=3)
-        if tokenizer is not None:
-            from logit_store.fingerprint import tokenizer_matches
-
-            if not tokenizer_matches(tokenizer, m.tokenizer):
-                raise ValueError(f"the tokenizer is not the one the store {store.root} was built with "
-                                 f"({m.tokenizer.get('name_or_path')}, fingerprint {m.tokenizer.get('fingerprint')}): "
-                                 "token ids would mean different things. Use a student of the teacher's family.")
-
     @property
     def domain_names(self) -> list[str]:
         """The stores' domains, in order: a batch's `domain` index points into this list."""
         return domain_names(self.stores)
 
     def __len__(self) -> int:
-        return self.starts[-1]
+        return self.index.rows
 
     def __getitem__(self, index: int) -> DecodedRow:
         if not 0 <= index < len(self):
             raise IndexError(f"row {index} out of range: the dataset has {len(self)} rows")
-        unit = bisect.bisect_right(self.starts, index) - 1
-        rows = self._cache.get(unit)
-        if rows is None:
-            store, file, batch, _ = self.units[unit]
-            opened = self.stores[store]
-            rows = self._cache[unit] = opened.decode_batch(file, opened.read_batch(file, batch))
-            if len(self._cache) > self.cache_units:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(unit)
-        return rows[index - self.starts[unit]]
-
-    def __getstate__(self) -> dict:
-        """DataLoader workers start with an empty cache (decoded batches hold views of Arrow buffers)."""
-        return dict(self.__dict__, _cache=OrderedDict())
+        unit = int(self.index.unit_of(index))
+        return self.decoded.get(unit)[index - int(self.index.unit_start[unit])]
 
 
 class MixtureSampler(torch.utils.data.Sampler[int]):
     """Each epoch's row order of a `StoreDataset` mixture, exactly as `kdstudent train` deals it with the same
-    seed and shuffle buffer (`KDStream.epoch_order`: every store at its token share, every row of a store at the
-    same rate, rows of the stores interleaved at seeded places). The epoch is the dataset's, which the Trainer's
-    data loader sets each epoch (also on resume, and with several processes); its batch sharding and resume
-    (skipping the epoch's first batches) then work as with its own sampler."""
+    seed and shuffle buffer (the `ReadPlan`'s epoch order: every store at its token share, every row of a store
+    at the same rate, rows of the stores interleaved at seeded places). The epoch is the dataset's, which the
+    Trainer's data loader sets each epoch (also on resume, and with several processes); its batch sharding and
+    resume (skipping the epoch's first batches) then work as with its own sampler."""
 
     def __init__(self, dataset: StoreDataset, seed: int = 0, shuffle_buffer: int = 1024):
         self.dataset = dataset
-        self.plan = KDStream(dataset.stores, batch_size=1, weights=dataset.weights, seed=seed,
-                             shuffle_buffer=shuffle_buffer, rank=0, world_size=1)
+        self.plan = ReadPlan(dataset.index, batch_size=1, weights=dataset.weights, seed=seed,
+                             shuffle_buffer=shuffle_buffer)
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)

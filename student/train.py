@@ -31,7 +31,7 @@ from torch import nn
 
 from logit_store import KDStream, LogitStore, StoreLoader
 from logit_store.faults import crash_point
-from logit_store.fingerprint import tokenizer_fingerprint, tokenizer_matches
+from logit_store.plan import check_store_for_model, open_stores
 from student import distributed
 from student.config import TrainConfig, is_moe_student
 from student.losses import DistillLossConfig, distill_loss
@@ -103,23 +103,15 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 
 
 def check_tokenizer(tokenizer_dir: str, store: LogitStore, model: nn.Module) -> None:
-    """The student must speak the store's token ids: same tokenizer, a vocabulary that holds every id.
-    Training checks it before the first step, `kdstudent eval` before evaluating: both would otherwise run and
-    report numbers that mean nothing."""
+    """`plan.check_store_for_model` with the tokenizer of `tokenizer_dir` and the model's LM head: training checks
+    it before the first step, `kdstudent eval` before evaluating."""
     from transformers import AutoTokenizer
 
-    m = store.manifest
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if not tokenizer_matches(tok, m.tokenizer):
-        mine = tokenizer_fingerprint(tok, int(m.tokenizer.get("fingerprint_version", 1)))
-        raise TrainError(f"the student's tokenizer ({tokenizer_dir}, fingerprint {mine}) "
-                         f"is not the one the store {store.root} was built with ({m.tokenizer.get('name_or_path')}, "
-                         f"fingerprint {m.tokenizer.get('fingerprint')}): token ids would mean different things, or "
-                         "the tokenizers add different special tokens. Use a student of the teacher's family.")
     vocab = model.get_output_embeddings().weight.shape[0]
-    if vocab < m.vocab_size:
-        raise TrainError(f"the student's vocabulary ({vocab}) is smaller than the store's {store.root} "
-                         f"({m.vocab_size}): it cannot score every stored token id")
+    try:
+        check_store_for_model(store, AutoTokenizer.from_pretrained(tokenizer_dir), vocab, tokenizer_dir)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
 
 
 class DistillStep(nn.Module):
@@ -411,16 +403,17 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world: int, device: torch.dev
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     paths, weights = cfg.store_weights()
-    stores = [LogitStore.open(path) for path in paths]
-    rows = sum(n for store in stores for _, _, n in store.units())
-    if rows < world * cfg.batch_size:
-        raise TrainError(f"the store(s) {', '.join(paths)} hold {rows} rows, fewer than one batch for each process: "
-                         f"{world} process(es) x --batch-size {cfg.batch_size} = {world * cfg.batch_size} rows. Use a "
-                         "smaller --batch-size, fewer processes, or a larger store")
-    try:
+    try:  # stores that cannot be mixed, a weight that gives a store no row
+        stores = open_stores(paths)
+        rows = sum(n for store in stores for _, _, n in store.units())
+        if rows < world * cfg.batch_size:
+            raise TrainError(f"the store(s) {', '.join(paths)} hold {rows} rows, fewer than one batch for each "
+                             f"process: {world} process(es) x --batch-size {cfg.batch_size} = "
+                             f"{world * cfg.batch_size} rows. Use a smaller --batch-size, fewer processes, or a "
+                             "larger store")
         stream = KDStream(stores, cfg.batch_size, weights=weights, shuffle=cfg.shuffle,
                           shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=rank, world_size=world)
-    except ValueError as e:  # stores that cannot be mixed, a weight that gives a store no row
+    except ValueError as e:
         raise TrainError(str(e)) from None
     loader = StoreLoader(stream, num_workers=cfg.num_workers)
     model = build_model(cfg).to(device)

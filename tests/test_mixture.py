@@ -9,7 +9,7 @@ import pytest
 from store_fixtures import write_store, write_teacher_store
 
 from logit_store import KDStream, LogitStore, StoreLoader
-from logit_store.stream import mixture_rows, parse_store_spec
+from logit_store.plan import mixture_rows, parse_store_spec
 from student.config import TrainConfig
 from student.run import read_metrics
 from student.train import TrainError, train
