@@ -34,6 +34,11 @@ test-all: install
 lint: install
 	$(PY) -m ruff check .
 
+# The option tables of docs/*.md, regenerated from the config dataclasses (cli/docs.py; tests/test_docs.py checks).
+.PHONY: docs
+docs: install
+	$(PY) -m cli.docs
+
 demo: teacher
 	$(PY) -m cli.demo --out demo-out
 
