@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from logit_store import LogitStore, ManifestError, StoreError
+from logit_store.card import CARD_NAME
 from logit_store.codecs import TargetError
 from logit_store.inputs import InputError
 from logit_store.teachers import TeacherError
@@ -66,6 +67,11 @@ def _open(path: str) -> LogitStore:
 
 def cmd_info(args: argparse.Namespace) -> int:
     store = _open(args.store)
+    if args.card:
+        from logit_store.card import render_card
+
+        sys.stdout.write(render_card(store.manifest))  # exactly the README.md the build or merge wrote
+        return 0
     d = _describe(store)
     if args.json:
         print(json.dumps({"summary": d, "manifest": store.manifest.to_dict()}, indent=1))
@@ -153,6 +159,8 @@ def cmd_build(argv: list[str]) -> int:
         "FILE.jsonl --text-field text --out STORE --top-k 64"))
     summary = build(cfg)
     print(summary.format())
+    if cfg.num_workers == 1:
+        print(f"dataset card    {cfg.out.rstrip('/')}/{CARD_NAME}")
     if cfg.num_workers > 1:
         print(f"worker {cfg.worker_index} of {cfg.num_workers} done; when all are, run: kdstore merge {cfg.out}")
     return 0
@@ -163,7 +171,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     m = merge_workers(args.store, allow_incomplete=args.allow_incomplete)
     print(f"merged {len(m.shards)} shards, {m.rows:,} rows, {m.tokens:,} tokens into {args.store}/manifest.json "
-          f"(status {m.status})")
+          f"(status {m.status}); dataset card: {args.store}/{CARD_NAME}")
     return 0
 
 
@@ -224,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Summarise a store from its manifest (reads no shard), with rows and tokens "
                                    "per domain for a store built with domains.")
     s.add_argument("store", help="store directory or URL")
-    s.add_argument("--json", action="store_true", help="print the summary and the whole manifest as JSON")
+    out = s.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the summary and the whole manifest as JSON")
+    out.add_argument("--card", action="store_true",
+                     help="print the store's dataset card (the README.md that kdstore build and merge write, "
+                          "regenerated from the manifest: redirect it into README.md to restore one)")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("verify", help="check checksums and schema, decode every row; exit 1 on any fault",

@@ -15,6 +15,7 @@ and padding, as in an uninterrupted build, so a resumed store is bit-identical t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import fs as storefs
+from .card import license_problem, write_card
 from .format import worker_names
 from .inputs import (
     Example,
@@ -44,12 +46,14 @@ from .teachers import (
     load_teacher,
     resolve_dtype,
 )
+from .teachers.vllm import VLLMOptions
 from .writer import OutputLock, ShardWriter, StoreRow
 
 
-@dataclass
-class BuildConfig:
-    """Everything `kdstore build` takes (as flags, or in a YAML/JSON file)."""
+@dataclass(kw_only=True)
+class BuildConfig(VLLMOptions):
+    """Everything `kdstore build` takes (as flags, or in a YAML/JSON file): the build's own options and the vLLM
+    engine's (`VLLMOptions`)."""
 
     teacher: str = field(metadata={"help": "teacher model: a local directory (or a hub name when a hub is reachable)"})
     data: str = field(metadata={"help": "input: a .jsonl/.json/.parquet/.csv/.arrow file or folder of them, a "
@@ -68,6 +72,10 @@ class BuildConfig:
         "help": "string field naming each example's domain (code, chat, ...): the store records it per row and "
                 "counts rows and tokens per domain; examples without it are skipped and counted"})
     domain: str | None = field(default=None, metadata={"help": "one domain for every row of this build"})
+    license: str | None = field(default=None, metadata={
+        "help": "the store's license for its dataset card (README.md), as a Hugging Face Hub license id "
+                "(apache-2.0, cc-by-4.0, other, ...): it follows from the input data's and the teacher's terms. "
+                "Recorded as the manifest's input.license (default: none, and the card says unknown)"})
     split: str = field(default="train", metadata={"help": "split, for saved dataset dicts and hub datasets"})
     data_format: str | None = field(default=None, metadata={"help": "json|parquet|csv|arrow|text (default: from "
                                                                        "the file extension)"})
@@ -88,8 +96,8 @@ class BuildConfig:
                 "needs the hf backend (the default with --samples)"})
     sample_from_top_k: int | None = field(default=None, metadata={
         "help": "not accepted: draws from a top-K plus one tail bucket bias the KD gradient (docs/BUILD.md)"})
-    levels: int = field(default=255, metadata={"help": "probability quantisation levels (top-k codec)"})
-    compression_level: int = field(default=9, metadata={"help": "zstd level"})
+    levels: int = field(default=CodecSpec.levels, metadata={"help": "probability quantisation levels (top-k codec)"})
+    compression_level: int = field(default=CodecSpec.compression_level, metadata={"help": "zstd level"})
     shard_tokens: int = field(default=1 << 22, metadata={"help": "tokens per shard file"})
     record_batch_tokens: int = field(default=1 << 16, metadata={
         "help": "tokens per Arrow record batch inside a shard (what a reader decodes at once)"})
@@ -101,12 +109,6 @@ class BuildConfig:
                 "JOB_COMPLETION_INDEX (Kubernetes indexed jobs), else 0"})
     resume: bool = field(default=False, metadata={"help": "continue a crashed or interrupted build"})
     dtype: str = field(default="auto", metadata={"help": "teacher dtype: auto|float32|bfloat16|float16"})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs per teacher"})
-    max_model_len: int | None = field(default=None, metadata={"help": "vllm: context length limit"})
-    max_num_batched_tokens: int | None = field(default=None, metadata={
-        "help": "vllm: tokens per engine step (bounds prompt-logprob memory)"})
-    gpu_memory_utilization: float | None = field(default=None, metadata={"help": "vllm: GPU memory fraction"})
-    kv_cache_memory_bytes: int | None = field(default=None, metadata={"help": "vllm: KV cache size in bytes"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):
@@ -148,6 +150,7 @@ class BuildConfig:
             (self.limit is not None and self.limit < 1,
              f"--limit must be at least 1 (got {self.limit}); leave it out to use every example"),
             (self.max_seq_len < 2, f"--max-seq-len must be at least 2 (got {self.max_seq_len})"),
+            (license_problem(self.license) is not None, license_problem(self.license)),
             (self.pack and self.generate, "--pack cannot be combined with --generate (responses are not known "
                                           "before the teacher writes them)"),
             (self.generate and self.max_new_tokens < 1,
@@ -309,6 +312,8 @@ def build(cfg: BuildConfig, teacher: Teacher | None = None) -> BuildSummary:
         if bar is not None:
             _update(bar, stats, summary, start)
             bar.close()
+    if cfg.num_workers == 1:  # a worker's part is not a store yet: `kdstore merge` writes the card
+        write_card(writer.fs, writer.root, final)
     summary.rows, summary.tokens, summary.domains = final.rows, final.tokens, final.domains
     summary.target_positions, summary.bytes, summary.shards = final.target_positions, final.bytes, len(final.shards)
     summary.examples, summary.truncated = stats.examples, stats.truncated
@@ -380,13 +385,15 @@ def _manifest(cfg: BuildConfig, teacher: Teacher, tokenizer, dataset, fields: Fi
     from .fingerprint import describe_tokenizer
 
     if cfg.samples:
-        target = TargetSpec("sampled", samples=cfg.samples, sampled_from_top_k=cfg.sample_from_top_k)
+        target = TargetSpec("sampled", samples=cfg.samples)
     else:
         target = TargetSpec("topk", k=cfg.top_k)
     source = {"source": cfg.data, "split": cfg.split, "fingerprint": input_fingerprint,
               "examples": len(dataset), "limit": cfg.limit, "fields": fields.used(), "num_workers": cfg.num_workers}
     if cfg.domain is not None:  # only when set, so that stores without domains keep their fingerprint
         source["domain"] = cfg.domain
+    if cfg.license is not None:  # the same: stores built without --license keep their fingerprint
+        source["license"] = cfg.license
     return Manifest(
         target=target, vocab_size=teacher.vocab_size,
         codec=CodecSpec(levels=cfg.levels, compression_level=cfg.compression_level),
@@ -413,11 +420,9 @@ def _teacher_options(cfg: BuildConfig) -> dict:
     if cfg.max_model_len is not None and cfg.max_model_len < context:
         raise TeacherError(f"--max-model-len {cfg.max_model_len} is shorter than the rows of --max-seq-len "
                            f"{cfg.max_seq_len} (+ 1): raise it, or leave it unset to size it from --max-seq-len")
-    needed = max(cfg.top_k or 0, cfg.sample_from_top_k or 0, 20)
-    return dict(dtype=dtype, max_logprobs=needed, tensor_parallel_size=cfg.tensor_parallel_size,
-                max_model_len=cfg.max_model_len or context, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                gpu_memory_utilization=cfg.gpu_memory_utilization, kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
-                seed=cfg.seed)
+    options = VLLMOptions(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(VLLMOptions)})
+    return dict(dtype=dtype, max_logprobs=max(cfg.top_k or 0, 20), seed=cfg.seed,
+                options=dataclasses.replace(options, max_model_len=cfg.max_model_len or context))
 
 
 def _check_bos(cfg: BuildConfig, tokenizer) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from . import fs as storefs
+from .card import write_card
 from .codecs import CODEC_NAME, DEFAULT_ID_ORDER_HEAD, DEFAULT_LEVELS, id_width
 from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_FILE, WORKER_MANIFEST
 from .version import __version__
@@ -279,7 +280,8 @@ class Manifest:
 
 
 def merge_workers(store: str, allow_incomplete: bool = False) -> Manifest:
-    """Combine the worker manifests of a multi-worker build into manifest.json."""
+    """Combine the worker manifests of a multi-worker build into manifest.json, and write the store's dataset
+    card (README.md, `card.write_card`), which no worker writes: here, so the Python API gets it too."""
     fs, root = storefs.resolve(store)
     found = {}
     for info in fs.get_file_info(pafs.FileSelector(root)):
@@ -311,6 +313,7 @@ def merge_workers(store: str, allow_incomplete: bool = False) -> Manifest:
                             "example was skipped: each worker's build summary counts the skips); check --data and "
                             "--text-field, then build again")
     merged.save(fs, root)
+    write_card(fs, root, merged)
     return merged
 
 
