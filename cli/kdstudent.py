@@ -37,6 +37,7 @@ def _parse_shape(command: str, argv: list[str], description: str, writes: bool):
 
 CONVERT = "build a MoE-LoRA student from a dense base and save it (exact at init)"
 PARAMS = "trainable parameter counts for MoE-LoRA, matched dense LoRA, full FT"
+PARAMS_IGNORES = ("lora_dropout", "router_init_std", "expert_impl")  # shape options that change no count
 
 
 def cmd_convert(argv: list[str]) -> int:
@@ -54,9 +55,15 @@ def cmd_convert(argv: list[str]) -> int:
 
 def cmd_params(argv: list[str]) -> int:
     from student.baselines import count_parameters, matching_dense_lora_rank
+    from student.config import MoELoRAConfig, default_alpha, lora_scale
     from student.convert import load_base
 
     cfg, args = _parse_shape("params", argv, PARAMS, writes=False)
+    unused = [f"--{name.replace('_', '-')}" for name in PARAMS_IGNORES
+              if getattr(cfg, name) != getattr(MoELoRAConfig(), name)]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} change(s) no parameter count: kdstudent params does not take them "
+                         "(kdstudent convert and train do)")
     base, _ = load_base(args.base, keep=cfg.keep_layers)
     total = count_parameters(base).total
     rank, dense, moe = matching_dense_lora_rank(base, cfg)
@@ -68,6 +75,12 @@ def cmd_params(argv: list[str]) -> int:
     for name, n in rows.items():
         print(f"{name:<22} trainable {n:>14,}  ({100 * n / total:.3f}% of {total:,})")
     print(f"parameter-matched dense-LoRA rank: {rank}")
+    print(f"routing: top-{cfg.experts_per_token} of {cfg.experts} experts per token")
+    scales = {"experts": (cfg.alpha, cfg.rank), "attention": (cfg.attn_alpha, cfg.attn_rank),
+              "shared expert": (cfg.shared_expert_alpha, cfg.shared_expert_rank),
+              f"dense LoRA rank {rank}": (default_alpha(rank), rank)}
+    print(f"LoRA update scales ({cfg.lora_scaling}): " + ", ".join(
+        f"{name} {lora_scale(alpha, r, cfg.lora_scaling):.3g}" for name, (alpha, r) in scales.items() if r))
     return 0
 
 

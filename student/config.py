@@ -1,4 +1,5 @@
-"""The options of a student, declared once: its shape (`MoELoRAConfig`) and a training run (`TrainConfig`).
+"""The options of a student, declared once: its shape (`MoELoRAConfig`), its routers' losses (`RouterLossConfig`)
+and a training run (`TrainConfig`).
 
 Both are dataclasses with help text, read from flags or one YAML/JSON file by `cli.config.parse_config`
 (transformers' HfArgumentParser, which takes `--flag-name` and `--flag_name` alike). `kdstudent convert` and
@@ -19,6 +20,7 @@ Also here: the layer-selection syntax of `keep_layers`/`moe_layers`/`layer_exper
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +33,8 @@ from student.losses import DistillLossConfig
 EXPERT_IMPLS = ("auto", "compiled", "fused", "loop", "grouped")
 # how alpha scales a LoRA update: alpha / rank, or rsLoRA's alpha / sqrt(rank)
 LORA_SCALINGS = ("standard", "rslora")
+# where a training reports its metrics besides metrics.jsonl (HF Trainer's --report_to, the ones we support)
+REPORT_TO = ("none", "tensorboard")
 LAYERS_SYNTAX = "all | none | top-half | bottom-half | every-other | a list '0,2,5' | ranges '0-3' | a slice '::2'"
 
 # names that student.json / train_config.json files of earlier versions used
@@ -41,6 +45,10 @@ _RENAMED = {
     "dropout": "lora_dropout",
     "experts_per_layer": "layer_experts",
 }
+
+
+# what earlier versions kept in a student's shape although only training uses it (now in TrainConfig)
+_TRAINING_ONLY = {"balance_coef", "z_coef", "router_bias_update", "router_lr_scale"}
 
 
 def default_alpha(rank: int) -> float:
@@ -91,16 +99,6 @@ class MoELoRAConfig:
     shared_expert_alpha: float | None = field(default=None, metadata={
         "help": "shared expert LoRA alpha. Unset: 2 × shared_expert_rank"})
     router_init_std: float = field(default=0.02, metadata={"help": "std of the router's random initialisation"})
-    balance_coef: float = field(default=0.01, metadata={
-        "help": "load-balancing loss coefficient, in transformers' Mixtral convention (router_aux_loss_coef; the "
-                "loss is num_experts × sum_e f_e P_e pooled over MoE layers, = experts_per_token when balanced)"})
-    z_coef: float = field(default=0.0, metadata={"help": "router z-loss coefficient"})
-    router_bias_update: float = field(default=0.0, metadata={
-        "help": "DeepSeek-V3 auxiliary-loss-free balancing: after every optimizer step each MoE layer's per-expert "
-                "selection bias moves by this much towards balance (+ for underloaded experts, - for overloaded). "
-                "The bias only picks the top-k experts, never weighs them. 0 = off"})
-    router_lr_scale: float = field(default=1.0, metadata={
-        "help": "the routers' learning rate as a multiple of --lr (kdstudent train)"})
     train_base: bool = field(default=False, metadata={
         "help": "train the base model's weights too (full fine-tune + adapters, as in the MoE-KD paper); the "
                 "trained base is saved with the student (base.safetensors) and merged on export"})
@@ -109,6 +107,10 @@ class MoELoRAConfig:
                 "compiled, fused, loop (the autograd reference), grouped", "choices": list(EXPERT_IMPLS)})
 
     def __post_init__(self) -> None:
+        for name, rank in (("attn_alpha", "attn_rank"), ("shared_expert_alpha", "shared_expert_rank")):
+            if getattr(self, rank) == 0 and getattr(self, name) not in (None, default_alpha(0)):
+                raise ValueError(f"--{_flag(name)} is given but --{_flag(rank)} is 0 (no such LoRA): set "
+                                 f"--{_flag(rank)}, or drop --{_flag(name)}")
         if self.alpha is None:
             self.alpha = default_alpha(self.rank)
         if self.attn_alpha is None:
@@ -119,9 +121,6 @@ class MoELoRAConfig:
             raise ValueError(f"lora_scaling must be one of {LORA_SCALINGS}, got {self.lora_scaling!r}")
         if self.shared_expert_rank < 0:
             raise ValueError(f"shared_expert_rank must be >= 0 (0 = no shared expert), got {self.shared_expert_rank}")
-        if self.router_bias_update < 0 or self.router_lr_scale < 0:
-            raise ValueError(f"router_bias_update and router_lr_scale must be >= 0, got {self.router_bias_update} "
-                             f"and {self.router_lr_scale}")
         if not 1 <= self.experts_per_token <= self.experts:
             raise ValueError(f"experts_per_token must be in [1, experts={self.experts}], got {self.experts_per_token}")
         if self.rank < 1 or self.attn_rank < 0:
@@ -149,16 +148,34 @@ class MoELoRAConfig:
         if isinstance(d.get("layer_experts"), dict):
             d["layer_experts"] = format_layer_experts(d["layer_experts"])
         known = {f.name for f in dataclasses.fields(cls)}
+        for moved in _TRAINING_ONLY - known:  # a student.json of earlier versions held these training settings
+            d.pop(moved, None)
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
 
 
+@dataclass
+class RouterLossConfig:
+    """The auxiliary losses a MoE-LoRA student's routers train with (`student.router_loss.router_losses`): a
+    training setting, not part of the student, so both recipes (kdstudent train, KDTrainer) take it."""
+
+    balance_coef: float = field(default=0.01, metadata={
+        "help": "load-balancing loss coefficient, in transformers' Mixtral convention (router_aux_loss_coef; the "
+                "loss is num_experts × sum_e f_e P_e pooled over MoE layers, = experts_per_token when balanced)"})
+    z_coef: float = field(default=0.0, metadata={"help": "router z-loss coefficient"})
+
+    def __post_init__(self) -> None:
+        if not (self.balance_coef >= 0 and self.z_coef >= 0):  # also refuses NaN
+            raise ValueError(f"balance_coef and z_coef must be >= 0, got {self.balance_coef} and {self.z_coef}")
+
+
 @dataclass(kw_only=True)
-class TrainConfig(MoELoRAConfig):
+class TrainConfig(MoELoRAConfig, RouterLossConfig):
     """Everything `kdstudent train` takes (as flags, or in a YAML/JSON file): the student's shape (the fields of
-    MoELoRAConfig) and the run's options."""
+    MoELoRAConfig), its routers' losses (RouterLossConfig) and the run's options. Only the shape is saved with
+    the student."""
 
     store: list[str] = field(metadata={
         "help": "logit store to distil from (path or URL); repeat it to train on a mixture, `--store A --store "
@@ -216,12 +233,22 @@ class TrainConfig(MoELoRAConfig):
     eval_store: str | None = field(default=None, metadata={"help": "held-out store evaluated every eval_every"})
     eval_every: int = field(default=0, metadata={"help": "steps between evaluations; 0: only at the end"})
     eval_rows: int = field(default=256, metadata={"help": "rows of the eval store used per evaluation"})
+    router_bias_update: float = field(default=0.0, metadata={
+        "help": "DeepSeek-V3 auxiliary-loss-free balancing: after every optimizer step each MoE layer's per-expert "
+                "selection bias moves by this much towards balance (+ for underloaded experts, - for overloaded). "
+                "The bias only picks the top-k experts, never weighs them. 0 = off"})
+    router_lr_scale: float = field(default=1.0, metadata={
+        "help": "the routers' learning rate as a multiple of --lr"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    report_to: str = field(default="none", metadata={
+        "help": "also report the metrics to: tensorboard (RUN/tensorboard; needs the tensorboard package) or none. "
+                "metrics.jsonl is always written", "choices": list(REPORT_TO)})
 
     def __post_init__(self) -> None:
         """Refuse options that cannot work now, before a model or a store is loaded (a mistake costs seconds)."""
-        super().__post_init__()
+        MoELoRAConfig.__post_init__(self)
+        RouterLossConfig.__post_init__(self)
         if isinstance(self.store, str):  # one store, as a config file or an earlier run's config may give it
             self.store = [self.store]
         if not self.store:
@@ -235,11 +262,16 @@ class TrainConfig(MoELoRAConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"--{_flag(name)} must be an integer >= {low}, got {value!r} ({_help(name)})")
         for name, positive in (("lr", True), ("temperature", True), ("weight_decay", False),
-                               ("max_grad_norm", False), ("kd_weight", False), ("ce_weight", False)):
+                               ("max_grad_norm", False), ("kd_weight", False), ("ce_weight", False),
+                               ("router_bias_update", False), ("router_lr_scale", False)):
             value = getattr(self, name)
             if not (value > 0 if positive else value >= 0):  # also refuses NaN
                 raise ValueError(f"--{_flag(name)} must be {'>' if positive else '>='} 0, got {value!r} "
                                  f"({_help(name)})")
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"--report-to {self.report_to!r}: one of {', '.join(REPORT_TO)}")
+        if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError("--kd-weight and --ce-weight are both 0: there is nothing to train on")
         try:
@@ -254,6 +286,10 @@ class TrainConfig(MoELoRAConfig):
     def student_config(self) -> MoELoRAConfig:
         """The student's shape: this config's MoELoRAConfig fields."""
         return MoELoRAConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MoELoRAConfig)})
+
+    def router_loss_config(self) -> RouterLossConfig:
+        """The routers' loss coefficients: this config's RouterLossConfig fields."""
+        return RouterLossConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RouterLossConfig)})
 
     def loss_config(self) -> DistillLossConfig:
         return DistillLossConfig(kind=self.loss, alpha=self.skew_alpha, beta=self.jsd_beta,

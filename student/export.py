@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM, PreTr
 
 from student.config import student_spec
 from student.convert import decoder_layers
-from student.io import load_student, resolve_student_dir
+from student.io import load_student, read_student_meta, resolve_student_dir
 from student.moe_lora import MoELoRAMLP
 
 EXPORT_TARGETS = ("mixtral",)
@@ -111,26 +111,29 @@ def expert_weights(moe: MoELoRAMLP) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def mixtral_config(
-    model: PreTrainedModel, num_experts: int, experts_per_token: int, balance_coef: float
+    model: PreTrainedModel, num_experts: int, experts_per_token: int, balance_coef: float | None = None
 ) -> MixtralConfig:
+    """`balance_coef`: the training's, recorded as Mixtral's router_aux_loss_coef (None: Mixtral's default)."""
     src = model.config.to_dict()
     kw = {k: src[k] for k in _COPIED_CONFIG_KEYS if src.get(k) is not None}
     kw["num_hidden_layers"] = len(decoder_layers(model))
+    if balance_coef is not None:
+        kw["router_aux_loss_coef"] = balance_coef
     return MixtralConfig(
         **kw,
         num_local_experts=num_experts,
         num_experts_per_tok=experts_per_token,
-        router_aux_loss_coef=balance_coef,
         architectures=["MixtralForCausalLM"],
     )
 
 
 @torch.no_grad()
 def to_mixtral(
-    student: PreTrainedModel, dtype: torch.dtype = torch.float32, drop_router_bias: bool = False
+    student: PreTrainedModel, dtype: torch.dtype = torch.float32, drop_router_bias: bool = False,
+    balance_coef: float | None = None,
 ) -> MixtralForCausalLM:
     """An in-memory MixtralForCausalLM computing what the student computes (without its router selection bias
-    if `drop_router_bias`; refused if it has one otherwise)."""
+    if `drop_router_bias`; refused if it has one otherwise). `balance_coef`: see `mixtral_config`."""
     moes = _check_exportable(student)
     biased = {m.layer_index: m.router_bias.tolist() for m in moes if bool(m.router_bias.any())}
     if biased and not drop_router_bias:
@@ -142,7 +145,7 @@ def to_mixtral(
         )
     spec = student_spec(student)
     n_exp = moes[0].num_experts
-    cfg = mixtral_config(student, n_exp, spec.config.experts_per_token, spec.config.balance_coef)
+    cfg = mixtral_config(student, n_exp, spec.config.experts_per_token, balance_coef)
     out = MixtralForCausalLM(cfg).to(torch.float32).eval()
     src_inner, dst_inner = student.model, out.model
     dst_inner.embed_tokens.weight.copy_(src_inner.embed_tokens.weight)
@@ -173,21 +176,26 @@ def export_student(
     base_path: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     drop_router_bias: bool = False,
+    balance_coef: float | None = None,
 ) -> Path:
     """Write a standard checkpoint (config, safetensors, tokenizer) for a student or a saved student / run dir.
 
-    `dtype` defaults to the base model's saved dtype (fp32 if it has none). `drop_router_bias`: see `to_mixtral`."""
+    `dtype` defaults to the base model's saved dtype (fp32 if it has none). `drop_router_bias`: see `to_mixtral`.
+    `balance_coef` (Mixtral's router_aux_loss_coef) defaults to the one the student was trained with, when its
+    saved directory records its training (a run's final student), else Mixtral's default."""
     if to not in EXPORT_TARGETS:
         raise UnsupportedExportError(f"unknown export target {to!r}; supported: {', '.join(EXPORT_TARGETS)}")
     source = None
     if not isinstance(student, nn.Module):
         source = str(resolve_student_dir(student))
         student = load_student(source, base_path=base_path)
+        if balance_coef is None:
+            balance_coef = read_student_meta(source).get("extra", {}).get("train_config", {}).get("balance_coef")
     spec = student_spec(student)
     if dtype is None:
         saved = getattr(student.config, "dtype", None)
         dtype = getattr(torch, saved) if isinstance(saved, str) else (saved or torch.float32)
-    mixtral = to_mixtral(student, dtype=dtype, drop_router_bias=drop_router_bias)
+    mixtral = to_mixtral(student, dtype=dtype, drop_router_bias=drop_router_bias, balance_coef=balance_coef)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mixtral.save_pretrained(out)

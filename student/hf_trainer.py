@@ -33,6 +33,7 @@ from logit_store.plan import (
     open_stores,
     parse_store_spec,
 )
+from student.config import RouterLossConfig, is_moe_student
 from student.losses import DistillLossConfig, distill_loss
 
 
@@ -148,7 +149,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def sparse_kd_loss(model: nn.Module, inputs: dict[str, torch.Tensor], config: DistillLossConfig | None = None,
-                   num_items_in_batch: torch.Tensor | int | None = None) -> tuple[torch.Tensor, dict]:
+                   num_items_in_batch: torch.Tensor | int | None = None,
+                   router_config: RouterLossConfig | None = None) -> tuple[torch.Tensor, dict]:
     """The sparse KD (+ CE) loss of a causal LM on a `KDCollator` batch: (loss, metrics of `distill_loss`).
 
     The loss is the sum over the batch's loss tokens divided by `num_items_in_batch` when given (the Trainer's
@@ -157,10 +159,10 @@ def sparse_kd_loss(model: nn.Module, inputs: dict[str, torch.Tensor], config: Di
     one position per row in the forward and, chunk by chunk, to the loss positions in `distill_loss`.
 
     For a MoE-LoRA student (`kdstudent convert`), the metrics also hold `router_loss`: its load-balance and z-losses
-    of this forward (coefficients from the student's config, padding excluded), with their gradient, a mean over
-    this micro-batch's tokens; `KDTrainer` adds it to the loss, as `kdstudent train` does.
+    of this forward (coefficients from `router_config`, default `RouterLossConfig()`; padding excluded), with
+    their gradient, a mean over this micro-batch's tokens; `KDTrainer` adds it to the loss, as `kdstudent train`
+    does.
     """
-    from student.config import is_moe_student
     from student.router_loss import count_only, router_losses
 
     cfg = replace(config or DistillLossConfig(), reduction="sum")
@@ -182,7 +184,7 @@ def sparse_kd_loss(model: nn.Module, inputs: dict[str, torch.Tensor], config: Di
         count = count.to(loss_sum.device)
     loss = loss_sum / (count.clamp(min=1) if torch.is_tensor(count) else max(count, 1))
     if moe:
-        r = router_losses(inner)
+        r = router_losses(inner, router_config)
         metrics = dict(metrics, router_loss=r.loss, balance=r.balance.detach(), z=r.z.detach())
     return loss, metrics
 
@@ -194,19 +196,22 @@ def _forward_of(model: nn.Module):
 
 
 class KDTrainer(Trainer):
-    """`transformers.Trainer` that distils from `StoreDataset` batches with `sparse_kd_loss` (`kd_config`).
+    """`transformers.Trainer` that distils from `StoreDataset` batches with `sparse_kd_loss` (`kd_config`, and a
+    MoE-LoRA student's router losses weighted by `router_config`).
 
     The loss is normalised like the Trainer's own causal-LM loss: by the label tokens of the whole accumulated
     batch over all processes when the Trainer counts them (models whose forward takes **kwargs), so gradient
     accumulation and data parallelism give the gradient of one big batch. Evaluation returns the loss only.
     """
 
-    def __init__(self, *args, kd_config: DistillLossConfig | None = None, **kwargs):
+    def __init__(self, *args, kd_config: DistillLossConfig | None = None,
+                 router_config: RouterLossConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.kd_config = kd_config or DistillLossConfig()
+        self.router_config = router_config or RouterLossConfig()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = sparse_kd_loss(model, inputs, self.kd_config, num_items_in_batch)
+        loss, metrics = sparse_kd_loss(model, inputs, self.kd_config, num_items_in_batch, self.router_config)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count spans all processes
         if "router_loss" in metrics and model.training:  # MoE-LoRA: a mean per micro-batch, averaged over them

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from student.config import is_moe_student, student_spec
+from student.config import RouterLossConfig
 from student.moe_lora import MoELoRAMLP, RouterStats
 
 
@@ -46,17 +46,13 @@ def pooled_balance(stats: list[RouterStats]) -> torch.Tensor:
     return frac.numel() * (frac * prob).sum()
 
 
-def router_losses(model: nn.Module, balance_coef: float | None = None, z_coef: float | None = None) -> RouterLosses:
-    """Aux losses of the latest forward. Coefficients default to the student's MoELoRAConfig.
+def router_losses(model: nn.Module, config: RouterLossConfig | None = None) -> RouterLosses:
+    """Aux losses of the latest forward, weighted by `config`'s coefficients (default: RouterLossConfig()).
 
     Layers with different expert counts (`layer_experts`) cannot be pooled into one product: each group of
     layers sharing a count is pooled, and the groups are averaged weighted by their number of layers."""
     layers = _layers(model)
-    spec = student_spec(model) if is_moe_student(model) else None
-    if balance_coef is None:
-        balance_coef = spec.config.balance_coef if spec is not None else 0.0
-    if z_coef is None:
-        z_coef = spec.config.z_coef if spec is not None else 0.0
+    config = config or RouterLossConfig()
     if not layers:
         zero = torch.zeros(())
         return RouterLosses(zero, zero, zero)
@@ -76,7 +72,7 @@ def router_losses(model: nn.Module, balance_coef: float | None = None, z_coef: f
         groups.setdefault(m.num_experts, []).append(s)
     balance = sum(pooled_balance(g) * len(g) for g in groups.values()) / len(stats)
     z = torch.stack([s.z_sum for s in stats]).sum() / torch.stack([s.tokens for s in stats]).sum().clamp(min=1)
-    return RouterLosses(balance=balance, z=z, loss=balance_coef * balance + z_coef * z)
+    return RouterLosses(balance=balance, z=z, loss=config.balance_coef * balance + config.z_coef * z)
 
 
 def expert_usage(model: nn.Module) -> dict[int, list[float]]:

@@ -12,6 +12,7 @@
                             trainable.safetensors + student/ in the run's last checkpoint only.
       final/student/        the trained MoE-LoRA student (student.io format)
       plots/                `kdstudent plot`
+      tensorboard/          with --report-to tensorboard: the metrics.jsonl scalars as TensorBoard events
       .lock                 locked (lockf) by the training that owns the run; its pid and host inside
 
 The trainer writes these (student/train.py); the readers (load_trained, student.io, plots, the CLI) find them here.
@@ -27,7 +28,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from student.config import TrainConfig
+from student.config import REPORT_TO, TrainConfig
 
 RUN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
@@ -36,6 +37,7 @@ TRAIN_STATE = "train_state.pt"  # in a checkpoint: step, optimizer, scheduler, r
 STUDENT = "student"  # a saved MoE-LoRA student inside a checkpoint or final/
 FINAL = "final"
 LOCK = ".lock"
+TENSORBOARD = "tensorboard"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
@@ -137,6 +139,47 @@ def read_metrics(run: str | os.PathLike) -> list[dict]:
 def append_metrics(run: str | os.PathLike, record: dict) -> None:
     with open(Path(run) / METRICS, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+class MetricsLog:
+    """Where a training's metrics go: metrics.jsonl always, and with `report_to="tensorboard"` every numeric value
+    of each record also as a TensorBoard scalar (`train/loss`, `eval/teacher_kl`, `eval/domains/code/ce`, ...) in
+    RUN/tensorboard. A run resumed at step s drops the events logged after s, as it drops those lines of
+    metrics.jsonl (`truncate_metrics`)."""
+
+    def __init__(self, run: str | os.PathLike, report_to: str = "none", resume_step: int = 0):
+        if report_to not in REPORT_TO:
+            raise ValueError(f"--report-to {report_to!r}: one of {', '.join(REPORT_TO)}")
+        self.run, self.tensorboard = Path(run), None
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(self.run / TENSORBOARD), purge_step=resume_step + 1)
+
+    def append(self, record: dict) -> None:
+        append_metrics(self.run, record)
+        if self.tensorboard is not None:
+            step = record["step"]
+            section = "eval" if "eval" in record else "train"
+            for tag, value in _scalars(record.get("eval", record)):
+                if tag != "step":
+                    self.tensorboard.add_scalar(f"{section}/{tag}", value, step)
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _scalars(record: dict, prefix: str = ""):
+    """(tag, number) for every number in a nested record; list items are tagged by their index."""
+    items = record.items() if isinstance(record, dict) else enumerate(record)
+    for key, value in items:
+        tag = f"{prefix}{key}"
+        if isinstance(value, (dict, list)):
+            yield from _scalars(value, tag + "/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield tag, float(value)
 
 
 def truncate_metrics(run: str | os.PathLike, step: int) -> None:

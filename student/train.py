@@ -33,7 +33,7 @@ from logit_store import KDStream, LogitStore, StoreLoader
 from logit_store.faults import crash_point
 from logit_store.plan import check_store_for_model, open_stores
 from student import distributed
-from student.config import TrainConfig, is_moe_student
+from student.config import RouterLossConfig, TrainConfig, is_moe_student
 from student.losses import DistillLossConfig, distill_loss
 from student.router_loss import (
     count_only,
@@ -48,9 +48,9 @@ from student.run import (
     STUDENT,
     TRAIN_STATE,
     TRAINABLE,
+    MetricsLog,
     RunLock,
     RunLockedError,
-    append_metrics,
     checkpoint_dir,
     checkpoints,
     final_student_dir,
@@ -117,9 +117,9 @@ def check_tokenizer(tokenizer_dir: str, store: LogitStore, model: nn.Module) -> 
 class DistillStep(nn.Module):
     """Student body + chunked-head KD loss + router losses in one forward, so DDP sees the whole step."""
 
-    def __init__(self, model: nn.Module, loss_cfg: DistillLossConfig):
+    def __init__(self, model: nn.Module, loss_cfg: DistillLossConfig, router_cfg: RouterLossConfig):
         super().__init__()
-        self.model, self.loss_cfg = model, loss_cfg
+        self.model, self.loss_cfg, self.router_cfg = model, loss_cfg, router_cfg
         self.is_moe = is_moe_student(model)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -131,7 +131,7 @@ class DistillStep(nn.Module):
         loss_sum, metrics = distill_loss(hidden, head.weight, batch, self.loss_cfg, getattr(head, "bias", None))
         aux = torch.zeros((), device=hidden.device)
         if self.is_moe:
-            r = router_losses(self.model)
+            r = router_losses(self.model, self.router_cfg)
             aux = r.loss
             metrics = dict(metrics, balance=r.balance.detach(), z=r.z.detach())
         return loss_sum, dict(metrics, aux=aux)
@@ -425,7 +425,7 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world: int, device: torch.dev
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    step_module: nn.Module = DistillStep(model, cfg.loss_config())
+    step_module: nn.Module = DistillStep(model, cfg.loss_config(), cfg.router_loss_config())
     if cfg.sharding not in distributed.SHARDINGS:
         raise TrainError(f"--sharding {cfg.sharding!r}: one of {distributed.SHARDINGS}")
     fsdp = cfg.sharding == "fsdp" and world > 1
@@ -449,6 +449,7 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world: int, device: torch.dev
             truncate_metrics(run, step)
         remove_temp_checkpoints(run)
         write_config(run, cfg)
+        log = MetricsLog(run, cfg.report_to, step)
         print(f"student {cfg.student}: {trainable}; {world} process(es), global batch "
               f"{cfg.batch_size * cfg.grad_accum * world} rows" + (f"; resuming at step {step}" if step else ""))
         if len(stores) > 1:
@@ -513,7 +514,7 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world: int, device: torch.dev
                 if is_moe_student(model):
                     record["expert_usage"] = expert_usage(model)
                     record["routing"] = routing_metrics(model)
-                append_metrics(run, record)
+                log.append(record)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
@@ -529,12 +530,14 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world: int, device: torch.dev
             if fsdp:
                 step_module.reshard()
             if rank == 0:
-                append_metrics(run, {"step": step, "eval": result})
+                log.append({"step": step, "eval": result})
             model.train()
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             save_checkpoint(run, step, model, opt, sched, loader, cfg, final=False)
     if bar is not None:
         bar.close()
+    if rank == 0:
+        log.close()
     final = save_checkpoint(run, step, model, opt, sched, loader, cfg)
     if rank == 0 and is_moe_student(model):
         from safetensors.torch import load_file

@@ -219,21 +219,23 @@ def test_kd_trainer_adds_a_moe_students_router_losses(store, tiny_teacher_dir, t
     from student.router_loss import count_only, router_losses
     from student.train import build_model
 
-    model = build_model(TrainConfig(store=store, base=tiny_teacher_dir, out=str(tmp_path), keep_layers="0",
-                                    experts=4, rank=4, attn_rank=4, balance_coef=0.1, z_coef=0.01))
+    cfg = TrainConfig(store=store, base=tiny_teacher_dir, out=str(tmp_path), keep_layers="0", experts=4, rank=4,
+                      attn_rank=4, balance_coef=0.1, z_coef=0.01)
+    model = build_model(cfg)
     ds = StoreDataset(store)
     batch = KDCollator(ds.domain_names)([ds[i] for i in range(6)])
     for accumulation in (1, 3):
         args = TrainingArguments(str(tmp_path / f"ga{accumulation}"), gradient_accumulation_steps=accumulation,
                                  remove_unused_columns=False, report_to=[], save_strategy="no")
-        trainer = KDTrainer(model=model, args=args, train_dataset=ds, data_collator=KDCollator(ds.domain_names))
+        trainer = KDTrainer(model=model, args=args, train_dataset=ds, data_collator=KDCollator(ds.domain_names),
+                            router_config=cfg.router_loss_config())
         trainer.current_gradient_accumulation_steps = accumulation
         model.train()
         count = int(batch["loss_mask"].sum())
         loss = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(count))
         kd, _ = sparse_kd_loss(model, batch, trainer.kd_config, torch.tensor(count))
         count_only(model, batch["attention_mask"])
-        aux = router_losses(model).loss
+        aux = router_losses(model, cfg.router_loss_config()).loss
         assert aux > 0 and torch.is_tensor(aux) and aux.requires_grad
         scaled = trainer.model_accepts_loss_kwargs  # the Trainer divides by the accumulation itself otherwise
         torch.testing.assert_close(loss, kd + (aux / accumulation if scaled else aux))

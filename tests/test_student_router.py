@@ -9,7 +9,7 @@ from student_fixtures import randomize_adapters, sample_ids, save_tiny_model
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from student.config import MoELoRAConfig
+from student.config import MoELoRAConfig, RouterLossConfig
 from student.convert import build_student, moe_modules
 from student.moe_lora import MoELoRAMLP
 from student.router_loss import count_only, expert_usage, router_losses, routing_weights, usage_imbalance
@@ -87,7 +87,7 @@ def _loss_and_grads(model, ids, checkpointing: bool):
     calls = []
     hooks = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in moe_modules(model)]
     out = model(ids, labels=ids)
-    aux = router_losses(model)
+    aux = router_losses(model, RouterLossConfig(balance_coef=0.1, z_coef=0.01))
     (out.loss + aux.loss).backward()
     for h in hooks:
         h.remove()
@@ -96,7 +96,7 @@ def _loss_and_grads(model, ids, checkpointing: bool):
 
 
 def test_router_losses_are_counted_once_under_gradient_checkpointing(llama_dir, one_thread):
-    cfg = MoELoRAConfig(experts=4, rank=4, balance_coef=0.1, z_coef=0.01)
+    cfg = MoELoRAConfig(experts=4, rank=4)
     student = build_student(llama_dir, cfg)
     randomize_adapters(student)
     ids = sample_ids()

@@ -199,9 +199,9 @@ def test_balance_loss_is_transformers_mixtral_loss(llama_dir, k, padded, one_thr
 
 
 def test_export_records_the_coefficient_and_mixtral_computes_the_same_aux_loss(llama_dir, tmp_path):
-    student = build_student(llama_dir, MoELoRAConfig(experts=4, rank=4, balance_coef=0.02)).eval()
+    student = build_student(llama_dir, MoELoRAConfig(experts=4, rank=4)).eval()
     randomize_adapters(student)
-    mixtral = AutoModelForCausalLM.from_pretrained(export_student(student, tmp_path / "mx")).eval()
+    mixtral = AutoModelForCausalLM.from_pretrained(export_student(student, tmp_path / "mx", balance_coef=0.02)).eval()
     assert mixtral.config.router_aux_loss_coef == 0.02
     ids = sample_ids(batch=2, seq=12)
     mask = torch.ones_like(ids)

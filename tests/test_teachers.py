@@ -285,9 +285,9 @@ def test_vllm_context_and_kv_cache_follow_the_rows(long_bf16_teacher):
     def options(**kw):
         return _teacher_options(BuildConfig(teacher="t", data="d", out="o", backend="vllm", **kw))
 
-    assert options(max_seq_len=2048)["max_model_len"] == 2049
-    assert options(max_seq_len=256, generate=True, max_new_tokens=1024)["max_model_len"] == 257
-    assert options(max_seq_len=256, max_model_len=4096)["max_model_len"] == 4096
+    assert options(max_seq_len=2048)["options"].max_model_len == 2049
+    assert options(max_seq_len=256, generate=True, max_new_tokens=1024)["options"].max_model_len == 257
+    assert options(max_seq_len=256, max_model_len=4096)["options"].max_model_len == 4096
     assert options(max_seq_len=256)["dtype"] == "float32" and options(dtype="bfloat16")["dtype"] == "bfloat16"
     with pytest.raises(TeacherError, match="--max-model-len 100 is shorter"):
         options(max_seq_len=256, max_model_len=100)

@@ -205,3 +205,35 @@ def test_a_bf16_base_trains_and_evaluates(store, tiny_teacher_dir, tmp_path, cap
     capsys.readouterr()
     assert kdstudent.main(["eval", "--model", str(tmp_path), "--store", store, "--json"]) == 0
     assert np.isfinite(json.loads(capsys.readouterr().out)["teacher_kl"])
+
+
+def test_report_to_tensorboard_mirrors_metrics_and_a_resume_replaces_the_lost_steps(store, tiny_teacher_dir,
+                                                                                     tmp_path):
+    """--report-to tensorboard: every logged step's scalars as TensorBoard events beside metrics.jsonl; a resume
+    from step 3 drops the events of the steps after it and logs them again, so each step has one value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def events(run) -> dict[str, list[tuple[int, float]]]:
+        acc = EventAccumulator(str(run / "tensorboard"))
+        acc.Reload()
+        return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+    def same(got: list[tuple[int, float]], want: list[tuple[int, float]]) -> bool:  # events hold float32
+        return [s for s, _ in got] == [s for s, _ in want] and [v for _, v in got] == pytest.approx(
+            [v for _, v in want], rel=1e-6)
+
+    run = tmp_path / "run"
+    train(_cfg(store, tiny_teacher_dir, run, save_every=3, keep_checkpoints=5, report_to="tensorboard",
+               eval_store=store, eval_rows=8))
+    logged = events(run)
+    assert same(logged["train/loss"], _losses(run))
+    teacher_kl = [(r["step"], r["eval"]["teacher_kl"]) for r in read_metrics(run) if "eval" in r]
+    assert same(logged["eval/teacher_kl"], teacher_kl) and len(teacher_kl) == 1
+    assert "train/routing/0/experts_by_load" in logged or any(t.startswith("train/expert_usage/") for t in logged)
+    shutil.rmtree(run / "checkpoint-6")
+    shutil.rmtree(run / "final")
+    train(_cfg(store, tiny_teacher_dir, run, resume=True, report_to="tensorboard", eval_store=store, eval_rows=8))
+    again = events(run)
+    assert same(again["train/loss"], _losses(run)) and [s for s, _ in again["train/loss"]] == list(range(1, 7))
+    with pytest.raises(ValueError, match="report-to"):
+        _cfg(store, tiny_teacher_dir, run, report_to="wandb")

@@ -9,7 +9,9 @@ bypass it and have had stale-value bugs with it).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -42,17 +44,29 @@ def cpu_kv_cache_bytes(config, dtype: str, max_model_len: int | None) -> int:
     return max(CPU_KV_FLOOR, _KV_ROWS * (max_model_len + 128) * per_token)  # + a block of slack per row
 
 
+@dataclass
+class VLLMOptions:
+    """The vLLM engine settings a build passes through, each declared once (`BuildConfig` inherits them; unset
+    ones are left to vLLM, except the CPU KV cache, sized from the rows: `cpu_kv_cache_bytes`)."""
+
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs per teacher"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "vllm: context length limit (default: --max-seq-len + 1, the longest sequence a build passes)"})
+    max_num_batched_tokens: int | None = field(default=None, metadata={
+        "help": "vllm: tokens per engine step (bounds prompt-logprob memory)"})
+    gpu_memory_utilization: float | None = field(default=None, metadata={"help": "vllm: GPU memory fraction"})
+    kv_cache_memory_bytes: int | None = field(default=None, metadata={"help": "vllm: KV cache size in bytes"})
+
+
 class VLLMTeacher(Teacher):
-    """A vLLM engine over a teacher folder. `max_model_len` should be the longest sequence the caller will pass
-    (`kdstore build` gives --max-seq-len + 1, or what --generate can reach); None leaves vLLM's default, the
-    model's native context."""
+    """A vLLM engine over a teacher folder. `options.max_model_len` should be the longest sequence the caller will
+    pass (`kdstore build` gives --max-seq-len + 1, or what --generate can reach); None leaves vLLM's default, the
+    model's native context. `engine_args`: any other `vllm.LLM` argument, passed as it is."""
 
     backend = "vllm"
 
-    def __init__(self, path: str, dtype: str = "auto", max_logprobs: int = 128, tensor_parallel_size: int = 1,
-                 max_model_len: int | None = None, max_num_batched_tokens: int | None = None,
-                 gpu_memory_utilization: float | None = None, kv_cache_memory_bytes: int | None = None,
-                 seed: int = 0, engine_args: dict | None = None):
+    def __init__(self, path: str, dtype: str = "auto", max_logprobs: int = 128, seed: int = 0,
+                 options: VLLMOptions | None = None, engine_args: dict | None = None):
         import torch
 
         on_cpu = not torch.cuda.is_available()
@@ -67,21 +81,14 @@ class VLLMTeacher(Teacher):
         except (OSError, ValueError) as e:
             raise TeacherError(f"cannot read the teacher's config at {path!r}: {e}") from e
         self.vocab_size = int(config.vocab_size)
-        args = dict(model=path, dtype=dtype, max_logprobs=max_logprobs, tensor_parallel_size=tensor_parallel_size,
-                    enable_prefix_caching=False, seed=seed)
-        if max_model_len:
-            args["max_model_len"] = max_model_len
-        if max_num_batched_tokens:
-            args["max_num_batched_tokens"] = max_num_batched_tokens
-        if gpu_memory_utilization:
-            args["gpu_memory_utilization"] = gpu_memory_utilization
-        if kv_cache_memory_bytes:
-            args["kv_cache_memory_bytes"] = kv_cache_memory_bytes
-        elif on_cpu and not gpu_memory_utilization:  # vLLM would otherwise reserve 92 % of RAM
-            text = config.get_text_config() if hasattr(config, "get_text_config") else config
-            context = max_model_len or getattr(text, "max_position_embeddings", None)
+        options = options or VLLMOptions()
+        args = dict(model=path, dtype=dtype, max_logprobs=max_logprobs, enable_prefix_caching=False, seed=seed)
+        args.update({k: v for k, v in dataclasses.asdict(options).items() if v is not None})
+        if on_cpu and options.kv_cache_memory_bytes is None and options.gpu_memory_utilization is None:
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config  # else vLLM
+            context = options.max_model_len or getattr(text, "max_position_embeddings", None)  # takes 92 % of RAM
             args["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(config, dtype, context)
-        if on_cpu and tensor_parallel_size == 1:
+        if on_cpu and options.tensor_parallel_size == 1:
             args["distributed_executor_backend"] = "uni"
         args.update(engine_args or {})
         self.llm = LLM(**args)
