@@ -167,7 +167,7 @@ def cmd_build(argv: list[str]) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from logit_store.manifest import merge_workers
+    from logit_store.build import merge_workers
 
     m = merge_workers(args.store, allow_incomplete=args.allow_incomplete)
     print(f"merged {len(m.shards)} shards, {m.rows:,} rows, {m.tokens:,} tokens into {args.store}/manifest.json "

@@ -2,7 +2,7 @@
 
 Worker i of N takes the input examples with index % N == i and writes its own shards
 (`shard-wIIIII-NNNNN.arrow`) and manifest (`manifest-wIIIII-of-NNNNN.json`) into the shared store directory;
-`manifest.merge_workers` (kdstore merge) then writes the combined manifest.json. With one worker the build writes
+`merge_workers` (kdstore merge) then writes the combined manifest.json. With one worker the build writes
 manifest.json itself.
 
 Exact under interruption: the rows a worker produces are a pure function of its input share, and so are the
@@ -22,10 +22,11 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from . import fs as storefs
 from .card import license_problem, write_card
-from .format import worker_names
+from .format import WORKER_MANIFEST, worker_names
 from .inputs import (
     Example,
     ExampleTokenizer,
@@ -454,3 +455,41 @@ def _update(bar, stats: InputStats, summary: BuildSummary, start: float) -> None
         rate = summary.new_tokens / max(time.time() - start - summary.load_seconds, 1e-9)
         bar.set_postfix(tok_s=f"{rate:,.0f}",
                         skipped=sum(stats.skipped.values()), refresh=False)
+
+
+def merge_workers(store: str, allow_incomplete: bool = False) -> Manifest:
+    """Combine the worker manifests of a multi-worker build into manifest.json (`kdstore merge`), and write the
+    store's dataset card (README.md, `card.write_card`), which no worker writes."""
+    fs, root = storefs.resolve(store)
+    found = {}
+    for info in fs.get_file_info(pafs.FileSelector(root)):
+        m = WORKER_MANIFEST.fullmatch(info.base_name)
+        if m:
+            found[int(m.group(1))] = (int(m.group(2)), info.base_name)
+    if not found:
+        raise ManifestError(f"{store}: no worker manifests (manifest-wIIIII-of-NNNNN.json) to merge")
+    counts = {n for n, _ in found.values()}
+    if len(counts) != 1:
+        raise ManifestError(f"{store}: worker manifests of different worker counts {sorted(counts)}")
+    (count,) = counts
+    missing = sorted(set(range(count)) - set(found))
+    parts = [Manifest.load(fs, root, found[i][1]) for i in sorted(found)]
+    incomplete = [i for i, p in zip(sorted(found), parts, strict=True) if p.status != "complete"]
+    if (missing or incomplete) and not allow_incomplete:
+        raise ManifestError(f"{store}: workers {missing} have not started and workers {incomplete} have not "
+                            "finished; rerun them (with --resume), or merge anyway with --allow-incomplete")
+    if len({p.fingerprint() for p in parts}) != 1:
+        workers = sorted(found)
+        j = next(j for j, p in enumerate(parts) if p.fingerprint() != parts[0].fingerprint())
+        differ = "; ".join(parts[0].differences(parts[j]))
+        raise ManifestError(f"{store}: the workers were run with different settings; they cannot form one store "
+                            f"(worker {workers[0]} vs worker {workers[j]}: {differ})")
+    merged = dataclasses.replace(parts[0], shards=[s for p in parts for s in p.shards],
+                                 status="complete" if not (missing or incomplete) else "in_progress")
+    if merged.status == "complete" and not merged.shards:
+        raise ManifestError(f"{store}: none of the {count} workers stored a row (their inputs were empty or every "
+                            "example was skipped: each worker's build summary counts the skips); check --data and "
+                            "--text-field, then build again")
+    merged.save(fs, root)
+    write_card(fs, root, merged)
+    return merged

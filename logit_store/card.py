@@ -1,6 +1,6 @@
 """The dataset card (`README.md`) of a store, so that a store directory can be published as a dataset as it is.
 
-`kdstore build` (single worker) and `merge_workers` (`kdstore merge`) write it; `kdstore info STORE --card`
+`kdstore build` (single worker) and `build.merge_workers` (`kdstore merge`) write it; `kdstore info STORE --card`
 prints it again. It is a pure function of the manifest, so the card printed for a store is byte for byte the
 file its build wrote, on any copy of the store. Its YAML front matter is what the Hugging Face Hub reads for a
 dataset (license, tags, size, and `configs` pointing `datasets` at the shard files); its body says what the

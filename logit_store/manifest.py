@@ -1,6 +1,4 @@
-"""The manifest: what a store's data means (so a shared store is reused safely) and which shards hold it.
-
-Also `merge_workers`, which combines the manifests of a multi-worker build into the store's own."""
+"""The manifest: what a store's data means (so a shared store is reused safely) and which shards hold it."""
 
 from __future__ import annotations
 
@@ -14,9 +12,8 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from . import fs as storefs
-from .card import write_card
 from .codecs import CODEC_NAME, DEFAULT_ID_ORDER_HEAD, DEFAULT_LEVELS, id_width
-from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_FILE, WORKER_MANIFEST
+from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_FILE
 from .version import __version__
 
 # the sections that say what a store's data means: equal in two manifests <=> the same fingerprint
@@ -277,44 +274,6 @@ class Manifest:
                 faults.append((f"{where}.target_positions", f"{s.target_positions:,} is impossible for {s.rows:,} "
                                f"rows of {s.tokens:,} tokens (each row predicts 1 to length - 1 of its tokens)"))
         return faults
-
-
-def merge_workers(store: str, allow_incomplete: bool = False) -> Manifest:
-    """Combine the worker manifests of a multi-worker build into manifest.json, and write the store's dataset
-    card (README.md, `card.write_card`), which no worker writes: here, so the Python API gets it too."""
-    fs, root = storefs.resolve(store)
-    found = {}
-    for info in fs.get_file_info(pafs.FileSelector(root)):
-        m = WORKER_MANIFEST.fullmatch(info.base_name)
-        if m:
-            found[int(m.group(1))] = (int(m.group(2)), info.base_name)
-    if not found:
-        raise ManifestError(f"{store}: no worker manifests (manifest-wIIIII-of-NNNNN.json) to merge")
-    counts = {n for n, _ in found.values()}
-    if len(counts) != 1:
-        raise ManifestError(f"{store}: worker manifests of different worker counts {sorted(counts)}")
-    (count,) = counts
-    missing = sorted(set(range(count)) - set(found))
-    parts = [Manifest.load(fs, root, found[i][1]) for i in sorted(found)]
-    incomplete = [i for i, p in zip(sorted(found), parts, strict=True) if p.status != "complete"]
-    if (missing or incomplete) and not allow_incomplete:
-        raise ManifestError(f"{store}: workers {missing} have not started and workers {incomplete} have not "
-                            "finished; rerun them (with --resume), or merge anyway with --allow-incomplete")
-    if len({p.fingerprint() for p in parts}) != 1:
-        workers = sorted(found)
-        j = next(j for j, p in enumerate(parts) if p.fingerprint() != parts[0].fingerprint())
-        differ = "; ".join(parts[0].differences(parts[j]))
-        raise ManifestError(f"{store}: the workers were run with different settings; they cannot form one store "
-                            f"(worker {workers[0]} vs worker {workers[j]}: {differ})")
-    merged = dataclasses.replace(parts[0], shards=[s for p in parts for s in p.shards],
-                                 status="complete" if not (missing or incomplete) else "in_progress")
-    if merged.status == "complete" and not merged.shards:
-        raise ManifestError(f"{store}: none of the {count} workers stored a row (their inputs were empty or every "
-                            "example was skipped: each worker's build summary counts the skips); check --data and "
-                            "--text-field, then build again")
-    merged.save(fs, root)
-    write_card(fs, root, merged)
-    return merged
 
 
 def _vllm_version() -> str | None:

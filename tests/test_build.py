@@ -11,9 +11,9 @@ import pytest
 
 from assets.synthetic import synthetic_corpus
 from logit_store import KDStream, LogitStore
-from logit_store.build import BuildConfig, build
+from logit_store.build import BuildConfig, build, merge_workers
 from logit_store.inputs import InputError
-from logit_store.manifest import ManifestError, merge_workers
+from logit_store.manifest import ManifestError
 from logit_store.teachers import TeacherError
 from logit_store.teachers.hf import HFTeacher
 

@@ -13,10 +13,9 @@ from assets.synthetic import synthetic_corpus
 from cli import kdstore
 from cli.config import parse_config
 from logit_store import KDStream, LogitStore, Manifest, ShardInfo, TargetSpec
-from logit_store.build import BuildConfig, build
+from logit_store.build import BuildConfig, build, merge_workers
 from logit_store.card import CARD_NAME, build_command, data_files, render_card
 from logit_store.inputs import InputError
-from logit_store.manifest import merge_workers
 from logit_store.teachers.hf import HFTeacher
 
 

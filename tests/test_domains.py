@@ -123,7 +123,7 @@ def test_domain_options_are_checked_before_anything_loads(tiny_teacher_dir, tmp_
 
 
 def test_workers_merge_their_domain_counts(tiny_teacher_dir, hf_teacher, mixed, tmp_path):
-    from logit_store.manifest import merge_workers
+    from logit_store.build import merge_workers
 
     path, _ = mixed
     data = _jsonl(tmp_path / "d.jsonl", _records())
