@@ -458,7 +458,7 @@ def bf16_agreement(ctx: Check) -> dict:
             for name, p in sorted(model.named_parameters()):
                 if p.requires_grad and ("lora_B" in name or name.endswith(("in_B", "out_B"))):
                     p.copy_(torch.randn(p.shape, generator=g).to(p) * 0.01)
-        step = DistillStep(model, cfg.loss_config())
+        step = DistillStep(model, cfg.loss_config(), cfg.router_loss_config())
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, m = step(batch)
         tokens = float(batch["loss_mask"].sum())
@@ -492,7 +492,7 @@ def full_large(ctx: Check) -> dict:
     base = ctx.reset_peak()
     model = build_model(cfg).to(ctx.device)
     model.train()
-    step = DistillStep(model, cfg.loss_config())
+    step = DistillStep(model, cfg.loss_config(), cfg.router_loss_config())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     stream = KDStream(ctx.store, size["batch"], shuffle=False, rank=0, world_size=1)
     it = iter(stream)

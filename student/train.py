@@ -117,9 +117,9 @@ def check_tokenizer(tokenizer_dir: str, store: LogitStore, model: nn.Module) -> 
 class DistillStep(nn.Module):
     """Student body + chunked-head KD loss + router losses in one forward, so DDP sees the whole step."""
 
-    def __init__(self, model: nn.Module, loss_cfg: DistillLossConfig, router_cfg: RouterLossConfig):
+    def __init__(self, model: nn.Module, loss_cfg: DistillLossConfig, router_cfg: RouterLossConfig | None = None):
         super().__init__()
-        self.model, self.loss_cfg, self.router_cfg = model, loss_cfg, router_cfg
+        self.model, self.loss_cfg, self.router_cfg = model, loss_cfg, router_cfg or RouterLossConfig()
         self.is_moe = is_moe_student(model)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -18,7 +18,7 @@ def main(base: str) -> None:
                       seed=1, bf16=True)
     reference = [m.router.weight.detach().clone() for m in build_model(cfg).modules() if isinstance(m, MoELoRAMLP)]
     model = build_model(cfg)  # the same init (seeded)
-    step = DistillStep(model, cfg.loss_config())
+    step = DistillStep(model, cfg.loss_config(), cfg.router_loss_config())
     apply_fsdp(step, model, device, bf16=True)
     seen = []
     routers = [m.router for m in model.modules() if isinstance(m, MoELoRAMLP)]
