@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from logit_store.fingerprint import model_fingerprint
+from logit_store.model_logits import LogitTransformError, check_served_logits
 from student.config import (
     MoELoRAConfig,
     StudentSpec,
@@ -93,6 +94,10 @@ def load_base(
         kept = parse_layers(keep, len(decoder_layers(model)))
         keep_layers(model, kept)
     model.eval()
+    try:  # the losses apply the LM head themselves: refuse a logit post-processing they would not reproduce
+        check_served_logits(model)
+    except LogitTransformError as e:
+        raise UnsupportedModelError(str(e)) from None
     return model, kept
 
 

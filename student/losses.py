@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # the loss takes any object with its interface; the definition lives with the teachers' backends
+    from logit_store.model_logits import LogitTransform
 
 KINDS = ("fkl", "rkl", "skl", "srkl", "jsd")
 # Finite stand-in for log 0: exp(NEG) == 0 exactly in every float dtype, and NEG keeps -inf (and the NaN
@@ -80,10 +84,13 @@ def distill_loss(
     batch: dict[str, torch.Tensor],
     config: DistillLossConfig | None = None,
     lm_head_bias: torch.Tensor | None = None,
+    logit_transform: LogitTransform | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """KD (+ CE) loss from the student's final hidden states [B, T, H] (after the final norm) and its LM head.
 
     `batch` is a `logit_store.stream.KDBatch`: position t's targets describe token t + 1, like the logits.
+    `logit_transform`: what the model does to its head's output (`logit_store.model_logits.logit_transform(model)`:
+    Granite's scaling, Gemma-2's softcap, ...), so that the loss sees the logits the model serves.
     Returns (loss, metrics); metrics are detached tensors (kd, ce, loss, tokens, student/teacher tail mass).
     """
     cfg = config or DistillLossConfig()
@@ -103,7 +110,7 @@ def distill_loss(
     ids = torch.cat([t["ids"], t["labels"].clamp(min=0)[:, None]], 1)
     raw, lse, tail_lse, lse1 = _ChunkedHead.apply(
         h, lm_head_weight, lm_head_bias, ids, t["mask"], 1.0 / cfg.temperature, plain_lse, cfg.chunk_size,
-        compute_dtype, cfg.keep_logits,
+        compute_dtype, cfg.keep_logits, logit_transform,
     )
     inv_t = 1.0 / cfg.temperature
     lq = _student_buckets(raw[:, :-1] * inv_t, lse, tail_lse, t["mask"])
@@ -137,11 +144,14 @@ class _ChunkedHead(torch.autograd.Function):
     and lse1 [N] of the raw logits if `plain_lse` (else empty). The tail is a masked logsumexp rather than
     log(1 - sum q): exact, with no cancellation when the candidates hold almost all the mass.
     Matmuls run in `compute_dtype` (bf16 under autocast), everything else in fp32 (fp64 for fp64 inputs).
+    "Logits" are the served ones: `transform` (the model's scaling / softcap) applied to each chunk's head output;
+    the backward multiplies by its derivative (a softcap needs one more [chunk, V] buffer there).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, cand_mask, inv_temp, plain_lse, chunk_size, compute_dtype,
-                keep_logits=False):
+                keep_logits=False, transform=None):
+        transform = None if transform is None or transform.identity else transform
         acc = _acc_dtype(compute_dtype)
         n, s = hidden.shape[0], cand_mask.shape[1]
         raw = hidden.new_empty((n, ids.shape[1]), dtype=acc)
@@ -152,7 +162,7 @@ class _ChunkedHead(torch.autograd.Function):
             w = weight.to(compute_dtype)
             for lo in range(0, n, chunk_size):
                 sl = slice(lo, lo + chunk_size)
-                z = _logits(hidden[sl], w, bias, acc)
+                z = _logits(hidden[sl], w, bias, acc, transform)
                 if keep_logits:
                     ctx.kept.append(z.clone())
                 raw[sl] = z.gather(1, ids[sl])
@@ -165,14 +175,14 @@ class _ChunkedHead(torch.autograd.Function):
                 tail_lse[sl] = torch.logsumexp(z, 1)
                 del z
         ctx.save_for_backward(hidden, weight, bias, ids, cand_mask, lse, tail_lse, lse1)
-        ctx.cfg = (inv_temp, plain_lse, chunk_size, compute_dtype)
+        ctx.cfg = (inv_temp, plain_lse, chunk_size, compute_dtype, transform)
         ctx.set_materialize_grads(False)  # an unused output (e.g. lse1 kept as a metric) costs nothing in backward
         return raw, lse, tail_lse, lse1
 
     @staticmethod
     def backward(ctx, g_raw, g_lse, g_tail, g_lse1):
         hidden, weight, bias, ids, cand_mask, lse, tail_lse, lse1 = ctx.saved_tensors
-        inv_temp, plain_lse, chunk_size, compute_dtype = ctx.cfg
+        inv_temp, plain_lse, chunk_size, compute_dtype, transform = ctx.cfg
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc = _acc_dtype(compute_dtype)
         n, s = hidden.shape[0], cand_mask.shape[1]
@@ -188,9 +198,10 @@ class _ChunkedHead(torch.autograd.Function):
                 sl = slice(lo, lo + chunk_size)
                 kept = None if ctx.kept is None else ctx.kept[i]
                 if kept is None:  # (also a second backward through a kept graph: the first one used them)
-                    z = _logits(hidden[sl], w, bias, acc)
+                    z = _logits(hidden[sl], w, bias, acc, transform)
                 else:  # modified in place below: released chunk by chunk
                     z, ctx.kept[i] = kept, None
+                dzdh = transform.grad_factor(z) if transform is not None else None  # served logit / head output
                 # d loss / d raw logits: softmax-shaped terms + the gathered entries; two [C, V] buffers at τ = 1
                 dz = None
                 if plain_lse and g_lse1 is not None:
@@ -210,6 +221,9 @@ class _ChunkedHead(torch.autograd.Function):
                 del z
                 if g_raw is not None:
                     dz.scatter_add_(1, ids[sl], g_raw[sl])
+                if dzdh is not None:  # from d loss / d served logits to d loss / d head output
+                    dz.mul_(dzdh)
+                    del dzdh
                 if need_b:
                     grad_b += dz.sum(0)
                 dzc, hc = dz.to(compute_dtype), hidden[sl].to(compute_dtype)
@@ -232,6 +246,7 @@ class _ChunkedHead(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -239,9 +254,13 @@ def _acc_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if compute_dtype == torch.float64 else torch.float32
 
 
-def _logits(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
+def _logits(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype,
+            transform: LogitTransform | None = None) -> torch.Tensor:
+    """A chunk's served logits in `acc`: the head's output, then the model's post-processing (in place)."""
     z = (h.to(w.dtype) @ w.T).to(acc)
-    return z.add_(bias.to(acc)) if bias is not None else z
+    if bias is not None:
+        z.add_(bias.to(acc))
+    return transform.apply_(z) if transform is not None else z
 
 
 def _valid_index(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,6 +359,7 @@ def dense_distill_loss(
     batch: dict[str, torch.Tensor],
     config: DistillLossConfig | None = None,
     lm_head_bias: torch.Tensor | None = None,
+    logit_transform: LogitTransform | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Same loss the obvious way: full [B, T, V] logits, bucket masses as probability sums. For tests/benchmarks.
 
@@ -349,6 +369,7 @@ def dense_distill_loss(
     cfg = config or DistillLossConfig()
     logits = F.linear(hidden, lm_head_weight, lm_head_bias)
     logits = logits if logits.dtype == torch.float64 else logits.float()
+    logits = logit_transform(logits) if logit_transform is not None else logits
     probs = torch.softmax(logits / cfg.temperature, -1)  # [B, T, V]
     ids, tmask = batch["target_ids"], batch["target_mask"].bool()
     valid = torch.cat([tmask, torch.ones_like(tmask[..., :1])], -1)

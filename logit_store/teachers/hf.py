@@ -10,19 +10,23 @@ import numpy as np
 import torch
 
 from ..codecs import SampledTargets, TopKTargets, sampled_from_draws
+from ..model_logits import LogitTransformError, check_served_logits, logit_transform
 from .base import Row, Teacher, TeacherError, draws_from_topk, resolve_dtype
 
 
 class HFTeacher(Teacher):
-    """Never holds [batch, seq, vocab] logits: hidden states once, then the head over `chunk_positions`."""
+    """Never holds [batch, seq, vocab] logits: hidden states once, then the head over `chunk_positions`, each chunk
+    post-processed as the model's own forward does (`model_logits`: Granite's scaling, Gemma-2's softcap, ...)."""
 
     backend = "hf"
 
     def __init__(self, model, name_or_path: str = "", dtype: str = "float32", chunk_positions: int = 1024,
                  batch_tokens: int = 16384):
         cfg = model.config
-        if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-            raise TeacherError(f"{type(model).__name__} post-processes its logits; use the vllm backend")
+        try:  # the stored distribution is what model(...).logits gives: its family's post-processing included
+            self.transform = check_served_logits(model)
+        except LogitTransformError as e:
+            raise TeacherError(f"hf backend: {e}") from None
         self.model = model.eval()
         self.body = model.base_model
         self.head = model.get_output_embeddings()
@@ -34,8 +38,16 @@ class HFTeacher(Teacher):
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "auto", device: str | None = None, **kw) -> HFTeacher:
         """Load a teacher folder in `dtype` (`auto`: float32, as on every backend; see `resolve_dtype`)."""
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except Exception as e:  # the same failures as the weights' below, reported the same way
+            raise TeacherError(f"cannot load teacher {path!r} with transformers ({type(e).__name__}: {e})") from e
+        try:  # an unknown logit post-processing is refused by name before any weight loads
+            logit_transform(config)
+        except LogitTransformError as e:
+            raise TeacherError(f"hf backend: {e}") from None
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, resolve_dtype(dtype)))
         except Exception as e:  # missing, unreadable or corrupt files (OSError, SafetensorError, ...): name the teacher
@@ -69,7 +81,7 @@ class HFTeacher(Teacher):
                 pos = torch.as_tensor(np.flatnonzero(rows[i][1]) - 1, device=device)  # logits at t predict t + 1
                 h = hidden[b, pos]
                 for lo in range(0, h.shape[0], self.chunk):
-                    yield i, self.head(h[lo : lo + self.chunk]).float()
+                    yield i, self.transform.apply_(self.head(h[lo : lo + self.chunk]).float())
 
     def topk(self, rows: list[Row], k: int) -> list[TopKTargets]:
         parts: list[list] = [[] for _ in rows]
