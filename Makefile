@@ -56,6 +56,12 @@ bench-build: teacher
 bench-moe: install
 	$(PY) -m benchmarks.moe_bench --json benchmarks/results/moe_bench.json
 
+# Bytes of shards hashed per run and per epoch, 1-2 ranks x 0-4 workers, both training paths (docs/PERFORMANCE.md).
+# BEFORE=<a checkout of earlier code> (git worktree add /tmp/before <commit>) measures it too, side by side.
+.PHONY: bench-hash
+bench-hash: install
+	$(PY) -m benchmarks.hash_bench $(if $(BEFORE),--before $(BEFORE)) --json benchmarks/results/hash_bench.json
+
 # One GPU, bare machine, <= 5 min: capture, training tok/s + memory, MoE fast path, chunked loss, bf16 numerics.
 # `python -m benchmarks.gpu_check --dry-run` runs the same code at tiny sizes on a CPU.
 gpu-check: install

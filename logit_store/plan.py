@@ -224,31 +224,46 @@ class DecodedBatches:
 
 
 # ================================================================ in what order
-def mixture_rows(stores: list[LogitStore], rows: list[int], weights: list[float | None]) -> tuple[list[int],
-                                                                                                list[float]]:
-    """How many rows of each store (`rows` each) one epoch of a mixture holds, and each store's share of the tokens.
+MIX_BY = ("positions", "tokens")  # what a mixture weight is a share of (`mixture_rows`)
 
-    A weight is a store's share of the tokens the student trains on (rows' tokens, `Manifest.tokens`). Stores without
-    one share what the others leave, in proportion to their tokens (all without one: every store in proportion to
-    its tokens, so an epoch reads each store once); weights given for every store are normalised. An epoch of the
-    mixture holds as many rows as the stores together, split so each store's rows carry its share of the tokens."""
+
+def _counts(stores: list[LogitStore], by: str) -> np.ndarray:
+    """Each store's loss positions (`Manifest.target_positions`) or tokens (`Manifest.tokens`)."""
+    if by not in MIX_BY:
+        raise ValueError(f"mix_by {by!r}: one of {', '.join(MIX_BY)}")
+    return np.array([s.manifest.target_positions if by == "positions" else s.manifest.tokens for s in stores],
+                    np.float64)
+
+
+def mixture_rows(stores: list[LogitStore], rows: list[int], weights: list[float | None],
+                 by: str = "positions") -> tuple[list[int], list[float]]:
+    """How many rows of each store (`rows` each) one epoch of a mixture holds, and each store's share (the weights
+    resolved).
+
+    A weight is a store's share of what the loss averages over: its loss positions (`by="positions"`, the
+    default: `Manifest.target_positions`, the tokens that carry a target), or, with `by="tokens"`, of the rows'
+    tokens (`Manifest.tokens`; the rule before loss positions, which a prompt-masked store's weight overstates:
+    0.5 gave it 18 % of the loss positions). Stores without a weight share what the others leave, in proportion
+    to their positions (tokens); all without one: every store once per epoch, whatever `by`. Weights given for
+    every store are normalised. An epoch of the mixture holds as many rows as the stores together, split so each
+    store's rows carry its share (within about one row's worth: rows are whole)."""
     for store, w in zip(stores, weights, strict=True):
         if w is not None and not 0 < w < float("inf"):
             raise ValueError(f"{store.root}: weight {w!r} is not a positive number")
-    tokens = np.array([s.manifest.tokens for s in stores], np.float64)
+    amount = _counts(stores, by)
     rows = np.array(rows, np.float64)
     free = np.array([w is None for w in weights])
     given = np.array([0.0 if w is None else w for w in weights])
     if free.all():
-        share = tokens / tokens.sum()
+        share = amount / amount.sum()
     elif not free.any():
         share = given / given.sum()
     elif given.sum() >= 1:
         raise ValueError(f"the weights given ({given.sum():g} in all) leave nothing for the "
                          f"{int(free.sum())} store(s) without one: give every store a weight, or weights below 1")
     else:
-        share = given + free * (1 - given.sum()) * tokens / tokens[free].sum()
-    per_row = share / (tokens / rows)  # rows needed for each unit of token share
+        share = given + free * (1 - given.sum()) * amount / amount[free].sum()
+    per_row = share / (amount / rows)  # rows needed for each unit of share
     exact = per_row / per_row.sum() * rows.sum()
     counts = np.floor(exact).astype(np.int64)
     counts[np.argsort(counts - exact)[: int(rows.sum() - counts.sum())]] += 1  # largest remainders
@@ -257,6 +272,13 @@ def mixture_rows(stores: list[LogitStore], rows: list[int], weights: list[float 
             raise ValueError(f"{store.root}: a weight of {w:.2g} gives it no row in an epoch of the mixture "
                              f"({int(rows.sum()):,} rows): raise its weight or leave the store out")
     return [int(n) for n in counts], [float(w) for w in share]
+
+
+def epoch_shares(stores: list[LogitStore], rows: list[int], epoch_rows: list[int], by: str) -> list[float]:
+    """Each store's expected share of an epoch's loss positions (`by="positions"`) or tokens, given the rows it
+    gives per epoch (its rows at their mean length): what a run reports, whichever the weights were shares of."""
+    per_epoch = _counts(stores, by) / np.array(rows, np.float64) * np.array(epoch_rows, np.float64)
+    return [float(x) for x in per_epoch / per_epoch.sum()]
 
 
 class ReadPlan:
@@ -269,7 +291,8 @@ class ReadPlan:
        consecutive windows of `shuffle_buffer` rows (a buffer >= the store's rows is a uniform shuffle). Rows
        stay near their record batch, so a reader holds only the record batches of about one window.
     2. **Mixture.** With several stores, an epoch holds as many rows as the stores together, n_i of them from
-       store i (`mixture_rows`: n_i carry store i's share of the tokens). Each store keeps its own sequence of
+       store i (`mixture_rows`: n_i carry store i's share of the loss positions, or of the tokens with
+       `mix_by="tokens"`). Each store keeps its own sequence of
        shuffled epochs (step 1) and the mixture takes the next n_i rows of it every epoch, so every row of a
        store comes once per pass over that store; the stores' rows are interleaved at seeded random places
        (stores in proportion, evenly spread, without `shuffle`). One store is the mixture of one.
@@ -292,7 +315,7 @@ class ReadPlan:
 
     def __init__(self, index: RowIndex, batch_size: int, *, weights: list[float | None] | None = None,
                  shuffle: bool = True, shuffle_buffer: int = 1024, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False):
+                 drop_last: bool = False, mix_by: str = "positions"):
         weights = [None] * len(index.stores) if weights is None else list(weights)
         if len(weights) != len(index.stores):
             raise ValueError(f"{len(weights)} weights for {len(index.stores)} stores")
@@ -306,7 +329,11 @@ class ReadPlan:
         self.epoch = 0
         self.batches_done = 0  # of this rank's batches this epoch
         self.rows = index.rows  # rows per epoch (one pass over every store's rows when unweighted)
-        self.epoch_rows, self.token_share = mixture_rows(index.stores, index.store_rows, weights)
+        self.mix_by = mix_by
+        self.epoch_rows, self.share = mixture_rows(index.stores, index.store_rows, weights, mix_by)
+        # what each store gives an epoch, as shares of the loss positions and of the tokens (for the run's report)
+        self.position_share, self.token_share = (epoch_shares(index.stores, index.store_rows, self.epoch_rows, by)
+                                                 for by in MIX_BY)
         where = " and ".join(str(s.root) for s in index.stores)
         if self.rows < world_size:
             raise ValueError(f"{where}: {self.rows} rows, fewer than the {world_size} processes reading them; "
@@ -442,7 +469,22 @@ class ReadPlan:
                      layout=self.index.layout())
         if len(stores) > 1:
             state["mixture"] = self.epoch_rows  # rows of each store per epoch: the weights, as the order uses them
+            state["mix_by"] = self.mix_by  # what the weights were shares of (absent: tokens, before positions)
         return state
+
+    def _mixture_changed(self, state: dict) -> str:
+        """Why a checkpoint's rows per store and epoch differ from this plan's: other weights, or weights read as
+        shares of something else (a checkpoint without `mix_by` weighted by tokens)."""
+        then, now = state.get("mix_by", "tokens"), self.mix_by
+        name = {"positions": "loss positions", "tokens": "tokens"}
+        why = (f"the checkpoint's weights were shares of the stores' {name[then]} and are shares of their "
+               f"{name[now]} now"
+               + (" (this checkpoint is from a moekd that weighted mixtures by tokens, before weights became shares "
+                  "of the loss positions)" if "mix_by" not in state else "")
+               + f": resume with --mix-by {then} (KDStream: mix_by={then!r}) to continue it exactly"
+               if then != now else "the stores' weights changed: resume with the weights the run started with")
+        return (f"cannot resume the reader exactly: the mixture gave each store {state.get('mixture')} rows per "
+                f"epoch when the checkpoint was taken and gives {self.epoch_rows} now; {why}")
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`; refuses (ValueError, naming the setting) what would change the order of batches.
@@ -454,6 +496,8 @@ class ReadPlan:
                 raise ValueError(f"this reader position was saved by an earlier moekd that dealt batches to ranks "
                                  f"another way ({state.get('dealing', 'whole record batches')!r}); it cannot be "
                                  "continued exactly: finish the run with that version, or start a new run")
+            if key == "mixture" and state.get(key) != mine.get(key):
+                raise ValueError(self._mixture_changed(state))
             if state.get(key) != mine.get(key):
                 raise ValueError(f"cannot resume the reader exactly: {key} was {state.get(key)!r} when the "
                                  f"checkpoint was taken and is {mine.get(key)!r} now")

@@ -3,16 +3,20 @@
 The reader trusts nothing it has not checked. Opening a store checks the manifest against itself and the
 directory (`Manifest.consistency_faults`, shard files nobody lists); the first time a process opens a shard it
 checks the file against the manifest (size, sha256 of every byte, what the shard was written as, schema, record
-batches, rows, tokens and targets) before any row of it is decoded. The sha256 is taken once per run: a shard
-hashed before (`LogitStore.hashed`, which DataLoader workers report back to the training process, so the next
-epoch's workers inherit it) is checked again for everything but its hash. A fault is a `StoreError` that names the
-shard and the manifest field. The training stream over a store (`KDStream`, `collate`) is in stream.py and reads
-through these checks.
+batches, rows, tokens and targets) before any row of it is decoded. The sha256 is taken once per run: a store
+handed to DataLoader workers (`share_hash_checks`, which `KDStream` and `StoreDataset` call) keeps a ledger that
+the training process and all its workers share (`HashLedger`), so the worker that first needs a shard hashes it,
+the others wait for it and check everything else, and the next epoch's workers find it hashed. A fault is a
+`StoreError` that names the shard and the manifest field. The training stream over a store (`KDStream`,
+`collate`) is in stream.py and reads through these checks.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -68,6 +72,94 @@ class StoreError(RuntimeError):
         super().__init__(where if problem is None else f"{where}: {problem}")
 
 
+class HashLedger:
+    """Which shards of a store had their sha256 checked in this run, shared by the process that made it and every
+    process it hands the store to (DataLoader workers under any start method, epoch after epoch): an anonymous
+    file (no name on any filesystem, so nothing is left behind, even by a killed run) of one byte per shard, 1 once
+    the shard's bytes matched the manifest. Forked workers inherit its descriptor; spawned ones get a duplicate
+    when the store is pickled into them (pickled any other way, the ledger is dropped: that copy hashes for
+    itself).
+
+    A process about to hash shard i holds a lock on byte i (`fcntl.lockf`: per process, released by the kernel if
+    the process dies), so two workers needing one shard hash it once: the second waits, then finds the 1. A hash
+    that fails marks nothing (every reader then finds the fault itself). Where the file cannot be locked or read,
+    `claim` returns None and the caller hashes for itself."""
+
+    def __init__(self, shards: int, fd: int | None = None):
+        self.shards = shards
+        if fd is None:
+            fd = _anonymous_file()
+            try:
+                os.ftruncate(fd, shards)
+            except OSError:
+                os.close(fd)
+                raise
+        self.fd = fd
+        weakref.finalize(self, os.close, fd)
+
+    def __reduce__(self):
+        from multiprocessing import context, reduction
+
+        if context.get_spawning_popen() is None:  # not into a process being started: no descriptor to share
+            return _no_ledger, ()
+        return _rebuild_ledger, (self.shards, reduction.DupFd(self.fd))
+
+    def claim(self, index: int) -> bool | None:
+        """Lock shard `index` (waiting while another process hashes it): True if it was hashed in this run, False
+        if the caller is to hash it (then `release(index, hashed)`), None if the ledger is unusable here."""
+        try:
+            import fcntl
+
+            fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, index, os.SEEK_SET)
+        except (ImportError, OSError):
+            return None
+        try:
+            done = os.pread(self.fd, 1, index) == b"\x01"
+        except OSError:
+            done = None
+        if done is not False:
+            self.release(index, False)
+        return done
+
+    def release(self, index: int, hashed: bool) -> None:
+        """Unlock shard `index`, marking it hashed if `hashed`."""
+        import fcntl
+
+        try:
+            if hashed:
+                os.pwrite(self.fd, b"\x01", index)
+        except OSError:
+            pass  # not marked: the others hash it themselves
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, index, os.SEEK_SET)
+
+    def marked(self) -> list[int]:
+        """The shards hashed in this run (none if the ledger cannot be read here)."""
+        try:
+            return [i for i, b in enumerate(os.pread(self.fd, self.shards, 0)) if b == 1]
+        except OSError:
+            return []
+
+
+def _anonymous_file() -> int:
+    """A descriptor of a read-write file with no name (memfd on Linux, else an unlinked temporary file)."""
+    if hasattr(os, "memfd_create"):
+        try:
+            return os.memfd_create("moekd-hashed", os.MFD_CLOEXEC)
+        except OSError:
+            pass
+    with tempfile.TemporaryFile() as f:
+        return os.dup(f.fileno())
+
+
+def _rebuild_ledger(shards: int, fd) -> HashLedger:
+    return HashLedger(shards, fd.detach())
+
+
+def _no_ledger() -> None:
+    return None
+
+
 class LogitStore:
     """An opened store: its manifest, and decoded access to its shards (each checked on first use: see module)."""
 
@@ -77,8 +169,8 @@ class LogitStore:
         self._files: dict[str, pa.ipc.RecordBatchFileReader] = {}
         self._orders: dict[str, IdOrder] = {}
         self._listed = {s.file: (i, s) for i, s in reversed(list(enumerate(manifest.shards)))}  # first entry wins
-        # shard files whose every byte matched the manifest's sha256 in this run (workers' finds included)
-        self.hashed: set[str] = set()
+        self._hashed: set[str] = set()  # shard files whose every byte matched the manifest in this process
+        self.ledger: HashLedger | None = None  # shared with DataLoader workers: `share_hash_checks`
         faults = self.manifest_faults()
         if faults:
             raise StoreError(storefs.join(root, manifest_name), "; ".join(f"{field}: {problem}"
@@ -94,8 +186,27 @@ class LogitStore:
         return cls(fs, root, Manifest.load(fs, root, manifest_name), manifest_name)
 
     def __getstate__(self) -> dict:
-        """DataLoader workers reopen (and so check again) shard files themselves: handles do not cross processes."""
+        """DataLoader workers reopen (and so check again) shard files themselves: handles do not cross processes.
+        The ledger does: a worker's hash counts for the others and for later epochs' workers."""
         return dict(self.__dict__, _files={})
+
+    def share_hash_checks(self) -> LogitStore:
+        """Share the sha256 checks of this run with the processes this store is handed to (DataLoader workers):
+        made before they start, the ledger (`HashLedger`) lets each shard be hashed once per run, by whichever
+        process needs it first, rather than once per process. Without it (or where it cannot be made) every process
+        hashes the shards it opens. Returns the store."""
+        if self.ledger is None and self.manifest.shards:
+            try:
+                self.ledger = HashLedger(len(self.manifest.shards))
+            except OSError:
+                pass
+        return self
+
+    @property
+    def hashed(self) -> set[str]:
+        """Shard files whose sha256 was checked in this run: by this process, or by any sharing its ledger."""
+        shared = self.ledger.marked() if self.ledger is not None else []
+        return self._hashed | {self.manifest.shards[i].file for i in shared}
 
     # ------------------------------------------------------------ checks
     def manifest_faults(self) -> list[tuple[str, str]]:
@@ -132,10 +243,11 @@ class LogitStore:
             return []
         return [(field, f"{want!r}, but {file} was written with {have!r}") for field, have, want in differences]
 
-    def _check_shard(self, index: int, s: ShardInfo) -> pa.ipc.RecordBatchFileReader:
+    def _check_shard(self, index: int, s: ShardInfo, force_hash: bool = False) -> pa.ipc.RecordBatchFileReader:
         """Open shard `s` (the manifest's shards[index]) after checking every byte and count of it against the
-        manifest. One sequential read for the sha256 plus the token columns for the counts, before any row is
-        decoded; raises StoreError(shard path, problem, manifest field)."""
+        manifest. One sequential read for the sha256 (once per run, or again with `force_hash`) plus the token
+        columns for the counts, before any row is decoded; raises StoreError(shard path, problem, manifest field).
+        """
         path, at = storefs.join(self.root, s.file), f"shards[{index}]"
 
         def fault(problem: str, field: str | None) -> StoreError:
@@ -145,16 +257,22 @@ class LogitStore:
         if info.type == pafs.FileType.NotFound:
             raise fault("missing (listed in the manifest, not on the filesystem)", f"{at}.file")
         size = info.size  # None where the filesystem does not say
-        if size == s.bytes and s.file in self.hashed:  # hashed earlier in this run; the other checks still run
-            digest = s.sha256
-        elif size is None or size == s.bytes:
-            digest, size = storefs.sha256_of(self.fs, path)
-        if size != s.bytes:
+        if size is not None and size != s.bytes:
             raise fault(f"size {size} bytes, manifest says {s.bytes} (truncated or overwritten; {at}.bytes)",
                         f"{at}.bytes")
-        if digest != s.sha256:
-            raise fault(f"sha256 mismatch: the file changed or is corrupted (it hashes to {digest[:16]}..., "
-                        f"{at}.sha256 says {s.sha256[:16]}...)", f"{at}.sha256")
+        if size is None or force_hash or s.file not in self._hashed:  # hashed earlier in this run: other checks
+            claim = self.ledger.claim(index) if self.ledger is not None and size is not None and not force_hash \
+                else None
+            if claim is False:  # this process hashes it for the run (the others sharing the ledger wait)
+                hashed = False
+                try:
+                    self._hash(path, at, s)
+                    hashed = True
+                finally:
+                    self.ledger.release(index, hashed)
+            elif claim is None:  # no ledger here, or a check that must hash: this process hashes for itself
+                self._hash(path, at, s)
+            self._hashed.add(s.file)
         try:
             reader = pa.ipc.open_file(self.fs.open_input_file(path))
         except (pa.ArrowInvalid, OSError) as e:
@@ -179,8 +297,17 @@ class LogitStore:
                         "vocab_size") from e
         self._check_counts(path, at, s)
         self._orders[s.file] = order
-        self.hashed.add(s.file)
         return reader
+
+    def _hash(self, path: str, at: str, s: ShardInfo) -> None:
+        """The sha256 of every byte of a shard (and its size, where the filesystem did not say) against its entry."""
+        digest, size = storefs.sha256_of(self.fs, path)
+        if size != s.bytes:
+            raise StoreError(path, f"size {size} bytes, manifest says {s.bytes} (truncated or overwritten; "
+                             f"{at}.bytes)", f"{at}.bytes")
+        if digest != s.sha256:
+            raise StoreError(path, f"sha256 mismatch: the file changed or is corrupted (it hashes to {digest[:16]}"
+                             f"..., {at}.sha256 says {s.sha256[:16]}...)", f"{at}.sha256")
 
     def _check_counts(self, path: str, at: str, s: ShardInfo) -> None:
         """Record batches, rows, tokens and target positions of a shard against its manifest entry (reads only
@@ -265,8 +392,8 @@ class LogitStore:
         return faults
 
     def _verify_shard(self, s: ShardInfo, decode: bool) -> list[str]:
-        self._files.pop(s.file, None)  # check again, even if this process has opened it before
-        reader = self.shard_reader(s.file)
+        # check again, the sha256 too, even if this run has opened it before
+        reader = self._files[s.file] = self._check_shard(*self._listed[s.file], force_hash=True)
         if not decode:
             return []
         faults = []

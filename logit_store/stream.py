@@ -88,10 +88,11 @@ class KDStream(IterableDataset):
     window), and collates them into `KDBatch`es. `state_dict()` is the plan's (epoch, batches done, and every
     setting the order depends on) plus the number of workers, which may change on resume.
 
-    `store`: one store, or a list of them; `weights`: each store's share of the tokens, None where unset
-    (`mixture_rows`). Mixed stores must share a tokenizer and vocabulary; they may differ in target kind and k
-    (`collate` pads candidates to the widest). Iterate it directly (num_workers=0) or through `StoreLoader`,
-    which tracks the position across workers.
+    `store`: one store, or a list of them; `weights`: each store's share of the loss positions (`mix_by=
+    "positions"`) or of the rows' tokens (`mix_by="tokens"`), None where unset (`mixture_rows`). Mixed stores
+    must share a tokenizer and vocabulary; they may differ in target kind and k (`collate` pads candidates to the
+    widest). Iterate it directly (num_workers=0) or through `StoreLoader`, which tracks the position across
+    workers; either way each shard is hashed once per run (`LogitStore.share_hash_checks`).
     """
 
     def __init__(
@@ -108,15 +109,18 @@ class KDStream(IterableDataset):
         drop_last: bool = False,
         pad_id: int = 0,
         filesystem: pafs.FileSystem | None = None,
+        mix_by: str = "positions",
     ):
         self.stores = open_stores(store if isinstance(store, list) else [store], filesystem)
+        for s in self.stores:  # each shard hashed once per run, not once per DataLoader worker
+            s.share_hash_checks()
         if rank is None or world_size is None:
             dist = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank = torch.distributed.get_rank() if dist else 0
             world_size = torch.distributed.get_world_size() if dist else 1
         self.index = RowIndex(self.stores)
         self.plan = ReadPlan(self.index, batch_size, weights=weights, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-                             seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+                             seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, mix_by=mix_by)
         self.pad_id = pad_id
         self.num_workers = 0  # set by StoreLoader; recorded in state_dict, free to change on resume
         self.domain_names = domain_names(self.stores)  # the `domain` index of a batch looks names up here
@@ -124,7 +128,10 @@ class KDStream(IterableDataset):
     # ------------------------------------------------------------ the plan's figures and position
     rows = property(lambda self: self.plan.rows, doc="rows per epoch")
     epoch_rows = property(lambda self: self.plan.epoch_rows, doc="rows of each store per epoch")
-    token_share = property(lambda self: self.plan.token_share, doc="each store's share of the tokens")
+    share = property(lambda self: self.plan.share, doc="each store's weight, resolved (a share of `mix_by`)")
+    position_share = property(lambda self: self.plan.position_share,
+                              doc="each store's share of an epoch's loss positions")
+    token_share = property(lambda self: self.plan.token_share, doc="each store's share of an epoch's tokens")
     store_rows = property(lambda self: self.index.store_rows, doc="rows of each store")
     store_start = property(lambda self: self.index.store_start, doc="first global row number of each store")
     epoch = property(lambda self: self.plan.epoch, doc="the epoch being read")
@@ -165,18 +172,13 @@ class KDStream(IterableDataset):
         else:
             worker, workers = info.id, info.num_workers
         indices = self.plan.worker_batches(worker, workers)
-        reported: set[tuple[int, str]] = set()
         try:
             for index, rows in zip(indices, self._decoded(indices), strict=True):
                 batch = collate(rows, self.pad_id, self.domain_names)
                 if info is None:
                     self.batches_done = index + 1
-                else:  # not part of KDBatch: StoreLoader pops them
+                else:  # not part of KDBatch: StoreLoader pops it
                     batch["_batch_index"] = torch.tensor(index)
-                    hashed = {(i, f) for i, s in enumerate(self.stores) for f in s.hashed} - reported
-                    if hashed:  # shards this worker hashed: later epochs' workers need not hash them again
-                        batch["_hashed"] = sorted(hashed)
-                        reported |= hashed
                 yield batch
         except (StoreError, ValueError, OSError) as e:
             if info is None:
@@ -252,8 +254,6 @@ class StoreLoader:
             if "_error" in batch:
                 raise batch["_error"]
             index = int(batch.pop("_batch_index"))
-            for store, file in batch.pop("_hashed", ()):
-                stream.stores[store].hashed.add(file)
             if index != stream.batches_done:  # the plan guarantees it; a DataLoader that reordered would break it
                 raise RuntimeError(f"DataLoader delivered batch {index} of epoch {stream.epoch}, expected batch "
                                    f"{stream.batches_done}")

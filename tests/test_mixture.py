@@ -1,6 +1,7 @@
-"""Mixtures of stores (`kdstudent train --store A --store B:0.3`): weights as shares of the training tokens,
-every store at its share over an epoch, every row of a store at its rate, seeded, dealt to ranks and workers,
-exact resume; stores with other tokenizers refused; stores of other target kinds and k mixed in one batch."""
+"""Mixtures of stores (`kdstudent train --store A --store B:0.3`): weights as shares of the loss positions (or of
+the tokens, `mix_by="tokens"`), every store at its share over an epoch, every row of a store at its rate, seeded,
+dealt to ranks and workers, exact resume; stores with other tokenizers refused; stores of other target kinds and k
+mixed in one batch."""
 
 import shutil
 
@@ -25,11 +26,12 @@ def stores(tmp_path_factory) -> dict[str, str]:
     return dict(chat=chat, code=code)
 
 
-def _epoch(stream: KDStream) -> list[tuple[str, int, int]]:
-    """(domain, source row, tokens) of every row of one epoch, in order."""
+def _epoch(stream: KDStream, count: str = "loss_mask") -> list[tuple[str, int, int]]:
+    """(domain, source row, loss positions (or tokens, `count="attention_mask"`)) of every row of one epoch, in
+    order."""
     out = []
     for batch in stream:
-        for d, i, n in zip(batch["domain"], batch["source_index"], batch["attention_mask"].sum(1), strict=True):
+        for d, i, n in zip(batch["domain"], batch["source_index"], batch[count].sum(1), strict=True):
             out.append((stream.domain_names[int(d)], int(i), int(n)))
         if stream.batches_done == 0:  # the epoch rolled over
             break
@@ -81,17 +83,19 @@ def test_a_store_listed_twice_or_a_bad_weight_is_refused(stores, tmp_path):
             mixture_rows(opened, [90, 30], [bad, None])
 
 
-def test_weights_are_shares_of_tokens(stores):
+@pytest.mark.parametrize("by", ["positions", "tokens"])
+def test_weights_are_shares_of_loss_positions_or_tokens(stores, by):
     opened = [LogitStore.open(stores["chat"]), LogitStore.open(stores["code"])]
     rows = [90, 30]
-    tokens = np.array([s.manifest.tokens for s in opened], float)
-    n, share = mixture_rows(opened, rows, [None, None])  # default: each store once per epoch
-    assert n == rows and np.allclose(share, tokens / tokens.sum())
-    n, share = mixture_rows(opened, rows, [None, 0.3])  # code 30 %, chat the rest
+    field = "target_positions" if by == "positions" else "tokens"
+    amount = np.array([getattr(s.manifest, field) for s in opened], float)
+    n, share = mixture_rows(opened, rows, [None, None], by)  # default: each store once per epoch
+    assert n == rows and np.allclose(share, amount / amount.sum())
+    n, share = mixture_rows(opened, rows, [None, 0.3], by)  # code 30 %, chat the rest
     assert share == pytest.approx([0.7, 0.3]) and sum(n) == 120
-    per_row = tokens / rows
+    per_row = amount / rows
     assert n[1] * per_row[1] / (n @ per_row) == pytest.approx(0.3, abs=0.01)
-    assert mixture_rows(opened, rows, [3.0, 1.0])[1] == pytest.approx([0.75, 0.25])  # all given: normalised
+    assert mixture_rows(opened, rows, [3.0, 1.0], by)[1] == pytest.approx([0.75, 0.25])  # all given: normalised
     with pytest.raises(ValueError, match="leave nothing"):
         mixture_rows(opened, rows, [None, 1.0])
     with pytest.raises(ValueError, match="no row"):
@@ -104,15 +108,20 @@ def test_each_store_comes_at_its_share_and_each_row_at_its_rate(stores, weight):
                       shuffle_buffer=16)
     per_store = dict(zip(("chat", "code"), stream.epoch_rows, strict=True))
     seen = {"chat": [], "code": []}
+    positions = {d: 0 for d in seen}
     for epoch in range(6):
         rows = _epoch(stream)
         assert len(rows) == stream.rows == 120  # an epoch of the mixture = as many rows as the stores hold
-        tokens = {d: sum(n for dd, _, n in rows if dd == d) for d in seen}
-        assert abs(tokens["code"] / sum(tokens.values()) - weight) <= 0.02, epoch  # its share of the tokens
+        epoch_positions = {d: sum(n for dd, _, n in rows if dd == d) for d in seen}
+        # its share of the loss positions, up to which rows of a partial pass over a store (of various lengths) the
+        # epoch holds: 2.3 points at most here, up to 3.7 over 20 seeds (the same under the tokens rule)
+        assert abs(epoch_positions["code"] / sum(epoch_positions.values()) - weight) <= 0.03, epoch
+        positions = {d: positions[d] + epoch_positions[d] for d in seen}
         for d in seen:
             got = [i for dd, i, _ in rows if dd == d]
             assert len(got) == per_store[d]
             seen[d] += got
+    assert abs(positions["code"] / sum(positions.values()) - weight) <= 0.01  # over epochs, the fluctuation averages
     for d, n_rows in (("chat", 90), ("code", 30)):  # a store's rows come pass after pass: each at the same rate
         counts = np.bincount(seen[d], minlength=n_rows)
         assert counts.max() - counts.min() <= 1 and counts.sum() == 6 * per_store[d]
@@ -178,8 +187,74 @@ def test_mixture_resumes_exactly_at_any_position(stores, world, workers):
 def test_resume_refuses_other_weights(stores):
     a = KDStream([stores["chat"], stores["code"]], batch_size=4, weights=[None, 0.4])
     b = KDStream([stores["chat"], stores["code"]], batch_size=4, weights=[None, 0.5])
-    with pytest.raises(ValueError, match="mixture"):
+    with pytest.raises(ValueError, match="mixture.*weights changed"):
         b.load_state_dict(a.state_dict())
+
+
+def test_a_run_weighted_by_tokens_resumes_only_as_such(prompt_masked):
+    """A checkpoint from before weights were shares of the loss positions records no `mix_by`: its weights were
+    shares of the tokens. Resumed under the new rule it is refused, saying why and what to do; with
+    mix_by="tokens" it continues exactly. Unweighted mixtures read the same rows under either rule."""
+    stores = [prompt_masked["chat"], prompt_masked["text"]]
+    old = KDStream(stores, batch_size=4, weights=[0.5, None], mix_by="tokens", seed=2)
+    _epoch(old)
+    state = {k: v for k, v in old.state_dict().items() if k != "mix_by"}  # as an earlier moekd saved it
+    with pytest.raises(ValueError, match=r"shares of the stores' tokens.*loss positions.*--mix-by tokens"):
+        KDStream(stores, batch_size=4, weights=[0.5, None], seed=2).load_state_dict(state)
+    again = KDStream(stores, batch_size=4, weights=[0.5, None], mix_by="tokens", seed=2)
+    again.load_state_dict(state)
+    assert _epoch(again) == _epoch(old)
+    plain = [KDStream(stores, batch_size=4, mix_by=by).epoch_rows for by in ("positions", "tokens")]
+    assert plain[0] == plain[1] == [60, 60]
+
+
+@pytest.fixture(scope="module")
+def prompt_masked(tmp_path_factory) -> dict[str, str]:
+    """chat: 60 rows whose first ~2/3 (the prompt) carry no loss; text: 60 rows with a loss on every token but
+    the first (like the review's case, where weight 0.5 as a share of tokens gave a chat store 18 % of the loss
+    positions)."""
+    from store_fixtures import random_row, target_spec
+
+    from logit_store import Manifest, ShardWriter
+
+    root = tmp_path_factory.mktemp("prompt-masked")
+    chat, text = str(root / "chat"), str(root / "text")
+    rng = np.random.default_rng(3)
+    manifest = Manifest(target=target_spec("topk"), vocab_size=500, teacher={"name_or_path": "random"})
+    with ShardWriter(chat, manifest, shard_tokens=300, batch_tokens=120) as w:
+        for i in range(60):
+            length = int(rng.integers(6, 30))
+            row, _ = random_row(rng, 500, length, source_index=i, loss_from=2 * length // 3)
+            row.domain = "chat"
+            w.write(row)
+    write_store(text, n_rows=60, domain="text", seed=4, batch_tokens=120)
+    return dict(chat=chat, text=text)
+
+
+@pytest.mark.parametrize("weight", [0.5, 0.2])
+def test_a_prompt_masked_store_gets_its_weight_of_the_loss_positions(prompt_masked, weight):
+    """By default a weight is a share of the loss positions: over epochs that read every store in whole passes,
+    the prompt-masked store gets its weight of the positions the loss averages over, within one row's worth
+    (rows are whole: rounding the rows per epoch moves less than a row). By tokens (`mix_by="tokens"`, the earlier
+    rule) the same weight gives it far fewer loss positions."""
+    from math import lcm
+
+    stores = [prompt_masked["chat"], prompt_masked["text"]]
+    for by in ("positions", "tokens"):
+        stream = KDStream(stores, batch_size=4, weights=[weight, None], seed=1, mix_by=by)
+        assert stream.share == pytest.approx([weight, 1 - weight])
+        positions = np.array([int(r.loss_mask.sum()) for store in stream.stores for r in store])
+        epochs = lcm(*(rows // np.gcd(n, rows) for n, rows in zip(stream.epoch_rows, stream.store_rows,
+                                                                   strict=True)))
+        order = np.concatenate([stream.epoch_order(e) for e in range(epochs)])  # whole passes over each store
+        chat, total = positions[order[order < stream.store_start[1]]].sum() / epochs, positions[order].sum() / epochs
+        row = max(p.manifest.target_positions / p.manifest.rows for p in stream.stores)  # a mean row's positions
+        assert chat / total == pytest.approx(stream.position_share[0])  # what the run reports
+        if by == "positions":
+            assert abs(chat - weight * total) <= row, (chat, total)
+        else:
+            assert chat / total < weight - 0.1  # a prompt-masked store's weight overstated its loss positions
+            assert stream.token_share[0] == pytest.approx(weight, abs=0.02)
 
 
 def test_stores_of_other_tokenizers_or_vocabularies_are_refused_naming_both(stores, tmp_path):
@@ -229,6 +304,35 @@ def test_training_on_a_mixture_resumes_exactly(teacher_stores, tiny_teacher_dir,
     assert [(r["step"], r["loss"]) for r in read_metrics(crashed) if "loss" in r] == losses
     with pytest.raises(TrainError, match="mixture"):  # other weights cannot continue this run's order
         train(_cfg([a, f"{b}:0.3"], tiny_teacher_dir, crashed, resume=True, max_steps=9))
+
+
+def test_a_training_weighted_by_tokens_before_resumes_with_mix_by_tokens(teacher_stores, tiny_teacher_dir,
+                                                                         tmp_path):
+    """`kdstudent train --resume` of a weighted mixture checkpointed by an earlier moekd (weights were shares of the
+    tokens; its reader state records no `mix_by`): refused under the new default, saying why and what to give;
+    with --mix-by tokens it continues exactly."""
+    import torch
+
+    from student.run import TRAIN_STATE
+
+    a, _ = teacher_stores
+    short = write_teacher_store(str(tmp_path / "short"), tiny_teacher_dir, 12, 32, rows_per_batch=4, k=4,
+                                corpus_seed=9, lengths=[2, 4])  # fewer loss positions per token than `a`
+    full = tmp_path / "full"
+    train(_cfg([a, f"{short}:0.5"], tiny_teacher_dir, full, mix_by="tokens", max_steps=4, save_every=2))
+    losses = [(r["step"], r["loss"]) for r in read_metrics(full) if "loss" in r]
+    old = tmp_path / "old"
+    shutil.copytree(full, old)
+    shutil.rmtree(old / "checkpoint-4")
+    shutil.rmtree(old / "final")
+    state = torch.load(old / "checkpoint-2" / TRAIN_STATE, weights_only=False)
+    for reader in state["readers"]:
+        del reader["mix_by"]  # as earlier versions saved it
+    torch.save(state, old / "checkpoint-2" / TRAIN_STATE)
+    with pytest.raises(TrainError, match=r"weights were shares of the stores' tokens.*--mix-by tokens"):
+        train(_cfg([a, f"{short}:0.5"], tiny_teacher_dir, old, resume=True, max_steps=4, save_every=2))
+    train(_cfg([a, f"{short}:0.5"], tiny_teacher_dir, old, resume=True, max_steps=4, save_every=2, mix_by="tokens"))
+    assert [(r["step"], r["loss"]) for r in read_metrics(old) if "loss" in r] == losses
 
 
 def test_store_option_is_repeatable_and_checked_early(teacher_stores, tiny_teacher_dir, tmp_path):
@@ -305,3 +409,29 @@ def test_each_rank_gets_each_store_at_its_share(stores):
         assert np.array_equal(np.sort(np.concatenate(parts)), whole)
         code = [int((p >= starts[1]).sum()) for p in parts]
         assert abs(code[0] - code[1]) <= 1
+
+
+def test_eval_reports_each_store_share_of_the_loss_positions():
+    """`kdstudent eval --store A --store B` says what each store weighs in the pool: its share of the pool's loss
+    positions (`tokens` in the tables counts the positions scored)."""
+    from student.evaluate import METRICS, format_report
+
+    def result(tokens: int) -> dict:
+        return {key: (tokens if key == "tokens" else 1 if key == "rows" else 0.5) for key in METRICS}
+
+    out = format_report({"stores": {"chat": result(300), "text": result(900)}, "pooled": result(1200)})
+    assert out.splitlines()[-1] == "share of the loss positions: chat 25.0%, text 75.0%"
+    assert "share of the loss positions" not in format_report({"stores": {"chat": result(300)},
+                                                              "pooled": result(300)})
+
+
+@pytest.mark.parametrize("by", ["positions", "tokens"])
+def test_mixture_sampler_reads_weights_as_the_training_does(prompt_masked, by):
+    """`StoreDataset(..., mix_by=)` and its `MixtureSampler` order an epoch as `kdstudent train --mix-by` does."""
+    from student.hf_trainer import MixtureSampler, StoreDataset
+
+    stores = [prompt_masked["chat"], prompt_masked["text"]]
+    dataset = StoreDataset([f"{stores[0]}:0.5", stores[1]], mix_by=by)
+    stream = KDStream(stores, batch_size=1, weights=[0.5, None], seed=3, mix_by=by)
+    assert list(MixtureSampler(dataset, seed=3)) == stream.epoch_order(0).tolist()
+    assert MixtureSampler(dataset, seed=3).plan.epoch_rows == stream.epoch_rows
