@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 
 import numpy as np
@@ -176,8 +178,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_teacher(args: argparse.Namespace) -> int:
-    import os
-
     from assets.smollm2 import convert_gguf, packaged_smollm2, prepared_teacher_dir
 
     folder, name = os.path.split(args.gguf) if args.gguf else packaged_smollm2()
@@ -260,15 +260,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Each takes one store as it is named (no `path:weight` spec: a name with `:3` is a name).
+    Exits 2 with one line on a known error; quietly with 141 (128 + SIGPIPE, as `cat` does) when the reader of
+    its output goes away (`kdstore info STORE | head`)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv[:1] == ["build"]:
-            return cmd_build(argv[1:])
-        args = build_parser().parse_args(argv)
-        return args.func(args)
-    except ERRORS as e:
-        print(f"kdstore {argv[0]}: error: {e}", file=sys.stderr)
-        return 2
+        try:
+            if argv[:1] == ["build"]:
+                code = cmd_build(argv[1:])
+            else:
+                args = build_parser().parse_args(argv)
+                code = args.func(args)
+            sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
+            return code
+        except ERRORS as e:
+            print(f"kdstore {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)  # what is still buffered goes nowhere, not to a second error
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ and padding, as in an uninterrupted build, so a resumed store is bit-identical t
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -143,6 +144,11 @@ class BuildConfig(VLLMOptions):
         if self.domain_field and self.pack:
             raise InputError("--pack joins examples into one row, which then has no single domain: drop --pack, "
                              "or build one store (or one --domain build) per domain")
+        problems = [f"--{f.name.replace('_', '-')} must be a finite number (got {getattr(self, f.name)})"
+                    for f in dataclasses.fields(self)  # NaN passes every comparison below, and is not JSON
+                    if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))]
+        if problems:
+            raise InputError("; ".join(problems))
         problems = [message for wrong, message in (
             (self.backend not in ("vllm", "hf"), f"--backend {self.backend!r}: choose vllm or hf"),
             (self.top_k is not None and self.top_k < 1, f"--top-k must be at least 1 (got {self.top_k})"),
@@ -157,6 +163,8 @@ class BuildConfig(VLLMOptions):
             (self.generate and self.max_new_tokens < 1,
              f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})"),
             (self.temperature < 0, f"--temperature must be >= 0 (got {self.temperature})"),
+            (self.seed < 0, f"--seed must be >= 0 (got {self.seed}): it seeds numpy generators, which refuse "
+                            "negative seeds"),
             (not 1 <= self.levels <= 255,
              f"--levels must be in [1, 255] (got {self.levels}): a probability is stored in one byte"),
             (not 1 <= self.compression_level <= 22,
@@ -241,6 +249,7 @@ def build(cfg: BuildConfig, teacher: Teacher | None = None) -> BuildSummary:
                        cfg.domain_field)
     fields.mode(cfg.generate)  # fail on bad options before loading anything
     _check_teacher_folder(cfg)
+    _check_out_apart_from_inputs(cfg)  # before the lock, which creates --out
     prefix, manifest_name = worker_names(cfg.worker_index, cfg.num_workers)
     lock = OutputLock(cfg.out, manifest_name)  # before anything slow: a second build of this worker stops here
     writer = None
@@ -379,6 +388,39 @@ def _check_teacher_folder(cfg: BuildConfig) -> None:
         if vocab and k and k > vocab:
             raise InputError(f"{option} {k} exceeds the teacher's vocabulary of {vocab:,} tokens "
                              f"({os.path.join(cfg.teacher, 'config.json')})")
+
+
+def _location(path: str) -> tuple[str, bool]:
+    """(where `path` is, whether it is local): local paths (and file:// URLs) by realpath, so that `a`, `./a/` and
+    a symlink to it compare equal; other URLs as written, less a trailing slash."""
+    if path.startswith("file://"):
+        path = path.removeprefix("file://")
+    if "://" in path:
+        return path.rstrip("/"), False
+    return os.path.realpath(os.path.expanduser(path)), True
+
+
+def _check_out_apart_from_inputs(cfg: BuildConfig) -> None:
+    """Refuse an --out that is, contains or is inside an input (--data, --teacher, --tokenizer): the build writes
+    shards, manifests and README.md there (and a resume deletes files it takes for its own), so an input there
+    could be overwritten. Inputs that are not local paths (hub names) have no place to collide with."""
+    out, out_local = _location(cfg.out)
+    for option, value in (("--data", cfg.data), ("--teacher", cfg.teacher), ("--tokenizer", cfg.tokenizer)):
+        if not value:
+            continue
+        where, local = _location(value)
+        if local != out_local or (local and not os.path.lexists(where)):
+            continue  # a hub name, or a path that does not exist (refused where it is read)
+        if local:
+            common = os.path.commonpath([out, where])
+            inside, contains = common == where, common == out
+        else:
+            inside, contains = (out + "/").startswith(where + "/"), (where + "/").startswith(out + "/")
+        if inside or contains:
+            relation = "is" if inside and contains else "is inside" if inside else "contains"
+            raise InputError(f"--out {cfg.out} {relation} the {option} input {value}: a build writes its shards, "
+                             "manifest and README.md into --out and may delete files there, so it could destroy "
+                             "that input. Choose an --out outside every input")
 
 
 def _manifest(cfg: BuildConfig, teacher: Teacher, tokenizer, dataset, fields: FieldSpec,

@@ -23,6 +23,12 @@ _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".cs
 # compressed files that datasets decompresses itself (zstd only with the zstandard package installed)
 _COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
 _TEXT_BUILDERS = ("json", "csv", "text")
+# A row keeps at most --max-seq-len tokens, so a longer text is tokenised only as far as they need: its first
+# (tokens + margin) x _CHARS_PER_TOKEN characters, 4x more each time that holds too few tokens. Whole-text
+# tokenisation of one 50 MB line took a minute and 7 GB. The margin keeps the cut far from the kept tokens (a
+# token at the cut may merge differently from the whole text), so the kept tokens are the whole text's.
+_CHARS_PER_TOKEN = 16  # generous: English BPE averages about 4 characters a token
+_CUT_MARGIN_TOKENS = 32
 
 
 class InputError(ValueError):
@@ -400,18 +406,27 @@ class ExampleTokenizer:
             raise _Skip(f"field {name!r} is empty")
         return value
 
-    def _encode(self, text: str, special: bool) -> list[int]:
-        return self.tok(text, add_special_tokens=special).input_ids
+    def _encode(self, text: str, special: bool, budget: int | None = None, offsets: bool = False):
+        """The tokenizer's encoding of `text`, or of a prefix of it that still holds more than `budget` (default
+        --max-seq-len) tokens plus a margin: the rest would be truncated away (`_CHARS_PER_TOKEN`)."""
+        need = (self.max_seq_len if budget is None else budget) + _CUT_MARGIN_TOKENS
+        limit = need * _CHARS_PER_TOKEN
+        while len(text) > limit:
+            enc = self.tok(text[:limit], add_special_tokens=special, return_offsets_mapping=offsets)
+            if len(enc.input_ids) > need:
+                return enc
+            limit *= 4
+        return self.tok(text, add_special_tokens=special, return_offsets_mapping=offsets)
 
     def _text(self, record: dict):
-        ids = self._encode(self._field(record, self.fields.text_field), True)
+        ids = self._encode(self._field(record, self.fields.text_field), True).input_ids
         if self.eos is not None:
             ids = ids + [self.eos]
         ids = np.asarray(ids, dtype=np.int64)
         return ids, np.ones(ids.size, bool)
 
     def _input_ids(self, record: dict):
-        raw = self._field(record, self.fields.input_ids_field, list)
+        raw = self._field(record, self.fields.input_ids_field, list)[: self.max_seq_len + 1]  # + 1: seen as truncated
         # One float anywhere in a JSON file (5.5, or 5.0) makes Arrow read the whole column as floats: whole
         # numbers are still ids, and only a row holding something else is skipped.
         for position, t in enumerate(raw):
@@ -425,10 +440,11 @@ class ExampleTokenizer:
         return ids, np.ones(ids.size, bool)
 
     def _prompt(self, record: dict):
-        prompt = self._encode(self._field(record, self.fields.prompt_field), True)
+        prompt = self._encode(self._field(record, self.fields.prompt_field), True).input_ids
         if self.generate:
             return np.asarray(prompt, dtype=np.int64), None
-        response = self._encode(self._field(record, self.fields.response_field), False)
+        response = self._encode(self._field(record, self.fields.response_field), False,
+                                budget=max(self.max_seq_len - len(prompt), 1)).input_ids
         if self.eos is not None:
             response = response + [self.eos]
         ids = np.asarray(prompt + response, dtype=np.int64)
@@ -445,7 +461,7 @@ class ExampleTokenizer:
         if self.generate:
             prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
             text = render(prompt, tokenize=False, add_generation_prompt=True)
-            return np.asarray(self._encode(text, False), dtype=np.int64), None
+            return np.asarray(self._encode(text, False).input_ids, dtype=np.int64), None
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not turns:
             raise _Skip("chat has no assistant turn")
@@ -459,7 +475,7 @@ class ExampleTokenizer:
                                  "whole conversation, so assistant tokens cannot be located; use "
                                  "--prompt-field/--response-field instead")
             spans.append((len(head), len(upto)))
-        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = self._encode(text, False, offsets=True)
         starts = np.array([s for s, _ in enc.offset_mapping])
         mask = np.zeros(len(enc.input_ids), bool)
         for lo, hi in spans:

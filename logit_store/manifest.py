@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,9 +174,16 @@ class Manifest:
         return d
 
     def to_json(self) -> str:
+        """The manifest as strict JSON: a NaN or infinity (which Python would write as `NaN`, invalid for other
+        parsers) is refused, naming where it is, rather than written."""
         d = self.to_dict()
+        bad = _non_finite(d)
+        if bad:
+            raise ManifestError(f"refusing to write a manifest holding {bad[0][1]} at {bad[0][0]}: JSON has no "
+                                "NaN or infinity, so other readers could not parse it (a setting with such a value "
+                                "should have been refused before the build)")
         d["fingerprint"] = self.fingerprint()
-        return json.dumps(d, indent=1)
+        return json.dumps(d, indent=1, allow_nan=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -285,3 +293,16 @@ def _vllm_version() -> str | None:
         except PackageNotFoundError:
             continue
     return None
+
+
+def _non_finite(value: Any, where: str = "") -> list[tuple[str, float]]:
+    """(path, value) of every NaN or infinity in a JSON-bound structure, e.g. `sequence.generate.temperature`."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [(where or "(top level)", value)]
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return []
+    return [found for key, item in items for found in _non_finite(item, f"{where}.{key}" if where else str(key))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -33,15 +34,25 @@ class StoreRow:
     domain: str | None = None  # the row's domain (code, chat, ...): in a store, every row has one or none does
 
 
+# errnos of a lock request that mean "another process holds it"; any other error means this filesystem cannot
+# lock (ENOLCK: NFS without lockd; ENOSYS/EOPNOTSUPP: Lustre without flock, many FUSE mounts)
+LOCK_HELD_ERRNOS = frozenset({errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK})
+
+
 class OutputLock:
     """An exclusive lock on one writer's part of a store (its manifest), held while it writes.
 
     Two builds of the same worker pointed at one store would overwrite each other's shards and manifest; with the
-    lock, the second stops with an error naming the holder. Local paths (and file://) use `fcntl.flock` on
-    `.<manifest>.lock` beside the manifest: the kernel drops it when the holder dies, even by `kill -9`, so there
-    is no stale lock to clean up. Object stores (s3://, gs://, ...) have no such lock: there, nothing is locked
-    and the scheduler must run each worker index once (docs/BUILD.md).
+    lock, the second stops with an error naming the holder. Local paths (and file://) take a POSIX record lock
+    (`fcntl.lockf`) on `.<manifest>.lock` beside the manifest: the kernel drops it when the holder dies, even by
+    `kill -9`, so there is no stale lock to clean up. Not `flock`: an flock belongs to the open file, which a
+    forked child (a vLLM engine process forked by the build) shares and would hold on after a `kill -9` of the
+    build; a record lock belongs to the process alone. Record locks do not conflict within a process, so a
+    second lock of the same part in this process is refused here. Object stores (s3://, gs://, ...) have no such
+    lock: there, nothing is locked and the scheduler must run each worker index once (docs/BUILD.md).
     """
+
+    _held: set[str] = set()  # lock files this process holds
 
     def __init__(self, store: str, manifest_name: str = MANIFEST_NAME, filesystem: pafs.FileSystem | None = None):
         self.fs, self.root = storefs.resolve(store, filesystem)
@@ -61,27 +72,38 @@ class OutputLock:
     def _lock_local(self, store: str, path: str) -> None:
         import fcntl
 
+        key = os.path.realpath(path)
+        if key in OutputLock._held:  # checked before opening: closing any descriptor of the file drops our lock
+            raise ManifestError(f"{store} is being written by another build of the same worker in this process "
+                                f"(lock {path}): wait for it to finish, or use another --out")
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise ManifestError(f"cannot write to the store directory {store} ({e.strerror}): choose a writable "
                                 "--out") from e
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise ManifestError(f"{store} is being written by another build of the same worker ({holder}, lock "
-                                f"{path}): wait for it to finish, or use another --out") from None
+            if e.errno in LOCK_HELD_ERRNOS:  # else: the filesystem cannot lock, and `holder` names a dead run
+                raise ManifestError(f"{store} is being written by another build of the same worker ({holder}, "
+                                    f"lock {path}): wait for it to finish, or use another --out") from None
+            raise ManifestError(f"{store}: locking is not supported on this filesystem (errno {e.errno}, "
+                                f"{e.strerror}, locking {path}), so a second build of this worker could not be "
+                                "kept out: build into a local --out (then copy the store), or onto a filesystem "
+                                "with locks (NFS with lockd running, Lustre mounted with -o flock)") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"kdstore build on {socket.gethostname()}, pid {os.getpid()}\n".encode(), 0)
-        self.path, self._fd = path, fd
+        self.path, self._fd, self._key = path, fd, key
+        OutputLock._held.add(key)
 
     def release(self) -> None:
-        """Give the lock up (closing the file releases the flock). Idempotent."""
+        """Give the lock up (closing the file releases the record lock). Idempotent."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+            OutputLock._held.discard(self._key)
 
 
 class ShardWriter:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -105,9 +106,37 @@ def bos_warning(bos_token_id: int | None, tokenizer: Any, teacher: str, tokenize
 
 
 def check_teacher_path(path: str) -> None:
-    """A path-like teacher must be a directory; anything else is taken for a hub name."""
-    if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
-        raise TeacherError(f"teacher {path!r} does not exist (expected a model directory or a hub name)")
+    """A teacher that exists on disk (or looks like a path) must be a model folder whose files can be read; anything
+    else is taken for a hub name. Says what the path is instead (a file, missing, not readable): a loader would call
+    an unreadable weights file "No such file", and a file "does not exist"."""
+    folder = os.path.expanduser(path)
+    if not path.startswith((".", "/", "~")) and not os.path.lexists(folder):
+        return  # a hub name
+    try:
+        is_dir = stat.S_ISDIR(os.stat(folder).st_mode)
+    except FileNotFoundError:
+        raise TeacherError(f"teacher {path!r} does not exist (expected a model directory or a hub name)") from None
+    except OSError as e:  # EACCES on a folder above it, ENOTDIR (a file in the path), ELOOP, ...
+        raise TeacherError(f"teacher {path!r} cannot be reached ({e.strerror}): check the path and its "
+                           "permissions") from None
+    if not is_dir:
+        what = ("a GGUF file: convert it once with kdstore prepare-teacher --gguf FILE, then pass the folder it "
+                "prints" if path.lower().endswith(".gguf") else "a file, not a model folder: pass the folder that "
+                "holds config.json and the weights")
+        raise TeacherError(f"teacher {path!r} is {what}")
+    try:
+        names = os.listdir(folder)
+    except OSError as e:
+        raise TeacherError(f"teacher folder {path!r} cannot be listed ({e.strerror}): check its permissions") from None
+    for name in sorted(names):
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            continue
+        try:
+            os.close(os.open(file, os.O_RDONLY))
+        except OSError as e:
+            raise TeacherError(f"teacher file {file} exists but cannot be read ({e.strerror}): fix its "
+                               f"permissions (chmod a+r {file}) or copy the teacher somewhere readable") from None
 
 
 def draws_from_topk(ids: np.ndarray, logprobs: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
