@@ -139,6 +139,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of rows)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="kdstudent", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -156,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a standard checkpoint (Mixtral) that transformers and vLLM serve")
     p.add_argument("student", metavar="RUN_OR_DIR", help="student directory or a training run holding one")
     p.add_argument("--to", default="mixtral", choices=["mixtral"], help="target architecture")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="directory to write; refused if it is, contains or is inside the "
+                                                "student, its run or its base model directory")
     p.add_argument("--base", default=None, help="base model directory, if it moved since training")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the base model's dtype")
     p.add_argument("--drop-router-bias", action="store_true",
@@ -167,11 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", add_help=False, help="distil a student from a logit store (kdstudent train --help)")
     p = sub.add_parser("eval", help="teacher-KL, perplexity, top-1 agreement, calibration, expert usage on stores, "
                                     "per domain and pooled")
-    p.add_argument("--model", required=True, help="a training run (any student kind) or a saved student directory")
+    p.add_argument("--model", required=True, help="a training run (any student kind; its newest checkpoint, the "
+                                                  "state export reads too) or a saved student directory")
     p.add_argument("--store", required=True, action="append",
-                   help="held-out logit store; give it several times to report each store and all of them pooled")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-rows", type=int, default=None, help="evaluate only the first N rows of each store")
+                   help="held-out logit store; give it several times to report each store and all of them pooled "
+                        "(each store once: the same store under two spellings is refused)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="rows per forward (memory; not the result)")
+    p.add_argument("--max-rows", type=_positive_int, default=None,
+                   help="evaluate exactly the first N rows of each store")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_eval)
 

@@ -36,6 +36,9 @@ LORA_SCALINGS = ("standard", "rslora")
 # where a training reports its metrics besides metrics.jsonl (HF Trainer's --report_to, the ones we support)
 REPORT_TO = ("none", "tensorboard")
 LAYERS_SYNTAX = "all | none | top-half | bottom-half | every-other | a list '0,2,5' | ranges '0-3' | a slice '::2'"
+# said in the help of the settings a `kdstudent train --resume` may change (`resumable`): how the run goes on, not
+# what it trains. Every other setting must be the run's, or the resume is refused naming it (student.run)
+RESUME_MAY_CHANGE = "May change on --resume"
 
 # names that student.json / train_config.json files of earlier versions used
 _RENAMED = {
@@ -49,6 +52,17 @@ _RENAMED = {
 
 # what earlier versions kept in a student's shape although only training uses it (now in TrainConfig)
 _TRAINING_ONLY = {"balance_coef", "z_coef", "router_bias_update", "router_lr_scale"}
+
+
+def resumable(help_text: str, how: str = "") -> str:
+    """The help of a setting a --resume may change: declared where the setting is, so that --help, the generated
+    option tables and the resume check (`may_change_on_resume`) all read the one declaration."""
+    return f"{help_text}. {RESUME_MAY_CHANGE}{f' ({how})' if how else ''}"
+
+
+def may_change_on_resume(name: str) -> bool:
+    """Whether a `kdstudent train --resume` may give TrainConfig field `name` another value than the run's."""
+    return RESUME_MAY_CHANGE in next(f for f in dataclasses.fields(TrainConfig) if f.name == name).metadata["help"]
 
 
 def default_alpha(rank: int) -> float:
@@ -103,8 +117,9 @@ class MoELoRAConfig:
         "help": "train the base model's weights too (full fine-tune + adapters, as in the MoE-KD paper); the "
                 "trained base is saved with the student (base.safetensors) and merged on export"})
     expert_impl: str = field(default="auto", metadata={
-        "help": "how experts are computed: auto (grouped GEMM on CUDA, compiled SwiGLU kernel on CPU, else loop), "
-                "compiled, fused, loop (the autograd reference), grouped", "choices": list(EXPERT_IMPLS)})
+        "help": resumable("how experts are computed: auto (grouped GEMM on CUDA, compiled SwiGLU kernel on CPU, else "
+                          "loop), compiled, fused, loop (the autograd reference), grouped", "the same function"),
+        "choices": list(EXPERT_IMPLS)})
 
     def __post_init__(self) -> None:
         for name, rank in (("attn_alpha", "attn_rank"), ("shared_expert_alpha", "shared_expert_rank")):
@@ -179,10 +194,17 @@ class TrainConfig(MoELoRAConfig, RouterLossConfig):
 
     store: list[str] = field(metadata={
         "help": "logit store to distil from (path or URL); repeat it to train on a mixture, `--store A --store "
-                "B:0.3`: a weight after ':' is the store's share of the training tokens, stores without one share "
-                "the rest in proportion to their tokens (no weights: every store in proportion to its tokens). "
+                "B:0.3`: a weight after ':' is the store's share of the loss positions (see --mix-by), stores "
+                "without one share the rest in proportion to theirs (no weights: every store once per epoch). "
                 "Mixed stores need the same tokenizer; their target kinds and k may differ",
         "action": "extend"})
+    mix_by: str = field(default="positions", metadata={
+        "help": resumable(
+            "what a mixture weight is a share of: positions (the loss positions, what the loss averages over: a "
+            "prompt-masked store gets its weight of them) or tokens (the rows' tokens, i.e. of the forward compute; "
+            "how moekd weighted mixtures before)", "only where no store's rows per epoch change: the reader's "
+            "checkpoint refuses the rest, saying why; a weighted run of earlier versions resumes with tokens"),
+        "choices": ["positions", "tokens"]})
     base: str = field(metadata={"help": "dense base model directory the student starts from"})
     out: str = field(metadata={"help": "run directory: checkpoints, metrics.jsonl, final student"})
     student: str = field(default="moe-lora", metadata={
@@ -196,15 +218,18 @@ class TrainConfig(MoELoRAConfig, RouterLossConfig):
     temperature: float = field(default=1.0, metadata={"help": "distillation temperature"})
     kd_weight: float = field(default=1.0, metadata={"help": "weight of the KD loss"})
     ce_weight: float = field(default=0.0, metadata={"help": "weight of cross-entropy on the labels"})
-    loss_chunk: int = field(default=1024, metadata={"help": "positions per LM-head chunk"})
+    loss_chunk: int = field(default=1024, metadata={"help": resumable("positions per LM-head chunk")})
     loss_keep_logits: bool = field(default=False, metadata={
-        "help": "keep the LM head's logits from the forward for the backward instead of recomputing them: one "
-                "LM-head matmul less per chunk, for positions x vocab floats of memory (0.4 GB at 8 x 256 "
-                "positions and vocabulary 49,152); results are bitwise the same"})
+        "help": resumable("keep the LM head's logits from the forward for the backward instead of recomputing them: "
+                          "one LM-head matmul less per chunk, for positions x vocab floats of memory (0.4 GB at 8 x "
+                          "256 positions and vocabulary 49,152); results are bitwise the same")})
     batch_size: int = field(default=8, metadata={"help": "rows per micro-batch per process"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_steps: int = field(default=100, metadata={"help": "optimizer steps"})
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    max_steps: int = field(default=100, metadata={"help": resumable(
+        "optimizer steps", "not below the step the run has reached; the cosine schedule is then the new length's, "
+        "from that step on")})
+    lr: float = field(default=2e-4, metadata={"help": resumable(
+        "peak learning rate", "the schedule's factors at the steps to come then multiply the new peak")})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps, then cosine decay to 0"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping; 0: off"})
@@ -222,28 +247,33 @@ class TrainConfig(MoELoRAConfig, RouterLossConfig):
     fsdp_replicas: int = field(default=1, metadata={
         "help": "fsdp: replica groups of a 2-D (replicate x shard) mesh, i.e. HSDP: shard within groups of "
                 "processes/R (a node), replicate across them; 1 = shard over all processes"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": resumable("recompute activations in backward")})
     seed: int = field(default=0, metadata={"help": "seed of student init, data order and dropout"})
     shuffle: bool = field(default=True, metadata={"help": "shuffle the store's rows (seeded, per epoch)"})
     shuffle_buffer: int = field(default=1024, metadata={"help": "rows shuffled together"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers per process"})
-    log_every: int = field(default=10, metadata={"help": "steps between metrics lines"})
-    save_every: int = field(default=0, metadata={"help": "steps between checkpoints; 0: only at the end"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept; 0 keeps all"})
-    eval_store: str | None = field(default=None, metadata={"help": "held-out store evaluated every eval_every"})
-    eval_every: int = field(default=0, metadata={"help": "steps between evaluations; 0: only at the end"})
-    eval_rows: int = field(default=256, metadata={"help": "rows of the eval store used per evaluation"})
+    num_workers: int = field(default=0, metadata={"help": resumable("DataLoader workers per process")})
+    log_every: int = field(default=10, metadata={"help": resumable("steps between metrics lines")})
+    save_every: int = field(default=0, metadata={"help": resumable("steps between checkpoints; 0: only at the end")})
+    keep_checkpoints: int = field(default=2, metadata={"help": resumable("newest checkpoints kept; 0 keeps all")})
+    eval_store: str | None = field(default=None, metadata={"help": resumable(
+        "held-out store evaluated every eval_every", "later evaluations in metrics.jsonl are then of the new store")})
+    eval_every: int = field(default=0, metadata={"help": resumable("steps between evaluations; 0: only at the end")})
+    eval_rows: int = field(default=256, metadata={"help": resumable("rows of the eval store used per evaluation")})
     router_bias_update: float = field(default=0.0, metadata={
         "help": "DeepSeek-V3 auxiliary-loss-free balancing: after every optimizer step each MoE layer's per-expert "
                 "selection bias moves by this much towards balance (+ for underloaded experts, - for overloaded). "
                 "The bias only picks the top-k experts, never weighs them. 0 = off"})
     router_lr_scale: float = field(default=1.0, metadata={
         "help": "the routers' learning rate as a multiple of --lr"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the newest checkpoint in --out, with the run's settings: a setting whose help does "
+                "not say it may change on --resume is refused if it differs (docs/TRAINING.md, 'What happens "
+                "when...')"})
+    progress: bool = field(default=True, metadata={"help": resumable("show a progress bar")})
     report_to: str = field(default="none", metadata={
-        "help": "also report the metrics to: tensorboard (RUN/tensorboard; needs the tensorboard package) or none. "
-                "metrics.jsonl is always written", "choices": list(REPORT_TO)})
+        "help": resumable("also report the metrics to: tensorboard (RUN/tensorboard; needs the tensorboard "
+                          "package) or none. metrics.jsonl is always written"), "choices": list(REPORT_TO)})
 
     def __post_init__(self) -> None:
         """Refuse options that cannot work now, before a model or a store is loaded (a mistake costs seconds)."""
@@ -302,7 +332,9 @@ def _flag(name: str) -> str:
 
 
 def _help(name: str) -> str:
-    return next(f.metadata.get("help", "") for f in dataclasses.fields(TrainConfig) if f.name == name)
+    """A field's help without its resume note (error messages quote it)."""
+    text = next(f.metadata.get("help", "") for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return text.split(f". {RESUME_MAY_CHANGE}")[0]
 
 
 @dataclass

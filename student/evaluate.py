@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from logit_store import KDStream, LogitStore
+from logit_store.model_logits import LogitTransform, logit_transform
 from student.losses import DistillLossConfig, distill_loss
 from student.router_loss import RoutingTally, count_only
 
@@ -54,10 +55,11 @@ def _pool(tallies) -> _Tally:
 
 
 def _tally_rows(hidden: torch.Tensor, batch: dict, head: nn.Module, kd_cfg: DistillLossConfig,
-                chunk_size: int) -> _Tally:
-    """The sums of a batch's rows (hidden [B, T, H] from the student's body, `batch` a KDBatch)."""
+                chunk_size: int, transform: LogitTransform | None = None) -> _Tally:
+    """The sums of a batch's rows (hidden [B, T, H] from the student's body, `batch` a KDBatch); `transform`: the
+    model's post-processing of its head's output (`logit_transform`), so that eval scores the logits it serves."""
     t = _Tally(rows=hidden.shape[0])
-    _, m = distill_loss(hidden, head.weight, batch, kd_cfg, getattr(head, "bias", None))
+    _, m = distill_loss(hidden, head.weight, batch, kd_cfg, getattr(head, "bias", None), transform)
     t.kd, t.ce = float(m["kd"]), float(m["ce"])
     mask = batch["loss_mask"]
     h = hidden[mask]
@@ -68,7 +70,7 @@ def _tally_rows(hidden: torch.Tensor, batch: dict, head: nn.Module, kd_cfg: Dist
         logits = h[lo:lo + chunk_size] @ head.weight.T
         if getattr(head, "bias", None) is not None:
             logits = logits + head.bias
-        probs = logits.float().softmax(-1)
+        probs = (transform(logits.float()) if transform is not None else logits.float()).softmax(-1)
         conf, pred = probs.max(-1)
         t.agree += float((pred == teacher_top1[lo:lo + chunk_size]).sum())
         correct = (pred == labels[lo:lo + chunk_size]).double().cpu()
@@ -86,12 +88,14 @@ def _evaluate_store(model: nn.Module, store: str | LogitStore, batch_size: int, 
     """Per-domain tallies of one store (key None: rows without a domain) and its routing tally (MoE students)."""
     stream = KDStream(store, batch_size, shuffle=False, rank=0, world_size=1)
     names = stream.domain_names
-    head = model.get_output_embeddings()
+    head, transform = model.get_output_embeddings(), logit_transform(model)
     kd_cfg = DistillLossConfig(kind="fkl", ce_weight=1.0, chunk_size=chunk_size, reduction="sum")
     tallies: dict[str | None, _Tally] = {}
     routing = RoutingTally()
     rows = 0
     for batch in stream:
+        if max_rows is not None and rows + len(batch["input_ids"]) > max_rows:  # exactly the first max_rows rows
+            batch = {k: v[:max_rows - rows] for k, v in batch.items()}
         batch = {k: v.to(device) for k, v in batch.items()}
         count_only(model, batch["attention_mask"])
         hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -100,10 +104,11 @@ def _evaluate_store(model: nn.Module, store: str | LogitStore, batch_size: int, 
         for d in domain.unique().tolist():
             name = names[d] if d >= 0 else None
             if d == -1 and (domain == -1).all():  # no domains: the whole batch, without copying it
-                part = _tally_rows(hidden, batch, head, kd_cfg, chunk_size)
+                part = _tally_rows(hidden, batch, head, kd_cfg, chunk_size, transform)
             else:
                 sel = (domain == d).nonzero()[:, 0]
-                part = _tally_rows(hidden[sel], {k: v[sel] for k, v in batch.items()}, head, kd_cfg, chunk_size)
+                part = _tally_rows(hidden[sel], {k: v[sel] for k, v in batch.items()}, head, kd_cfg, chunk_size,
+                                   transform)
             tallies.setdefault(name, _Tally()).add(part)
         routing.add_forward(model)
         rows += batch["input_ids"].shape[0]
@@ -171,19 +176,25 @@ def _name(store: str | LogitStore) -> str:
 
 
 def format_report(result: dict) -> str:
-    """`evaluate_stores`' result as text tables: each store (all rows, then each domain), then the pool."""
+    """`evaluate_stores`' result as text tables: each store (all rows, then each domain), then the pool. Domain
+    names are shown whole, under a `domains` bracket, so a domain called `all` is not the store's own column."""
     sections = list(result["stores"].items())
     if len(sections) > 1:
         sections.append((f"pooled over {len(sections)} stores", result["pooled"]))
     lines = []
     for title, r in sections:
         columns = [("all", r), *r.get("domains", {}).items()]
+        widths = [max(12, len(name)) for name, _ in columns]
         lines.append(f"store {title}" if not title.startswith("pooled") else title)
-        lines.append(f"{'metric':12s}" + "".join(f" {name[:12]:>12s}" for name, _ in columns))
+        if len(columns) > 1:  # which columns are domains
+            span = sum(widths[1:]) + len(widths) - 2
+            lines.append(f"{'':12s} {'store':>{widths[0]}s} " + " domains ".center(span, "-"))
+        lines.append(f"{'metric':12s}" + "".join(f" {name:>{w}s}" for (name, _), w in zip(columns, widths,
+                                                                                         strict=True)))
         for key in METRICS:
             cells = [c[key] for _, c in columns]
-            lines.append(f"{key:12s}" + "".join(f" {v:>12.4f}" if isinstance(v, float) else f" {v:>12,}"
-                                                for v in cells))
+            lines.append(f"{key:12s}" + "".join(f" {v:>{w}.4f}" if isinstance(v, float) else f" {v:>{w},}"
+                                                for v, w in zip(cells, widths, strict=True)))
         for layer, fractions in r.get("expert_usage", {}).items():
             lines.append(f"experts L{layer:<3s} " + " ".join(f"{f:.2f}" for f in fractions))
         for layer, weights in r.get("routing_weights", {}).items():
@@ -191,4 +202,8 @@ def format_report(result: dict) -> str:
         for layer, m in r.get("routing", {}).items():
             lines.append(f"routing L{layer:<3s} effective experts {m['effective_experts']:.2f}, "
                          f"per token {m['effective_experts_per_token']:.2f}")
+    if len(sections) > 1:  # what each store weighs in the pool: its share of the loss positions (`tokens`)
+        total = max(result["pooled"]["tokens"], 1)
+        lines.append("share of the loss positions: " + ", ".join(f"{name} {r['tokens'] / total:.1%}"
+                                                                 for name, r in result["stores"].items()))
     return "\n".join(lines)

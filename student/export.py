@@ -22,9 +22,10 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM, PreTrainedModel
 
+from student import run as runs
 from student.config import student_spec
 from student.convert import decoder_layers
-from student.io import load_student, read_student_meta, resolve_student_dir
+from student.io import CONFIG_NAME, load_student, read_student_meta, resolve_student_dir
 from student.moe_lora import MoELoRAMLP
 
 EXPORT_TARGETS = ("mixtral",)
@@ -180,17 +181,41 @@ def export_student(
 ) -> Path:
     """Write a standard checkpoint (config, safetensors, tokenizer) for a student or a saved student / run dir.
 
+    A run exports the state `student.run.student_snapshot` names (the one `kdstudent eval` reads), also an FSDP
+    checkpoint written before the run's end. `out_dir` must be apart from every input (the base, the student, the
+    run): `student.run.check_output`, checked before anything loads.
     `dtype` defaults to the base model's saved dtype (fp32 if it has none). `drop_router_bias`: see `to_mixtral`.
-    `balance_coef` (Mixtral's router_aux_loss_coef) defaults to the one the student was trained with, when its
-    saved directory records its training (a run's final student), else Mixtral's default."""
+    `balance_coef` (Mixtral's router_aux_loss_coef) defaults to the one the student was trained with, when that is
+    recorded (a run, a run's final student), else Mixtral's default."""
     if to not in EXPORT_TARGETS:
         raise UnsupportedExportError(f"unknown export target {to!r}; supported: {', '.join(EXPORT_TARGETS)}")
     source = None
-    if not isinstance(student, nn.Module):
+    if isinstance(student, nn.Module):
+        runs.check_output(out_dir, [("base model", student_spec(student).base_path)])
+    elif runs.is_run(student):
+        config = runs.load_config(student)
+        if config.student != "moe-lora":
+            raise UnsupportedExportError(f"{student} trained a --student {config.student} student: export writes "
+                                         "MoE-LoRA students as Mixtral (a dense student is its base's architecture)")
+        snapshot = runs.student_snapshot(student)
+        saved = snapshot / runs.STUDENT
+        source = str(saved if (saved / CONFIG_NAME).is_file() else snapshot)
+        runs.check_output(out_dir, [("run", student), ("base model", base_path or config.base)])
+        if source == str(saved):
+            student = load_student(saved, base_path=base_path)
+        else:  # an FSDP checkpoint before the run's end: dcp/ only
+            from student.train import load_trained
+
+            student = load_trained(student, base=base_path)
+        balance_coef = config.balance_coef if balance_coef is None else balance_coef
+    else:
         source = str(resolve_student_dir(student))
+        meta = read_student_meta(source)
+        runs.check_output(out_dir, [("student", student), ("student", source),
+                                    ("base model", base_path or meta["base"]["path"])])
         student = load_student(source, base_path=base_path)
         if balance_coef is None:
-            balance_coef = read_student_meta(source).get("extra", {}).get("train_config", {}).get("balance_coef")
+            balance_coef = meta.get("extra", {}).get("train_config", {}).get("balance_coef")
     spec = student_spec(student)
     if dtype is None:
         saved = getattr(student.config, "dtype", None)

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import Trainer
 
 from logit_store import DecodedRow, LogitStore, collate
+from logit_store.model_logits import logit_transform
 from logit_store.plan import (
     DecodedBatches,
     ReadPlan,
@@ -40,20 +41,27 @@ from student.losses import DistillLossConfig, distill_loss
 class StoreDataset(torch.utils.data.Dataset):
     """The rows of a store by index (store order), decoded (`DecodedRow`), for `transformers.Trainer`; or of a
     mixture of stores, given as `kdstudent train --store` specs ("path[:weight]", a weight being a share of the
-    training tokens), concatenated in the order given.
+    loss positions, or with `mix_by="tokens"` of the rows' tokens), concatenated in the order given.
 
     A row is read with its whole Arrow record batch (the store's unit of compression); the last `cache_units`
     decoded record batches are kept, so neighbouring indices are cheap and a random index costs one record
     batch read (docs/HF_TRAINER.md gives the figures). `tokenizer`, if given, must be the store's (same
     fingerprint): else token ids would mean different things to the student. Stores of a mixture must share one
     tokenizer and vocabulary; `KDTrainer` samples a mixture as `kdstudent train` reads it (`MixtureSampler`).
+
+    Each shard's sha256 is taken once per run, by the first process that needs it: the Trainer's DataLoader
+    workers, new ones every epoch, share one ledger with this process (`LogitStore.share_hash_checks`).
     """
 
-    def __init__(self, store: str | LogitStore | list[str | LogitStore], tokenizer=None, cache_units: int = 4):
+    def __init__(self, store: str | LogitStore | list[str | LogitStore], tokenizer=None, cache_units: int = 4,
+                 mix_by: str = "positions"):
         specs = [(s, None) if isinstance(s, LogitStore) else parse_store_spec(s)
                  for s in (store if isinstance(store, list) else [store])]
         self.stores = open_stores([s for s, _ in specs])  # each once, mixable
+        for s in self.stores:  # made here, before the Trainer's workers start, so that they share it
+            s.share_hash_checks()
         self.weights = [w for _, w in specs]
+        self.mix_by = mix_by  # what the weights are shares of: "positions" (loss positions) or "tokens"
         if tokenizer is not None:
             for s in self.stores:
                 check_store_for_model(s, tokenizer, tokenizer_name=getattr(tokenizer, "name_or_path", "given"))
@@ -90,15 +98,16 @@ class StoreDataset(torch.utils.data.Dataset):
 
 class MixtureSampler(torch.utils.data.Sampler[int]):
     """Each epoch's row order of a `StoreDataset` mixture, exactly as `kdstudent train` deals it with the same
-    seed and shuffle buffer (the `ReadPlan`'s epoch order: every store at its token share, every row of a store
-    at the same rate, rows of the stores interleaved at seeded places). The epoch is the dataset's, which the
-    Trainer's data loader sets each epoch (also on resume, and with several processes); its batch sharding and
-    resume (skipping the epoch's first batches) then work as with its own sampler."""
+    seed, shuffle buffer and `mix_by` (the `ReadPlan`'s epoch order: every store at its share of the loss
+    positions, or of the tokens, every row of a store at the same rate, rows of the stores interleaved at seeded
+    places). `mix_by` defaults to the dataset's. The epoch is the dataset's, which the Trainer's data loader sets
+    each epoch (also on resume, and with several processes); its batch sharding and resume (skipping the epoch's
+    first batches) then work as with its own sampler."""
 
-    def __init__(self, dataset: StoreDataset, seed: int = 0, shuffle_buffer: int = 1024):
+    def __init__(self, dataset: StoreDataset, seed: int = 0, shuffle_buffer: int = 1024, mix_by: str | None = None):
         self.dataset = dataset
         self.plan = ReadPlan(dataset.index, batch_size=1, weights=dataset.weights, seed=seed,
-                             shuffle_buffer=shuffle_buffer)
+                             shuffle_buffer=shuffle_buffer, mix_by=dataset.mix_by if mix_by is None else mix_by)
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
@@ -178,7 +187,8 @@ def sparse_kd_loss(model: nn.Module, inputs: dict[str, torch.Tensor], config: Di
     hidden = out.hidden_states[-1]  # after the final norm: what the LM head reads
     head = inner.get_output_embeddings()
     batch = dict(inputs, labels=shift_labels(inputs["labels"]))
-    loss_sum, metrics = distill_loss(hidden, head.weight, batch, cfg, getattr(head, "bias", None))
+    loss_sum, metrics = distill_loss(hidden, head.weight, batch, cfg, getattr(head, "bias", None),
+                                     logit_transform(inner))  # the logits the model serves (scaling, softcap)
     count = num_items_in_batch if num_items_in_batch is not None else metrics["tokens"]
     if torch.is_tensor(count):
         count = count.to(loss_sum.device)

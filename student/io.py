@@ -28,6 +28,7 @@ from transformers import PreTrainedModel
 from student import run as runs
 from student.config import MoELoRAConfig, student_spec
 from student.convert import convert_to_moe_lora, fingerprint_model_dir, load_base
+from student.distributed import DCP_DIR
 from student.moe_lora import MoELoRAMLP
 
 STUDENT_FORMAT = "moekd-moe-lora-student"
@@ -135,16 +136,27 @@ def read_student_meta(student_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def resolve_student_dir(path: str | os.PathLike) -> Path:
-    """A student directory, or a run holding one (run/student, run/final/student, newest run/checkpoint-N)."""
+    """A student directory, or a run holding one: the student of the state `student.run.student_snapshot` names
+    (the newest checkpoint; final/ when none is left), the one kdstudent eval and export read too; or
+    run/student."""
     root = Path(path)
-    candidates = [root, root / runs.STUDENT, root / runs.FINAL, runs.final_student_dir(root)]
-    for c in reversed(runs.checkpoints(root)):
-        candidates += [c, c / runs.STUDENT]
-    for c in candidates:
+    for c in (root, root / runs.STUDENT):
         if (c / CONFIG_NAME).is_file():
             return c
+    if runs.is_run(root) or runs.checkpoints(root) or (root / runs.FINAL).is_dir():
+        snapshot = runs.student_snapshot(root)
+        for c in (snapshot / runs.STUDENT, snapshot):  # a student directory saved as checkpoint-N itself
+            if (c / CONFIG_NAME).is_file():
+                return c
+        if (snapshot / DCP_DIR).is_dir():
+            why = ("it is an FSDP checkpoint written before the run's end, which keeps the weights sharded (dcp/): "
+                   f"kdstudent eval and export read the run ({root}) itself, or resume the run to its end")
+        else:
+            why = "the run's student is not a MoE-LoRA student (--student lora/full): kdstudent eval reads the run"
+        raise FileNotFoundError(f"no saved student in {snapshot}, the newest state of run {root}: {why}")
     raise FileNotFoundError(
-        f"no saved student under {root}: looked for {CONFIG_NAME} in it, in student/, final/ and checkpoint-N/"
+        f"no saved student under {root}: looked for {CONFIG_NAME} in it, in student/, and in a run's newest "
+        "checkpoint-N/ or final/"
     )
 
 

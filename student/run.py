@@ -10,16 +10,22 @@
                             --sharding fsdp: dcp/ (every process's shards of the trainable weights and optimizer
                             state, torch.distributed.checkpoint) instead of the optimizer in train_state.pt, and
                             trainable.safetensors + student/ in the run's last checkpoint only.
-      final/student/        the trained MoE-LoRA student (student.io format)
+      final/student/        the trained MoE-LoRA student (student.io format), at the step of the run's end
       plots/                `kdstudent plot`
       tensorboard/          with --report-to tensorboard: the metrics.jsonl scalars as TensorBoard events
       .lock                 locked (lockf) by the training that owns the run; its pid and host inside
 
-The trainer writes these (student/train.py); the readers (load_trained, student.io, plots, the CLI) find them here.
+The trainer writes these (student/train.py); the readers (load_trained, student.io, plots, the CLI) find them here,
+and `student_snapshot` says which of them is the run's student, for every reader alike.
+
+Also here: what a `--resume` may change (`check_resume`), and the rule that no write lands on an input
+(`check_output`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import fcntl
 import json
 import os
@@ -28,7 +34,8 @@ import shutil
 import socket
 from pathlib import Path
 
-from student.config import REPORT_TO, TrainConfig
+from logit_store.plan import parse_store_specs
+from student.config import _RENAMED, REPORT_TO, TrainConfig, may_change_on_resume, parse_layer_experts
 
 RUN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
@@ -68,11 +75,18 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # EAGAIN / EACCES: held elsewhere
+        except OSError as e:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
             os.close(fd)
-            raise RunLockedError(f"{Path(run)} is in use by another training ({holder}; lock {self.path}): wait "
-                                 "for it to finish, or choose another --out") from None
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):  # held elsewhere
+                raise RunLockedError(f"{Path(run)} is in use by another training ({holder}; lock {self.path}): "
+                                     "wait for it to finish, or choose another --out") from None
+            # ENOLCK (NFS without lockd), ENOSYS / EOPNOTSUPP (Lustre without flock, FUSE): no lock here at all,
+            # and `holder` is only the last run that wrote the file
+            raise RunLockedError(f"{Path(run)}: locking is not supported on this filesystem (errno {e.errno}, "
+                                 f"{e.strerror}, locking {self.path}), so two trainings of one run could not be "
+                                 "kept apart: train into a local --out (then copy the run), or onto a filesystem "
+                                 "with locks (NFS with lockd running, Lustre mounted with -o flock)") from None
         self._fd = fd
         RunLock._held.add(self._key)
         os.ftruncate(fd, 0)
@@ -120,6 +134,112 @@ def checkpoints(run: str | os.PathLike) -> list[Path]:
 
 def final_student_dir(run: str | os.PathLike) -> Path:
     return Path(run) / FINAL / STUDENT
+
+
+def checkpoint_step(checkpoint: str | os.PathLike) -> int:
+    """The step of a `checkpoint-STEP` directory."""
+    m = _CHECKPOINT.fullmatch(Path(checkpoint).name)
+    if m is None:
+        raise ValueError(f"{checkpoint} is not a checkpoint-STEP directory")
+    return int(m.group(1))
+
+
+def student_snapshot(run: str | os.PathLike) -> Path:
+    """The saved state that is a run's student, for every reader (kdstudent eval, export, info; load_trained,
+    load_student): the newest complete checkpoint — the state a --resume continues from; a finished run's last
+    checkpoint holds the weights of final/student (written after it, at the same step), and after a --resume that
+    extends a run and dies, final/ is the older end. final/ itself only when no checkpoint is left."""
+    found = checkpoints(run)
+    if found:
+        return found[-1]
+    if (Path(run) / FINAL).is_dir():
+        return Path(run) / FINAL
+    raise FileNotFoundError(f"{run} has no checkpoint yet (nor final/): nothing to read until its first "
+                            "checkpoint (--save-every) or its end")
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def check_output(output: str | os.PathLike, inputs: list[tuple[str, str | os.PathLike | None]],
+                 option: str = "--out") -> None:
+    """Refuse an output directory that is, contains or is inside one of `inputs` ((what, path); None and URLs are
+    skipped), compared by real path (symlinks, `./x`): writing there could overwrite an input (transformers'
+    save_pretrained also deletes weight files it did not write) or mix outputs into it. Reads and writes nothing."""
+    out = os.path.realpath(output)
+    for what, path in inputs:
+        if path is None or "://" in str(path):
+            continue
+        source = os.path.realpath(path)
+        relation = "is" if out == source else "is inside" if _inside(out, source) else \
+            "contains" if _inside(source, out) else None
+        if relation:
+            raise ValueError(f"{option} {output} {relation} the {what} {path}: writing there could overwrite or "
+                             f"clutter an input. Choose an {option} outside every input")
+
+
+# TrainConfig fields that name the run rather than set it: always as given
+_RUN_ITSELF = ("out", "resume")
+
+
+def _comparable(name: str, value: object) -> object:
+    """A setting's value as a resume compares it: paths by where they lead, stores with their weights in order."""
+    if name == "store":
+        paths, weights = parse_store_specs(list(value))
+        return [(p if "://" in p else os.path.realpath(p), w) for p, w in zip(paths, weights, strict=True)]
+    if name == "base":
+        return os.path.realpath(value)
+    if name == "layer_experts":
+        return parse_layer_experts(value)
+    return value
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def check_resume(run: str | os.PathLike, cfg: TrainConfig) -> None:
+    """Refuse a `--resume` whose settings differ from those the run's newest checkpoint was trained with (its
+    student's shape, the loss, the data, the optimizer), naming each with both values; also a --max-steps below
+    the step reached. Settings whose help says they may change on --resume (`student.config.resumable`) may.
+    Reads two small files, so a mistake costs no model load. A run without a checkpoint starts afresh: any
+    setting goes. A setting the run's file does not record (the run is older than it) is not compared."""
+    found = checkpoints(run)
+    if not found:
+        return
+    newest = found[-1]
+    source = newest if is_run(newest) else Path(run)  # checkpoints of earlier versions held no config
+    if not is_run(source):
+        return
+    saved = load_config(source)
+    # a setting newer than the run is not in its file: its default need not be what the run did (the checkpoint's
+    # own checks, such as the reader's, judge it)
+    recorded = {_RENAMED.get(k, k) for k in json.loads((source / RUN_CONFIG).read_text())}
+    changed = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _RUN_ITSELF or may_change_on_resume(f.name) or f.name not in recorded:
+            continue
+        was, now = getattr(saved, f.name), getattr(cfg, f.name)
+        if _comparable(f.name, was) != _comparable(f.name, now):
+            why = " (the stores of a mixture and their weights make its data order)" if f.name == "store" else ""
+            changed.append(f"--{f.name.replace('_', '-')}: the run has {_shown(was)}, this command gives "
+                           f"{_shown(now)}{why}")
+    if changed:
+        may = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainConfig) if may_change_on_resume(f.name)]
+        raise ValueError(f"cannot --resume {run} with other settings than it was trained with ({source / RUN_CONFIG}"
+                         f"): {'; '.join(changed)}. Give the run's values, or train a new run (another --out); "
+                         f"only {', '.join(may)} may change on --resume.")
+    step = checkpoint_step(newest)
+    if cfg.max_steps < step:
+        raise ValueError(f"--max-steps {cfg.max_steps} is below step {step}, which {run} has reached ({newest}): "
+                         f"give --max-steps {step} or more to resume it")
 
 
 def write_config(run: str | os.PathLike, cfg: TrainConfig) -> None:

@@ -18,6 +18,7 @@ under which names, is `student.run`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import shutil
@@ -31,6 +32,7 @@ from torch import nn
 
 from logit_store import KDStream, LogitStore, StoreLoader
 from logit_store.faults import crash_point
+from logit_store.model_logits import logit_transform
 from logit_store.plan import check_store_for_model, open_stores
 from student import distributed
 from student.config import RouterLossConfig, TrainConfig, is_moe_student
@@ -51,12 +53,15 @@ from student.run import (
     MetricsLog,
     RunLock,
     RunLockedError,
+    check_output,
+    check_resume,
     checkpoint_dir,
     checkpoints,
     final_student_dir,
     is_run,
     load_config,
     remove_temp_checkpoints,
+    student_snapshot,
     temp_checkpoint_dir,
     truncate_metrics,
     write_config,
@@ -121,6 +126,7 @@ class DistillStep(nn.Module):
         super().__init__()
         self.model, self.loss_cfg, self.router_cfg = model, loss_cfg, router_cfg or RouterLossConfig()
         self.is_moe = is_moe_student(model)
+        self.logit_transform = logit_transform(model)  # the logits the student serves (Granite scaling, softcap, ...)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.is_moe:
@@ -128,7 +134,8 @@ class DistillStep(nn.Module):
         body = self.model.base_model
         hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         head = self.model.get_output_embeddings()
-        loss_sum, metrics = distill_loss(hidden, head.weight, batch, self.loss_cfg, getattr(head, "bias", None))
+        loss_sum, metrics = distill_loss(hidden, head.weight, batch, self.loss_cfg, getattr(head, "bias", None),
+                                         self.logit_transform)
         aux = torch.zeros((), device=hidden.device)
         if self.is_moe:
             r = router_losses(self.model, self.router_cfg)
@@ -319,14 +326,26 @@ def _micro_batches(loader: StoreLoader):
 
 
 def _claim_run(run: Path, cfg: TrainConfig, rank: int) -> RunLock | None:
-    """Rank 0 locks the run directory for the whole training and checks that it may start there; on any rank the
-    same error if not. Returns the lock (rank 0) to release at the end."""
+    """Rank 0 checks that --out is apart from every input (before the lock creates it), locks the run directory
+    for the whole training and checks that it may start there (a --resume: with the run's settings); on any rank
+    the same error if not. Returns the lock (rank 0) to release at the end."""
     lock, error = None, None
     if rank == 0:
         try:
+            paths, _ = cfg.store_weights()
+            try:
+                check_output(run, [("--base", cfg.base), *(("--store", p) for p in paths),
+                                   ("--eval-store", cfg.eval_store)])
+            except ValueError as e:
+                raise TrainError(str(e)) from None
             lock = RunLock(run)
             if not cfg.resume and (checkpoints(run) or (run / METRICS).exists()):
                 raise TrainError(f"{run} already holds a run: pass --resume to continue it, or choose a new --out")
+            if cfg.resume:
+                try:
+                    check_resume(run, cfg)
+                except ValueError as e:
+                    raise TrainError(str(e)) from None
         except (RunLockedError, TrainError, OSError) as e:
             error = e
     try:
@@ -411,7 +430,7 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world: int, device: torch.dev
                              f"process: {world} process(es) x --batch-size {cfg.batch_size} = "
                              f"{world * cfg.batch_size} rows. Use a smaller --batch-size, fewer processes, or a "
                              "larger store")
-        stream = KDStream(stores, cfg.batch_size, weights=weights, shuffle=cfg.shuffle,
+        stream = KDStream(stores, cfg.batch_size, weights=weights, mix_by=cfg.mix_by, shuffle=cfg.shuffle,
                           shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=rank, world_size=world)
     except ValueError as e:
         raise TrainError(str(e)) from None
@@ -443,7 +462,9 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world: int, device: torch.dev
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
     step = 0
     if cfg.resume and checkpoints(run):
+        peaks = list(sched.base_lrs)  # this run's --lr (per group); the checkpoint restores the run's old peaks
         step = load_checkpoint(checkpoints(run)[-1], model, opt, sched, loader)
+        _resume_schedule(opt, sched, peaks)
     if rank == 0:
         if cfg.resume:  # drop what a killed run logged after its last checkpoint (everything, if it wrote none)
             truncate_metrics(run, step)
@@ -453,9 +474,9 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world: int, device: torch.dev
         print(f"student {cfg.student}: {trainable}; {world} process(es), global batch "
               f"{cfg.batch_size * cfg.grad_accum * world} rows" + (f"; resuming at step {step}" if step else ""))
         if len(stores) > 1:
-            print("mixture (share of tokens, rows per epoch of the mixture): " + ", ".join(
-                f"{path} {share:.1%} ({n:,})" for path, share, n in
-                zip(paths, stream.token_share, stream.epoch_rows, strict=True)))
+            print("mixture (share of the loss positions, of the tokens; rows per epoch of the mixture): " + ", ".join(
+                f"{path} {share:.1%}, {tokens:.1%} ({n:,})" for path, share, tokens, n in
+                zip(paths, stream.position_share, stream.token_share, stream.epoch_rows, strict=True)))
     bar = None
     if cfg.progress and rank == 0:
         from tqdm import tqdm
@@ -551,25 +572,40 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world: int, device: torch.dev
     return last
 
 
+def _resume_schedule(opt, sched, peaks: list[float]) -> None:
+    """After a resume, the schedule of this run's settings: its --lr as the peak and its --max-steps (both may change
+    on --resume; the lambdas are this run's, the checkpoint restores only their step), the learning rate of the
+    next step set from them as the scheduler's last step would have. With unchanged settings the same numbers."""
+    sched.base_lrs = list(peaks)
+    for group, peak, factor in zip(opt.param_groups, peaks, sched.lr_lambdas, strict=True):
+        group["initial_lr"] = peak
+        group["lr"] = peak * factor(sched.last_epoch)
+    sched._last_lr = [group["lr"] for group in opt.param_groups]
+
+
 def _grad_norm(params) -> torch.Tensor:
     grads = [p for p in params if p.grad is not None]
     return distributed.grad_norm(grads) if grads else torch.zeros(())
 
 
-def load_trained(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
-    """The student of a run (any kind, from its newest checkpoint), or a saved MoE-LoRA student directory."""
+def load_trained(path: str | os.PathLike, device: torch.device | str = "cpu",
+                 base: str | os.PathLike | None = None) -> nn.Module:
+    """The student of a run (any kind; the state `student.run.student_snapshot` names, also an FSDP checkpoint
+    written before the run's end), or a saved MoE-LoRA student directory; `base`: the base's directory if it moved
+    since training."""
+    from student.io import load_student
 
     run = Path(path)
     if not is_run(run):
-        from student.io import load_student
-
-        return load_student(run).to(device)
+        return load_student(run, base_path=base).to(device)
+    snapshot = student_snapshot(run)
+    if not ((snapshot / TRAINABLE).is_file() or (snapshot / distributed.DCP_DIR).is_dir()):
+        return load_student(snapshot / STUDENT, base_path=base).to(device)  # final/ alone: its saved student
     cfg = load_config(run)
-    found = checkpoints(run)
-    if not found:
-        raise TrainError(f"{run} has no checkpoint yet")
+    if base is not None:
+        cfg = dataclasses.replace(cfg, base=str(base))
     model = build_model(cfg)
-    _load_trainable(model, found[-1])
+    _load_trainable(model, snapshot)
     return model.to(device).eval()
 
 
@@ -582,7 +618,7 @@ def evaluate_trained(model_path: str, stores: list[str], batch_size: int = 8, ma
     from student.evaluate import evaluate_stores
     from student.run import is_run, load_config
 
-    opened = [LogitStore.open(store) for store in stores]
+    opened = open_stores(list(stores))  # a store listed twice (`S`, `./S`) is refused, not counted twice
     model = load_trained(model_path, device)
     base = load_config(model_path).base if is_run(model_path) else student_spec(model).base_path
     for store in opened:

@@ -1,8 +1,12 @@
 """No command accepts an option it ignores: every option of `kdstudent convert` and `params` changes what they
 write or print, or is refused; every option of `kdstudent train` and `kdstore build` is read by the code that runs
-them. A new option fails here until it does something (or is refused)."""
+them; every option of `kdstudent eval`, `export`, `info` and `plot` changes what the command does or is refused.
+A new option fails here until it does something (or is refused). What `--resume` may change:
+tests/test_resume_and_outputs.py."""
 
+import argparse
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -98,3 +102,88 @@ def test_every_build_option_is_read_by_the_build():
     sources = [ROOT / "logit_store" / name for name in ("build.py", "inputs.py")]
     unread = _read(own, sources, ("cfg", "self"))
     assert not unread, f"BuildConfig options nothing reads: {unread}"
+
+
+# ================================================================ the argparse subcommands
+REFUSED = "refused"
+# per subcommand: the function it calls (patched to record the call), a baseline command line, and for every
+# option (argparse dest) a command line with another value, or REFUSED with one (the only other values there are)
+WALK = {
+    "eval": ("student.train.evaluate_trained", ["eval", "--model", "RUN", "--store", "S"], {
+        "model": ["eval", "--model", "RUN2", "--store", "S"],
+        "store": ["eval", "--model", "RUN", "--store", "S", "--store", "S2"],
+        "batch_size": ["eval", "--model", "RUN", "--store", "S", "--batch-size", "2"],
+        "max_rows": ["eval", "--model", "RUN", "--store", "S", "--max-rows", "3"],
+        "json": ["eval", "--model", "RUN", "--store", "S", "--json"],
+    }),
+    "export": ("student.export.export_student", ["export", "RUN", "--out", "O"], {
+        "student": ["export", "RUN2", "--out", "O"],
+        "to": (REFUSED, ["export", "RUN", "--out", "O", "--to", "llama"]),  # mixtral is the only target
+        "out": ["export", "RUN", "--out", "O2"],
+        "base": ["export", "RUN", "--out", "O", "--base", "B"],
+        "dtype": ["export", "RUN", "--out", "O", "--dtype", "bfloat16"],
+        "drop_router_bias": ["export", "RUN", "--out", "O", "--drop-router-bias"],
+    }),
+    "info": ("student.io.resolve_student_dir", ["info", "RUN"], {"student": ["info", "RUN2"]}),
+    "plot": ("student.plots.plot_run", ["plot", "RUN"], {"run": ["plot", "RUN2"],
+                                                          "out": ["plot", "RUN", "--out", "P"]}),
+}
+# values the commands refuse although their type parses them
+ALSO_REFUSED = [["eval", "--model", "RUN", "--store", "S", "--max-rows", "0"],
+                ["eval", "--model", "RUN", "--store", "S", "--batch-size", "0"]]
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    from cli.kdstudent import build_parser
+
+    return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_subcommand_option_is_walked():
+    """convert, params and train parse their dataclasses (walked above); every other subcommand's options here."""
+    parsers = _subparsers()
+    assert set(parsers) - {"convert", "params", "train"} == set(WALK)
+    for command, (_, _, variants) in WALK.items():
+        options = {a.dest for a in parsers[command]._actions if not isinstance(a, argparse._HelpAction)}
+        assert options == set(variants), f"kdstudent {command}: walk every option: {options ^ set(variants)}"
+
+
+def _run(monkeypatch, capsys, target: str, argv: list[str]):
+    """What the command did: the call it made to `target` and what it printed, or REFUSED (exit 2)."""
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+        if target.endswith("evaluate_trained"):
+            metrics = {"teacher_kl": 0.5, "ce": 1.0, "ppl": 2.7, "top1_agree": 0.5, "ece": 0.1, "tokens": 9, "rows": 1}
+            return {"stores": {s: metrics for s in args[1]}, "pooled": metrics}
+        if target.endswith("plot_run"):
+            return ["loss.png"]
+        return Path(args[0])
+
+    monkeypatch.setattr(target, record)
+    monkeypatch.setattr("student.io.read_student_meta", lambda path: {k: k for k in (
+        "base", "config", "moe_layers", "experts", "num_adapter_params")})
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse refuses a value
+        code = e.code
+    out, _ = capsys.readouterr()
+    return REFUSED if code == 2 else (code, json.dumps(calls, default=str), out)
+
+
+def test_every_eval_export_info_plot_option_changes_what_the_command_does(monkeypatch, capsys):
+    """Each option's other value reaches the function the command calls (or changes what it prints), or is
+    refused; no value of a declared option is silently dropped. The functions themselves are tested on real runs
+    (tests/test_resume_and_outputs.py, test_train.py, test_student_export.py)."""
+    for command, (target, baseline, variants) in WALK.items():
+        default = _run(monkeypatch, capsys, target, baseline)
+        assert default != REFUSED and default[0] == 0, (command, default)
+        for option, argv in variants.items():
+            if isinstance(argv, tuple):
+                assert _run(monkeypatch, capsys, target, argv[1]) == REFUSED, (command, option)
+                continue
+            assert _run(monkeypatch, capsys, target, argv) not in (default, REFUSED), (command, option)
+    for argv in ALSO_REFUSED:
+        assert _run(monkeypatch, capsys, WALK[argv[0]][0], argv) == REFUSED, argv
