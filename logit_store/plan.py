@@ -133,14 +133,15 @@ def check_mixable(stores: list[LogitStore]) -> None:
                 "different things and cannot be mixed. Rebuild one with the other's tokenizer.")
 
 
-def check_store_for_model(store: LogitStore, tokenizer: Any, vocab_size: int | None = None,
+def check_store_for_model(store: LogitStore, tokenizer: Any | None, vocab_size: int | None = None,
                           tokenizer_name: str = "the student's tokenizer") -> None:
-    """The student must speak the store's token ids: the store's tokenizer (same fingerprint), and, when
-    `vocab_size` (its LM head's rows) is given, a vocabulary that holds every stored id. Every recipe (training,
+    """The student must speak the store's token ids: the store's tokenizer (same fingerprint; not checked when
+    `tokenizer` is None), and, when `vocab_size` (its LM head's rows) is given, a vocabulary that holds every
+    stored id. Every recipe (training,
     evaluation, the transformers Trainer) checks this before its first step: else it would run and report
     numbers that mean nothing. ValueError naming both tokenizers otherwise."""
     m = store.manifest
-    if not tokenizer_matches(tokenizer, m.tokenizer):
+    if tokenizer is not None and not tokenizer_matches(tokenizer, m.tokenizer):
         mine = tokenizer_fingerprint(tokenizer, int(m.tokenizer.get("fingerprint_version", 1)))
         raise ValueError(f"the student's tokenizer ({tokenizer_name}, fingerprint {mine}) is not the one the store "
                          f"{store.root} was built with ({m.tokenizer.get('name_or_path')}, fingerprint "

@@ -219,6 +219,23 @@ class KDTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.kd_config = kd_config or DistillLossConfig()
         self.router_config = router_config or RouterLossConfig()
+        self._check_stores(self.train_dataset, self.eval_dataset)
+
+    def _check_stores(self, *datasets) -> None:
+        """Before any step, what `kdstudent train` checks (`plan.check_store_for_model`): the model's vocabulary
+        holds every stored id, and the Trainer's tokenizer (`processing_class`, when it is one) is the stores'.
+        Else the loss would index past the LM head, or run and mean nothing."""
+        vocab = _unwrap(self.model).get_output_embeddings().weight.shape[0]
+        tokenizer = self.processing_class if hasattr(self.processing_class, "get_vocab") else None
+        name = getattr(tokenizer, "name_or_path", "the Trainer's processing_class")
+        for dataset in datasets:
+            for part in dataset.values() if isinstance(dataset, dict) else [dataset]:
+                for store in part.stores if isinstance(part, StoreDataset) else []:
+                    check_store_for_model(store, tokenizer, vocab, name)
+
+    def evaluate(self, eval_dataset=None, *args, **kwargs):
+        self._check_stores(eval_dataset)
+        return super().evaluate(eval_dataset, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, metrics = sparse_kd_loss(model, inputs, self.kd_config, num_items_in_batch, self.router_config)

@@ -199,6 +199,31 @@ def test_store_dataset_reads_every_row_in_any_order(store, tmp_path):
     assert np.array_equal(again[5].target_logprobs, reference[5].target_logprobs)
 
 
+def test_kd_trainer_checks_the_model_against_its_stores_before_any_step(store, student_dir, tiny_teacher_dir,
+                                                                        tmp_path):
+    """A model whose vocabulary cannot score every stored id (before: an IndexError mid-step), or a Trainer whose
+    tokenizer is not the stores', is refused when the trainer is made or asked to evaluate, naming the store."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from assets.synthetic import train_tokenizer
+
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=1, report_to=[], remove_unused_columns=False,
+                             save_strategy="no")
+    ds = StoreDataset(store)
+    small = tiny_llama(LogitStore.open(store).manifest.vocab_size - 1, seed=1)
+    with pytest.raises(ValueError, match="vocabulary .* is smaller than the store's"):
+        KDTrainer(model=small, args=args, train_dataset=ds, data_collator=KDCollator(ds.domain_names))
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    other = train_tokenizer(synthetic_corpus(10, seed=1), vocab_size=300)
+    with pytest.raises(ValueError, match="not the one the store"):
+        KDTrainer(model=model, args=args, train_dataset=ds, processing_class=other,
+                  data_collator=KDCollator(ds.domain_names))
+    trainer = KDTrainer(model=small, args=args, processing_class=AutoTokenizer.from_pretrained(tiny_teacher_dir),
+                        data_collator=KDCollator(ds.domain_names))
+    with pytest.raises(ValueError, match="smaller than the store's"):
+        trainer.evaluate(ds)
+
+
 def test_store_dataset_refuses_another_tokenizer_and_warns_of_biased_samples(store, tmp_path):
     from assets.synthetic import train_tokenizer
 
