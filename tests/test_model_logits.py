@@ -288,3 +288,18 @@ def test_vllm_serves_the_same_distribution(tmp_path, tokenizer, family):
         lp, top = ref.topk(8, dim=-1)
         assert (np.sort(t.ids, 1) == np.sort(top.numpy(), 1)).all()
         assert np.abs(np.sort(t.logprobs, 1) - np.sort(lp.numpy(), 1)).max() < 1e-4
+
+
+def test_vllm_generic_backend_is_refused_where_it_would_post_process_otherwise():
+    """vLLM's Transformers fallback applies only logit_scale and final_logit_softcapping: a teacher served that
+    way whose model does something else (Granite's logits_scaling) is refused; its own vLLM classes pass."""
+    from transformers import Gemma2Config, GraniteConfig, LlamaConfig
+
+    from logit_store.teachers import TeacherError
+    from logit_store.teachers.vllm import check_fallback_logits
+
+    check_fallback_logits(LlamaConfig(), "TransformersForCausalLM")
+    check_fallback_logits(Gemma2Config(final_logit_softcapping=30.0), "TransformersForCausalLM")
+    check_fallback_logits(GraniteConfig(logits_scaling=8.0), "GraniteForCausalLM")
+    with pytest.raises(TeacherError, match="generic Transformers backend .* Use --backend hf"):
+        check_fallback_logits(GraniteConfig(logits_scaling=8.0), "TransformersForCausalLM")

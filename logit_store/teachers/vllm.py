@@ -58,6 +58,26 @@ class VLLMOptions:
     kv_cache_memory_bytes: int | None = field(default=None, metadata={"help": "vllm: KV cache size in bytes"})
 
 
+def check_fallback_logits(config, architecture: str) -> None:
+    """vLLM applies a family's logit post-processing in its own model classes; its generic Transformers backend
+    (the `Transformers*` architectures, for families vLLM does not implement) applies only `logit_scale` and
+    `final_logit_softcapping`. Refuse a teacher served that way whose transformers model does something else
+    (`model_logits.logit_transform`): its stored distribution would not be the model's."""
+    if not architecture.startswith("Transformers"):
+        return
+    from ..model_logits import LogitTransform, logit_transform  # torch: only where a vLLM engine runs anyway
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    served = LogitTransform(scale=float(getattr(text, "logit_scale", None) or 1.0),
+                            softcap=getattr(text, "final_logit_softcapping", None) or None)
+    wanted = logit_transform(config)
+    if (served.scale, served.softcap) != (wanted.scale, wanted.softcap):
+        raise TeacherError(f"vLLM serves this {getattr(config, 'model_type', '?')} teacher through its generic "
+                           f"Transformers backend ({architecture}), which post-processes its logits as "
+                           f"{served.describe()}, not as the model does ({wanted.describe()}): its stored "
+                           "distribution would be wrong. Use --backend hf")
+
+
 class VLLMTeacher(Teacher):
     """A vLLM engine over a teacher folder. `options.max_model_len` should be the longest sequence the caller will
     pass (`kdstore build` gives --max-seq-len + 1, or what --generate can reach); None leaves vLLM's default, the
@@ -92,6 +112,7 @@ class VLLMTeacher(Teacher):
             args["distributed_executor_backend"] = "uni"
         args.update(engine_args or {})
         self.llm = LLM(**args)
+        check_fallback_logits(config, self.llm.llm_engine.model_config.architecture)
         self.name_or_path = path
         self.dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
