@@ -195,6 +195,14 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of things to show)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdstore", description=(
         "Logit stores: teacher next-token distributions captured once (kdstore build) and streamed by "
@@ -252,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "candidates for that position and their probabilities.")
     s.add_argument("store", help="store directory or URL")
     s.add_argument("--row", type=int, default=0, help="row number in store order (default 0)")
-    s.add_argument("--top", type=int, default=5, help="candidates shown per position (default 5)")
-    s.add_argument("--max-positions", type=int, default=64, help="positions shown (default 64)")
+    s.add_argument("--top", type=_at_least_one, default=5, help="candidates shown per position (default 5)")
+    s.add_argument("--max-positions", type=_at_least_one, default=64, help="positions shown (default 64)")
     s.add_argument("--tokenizer", help="tokenizer to decode ids with (default: the one in the manifest)")
     s.set_defaults(func=cmd_inspect)
     return p

@@ -1,6 +1,7 @@
 """No command accepts an option it ignores: every option of `kdstudent convert` and `params` changes what they
 write or print, or is refused; every option of `kdstudent train` and `kdstore build` is read by the code that runs
-them; every option of `kdstudent eval`, `export`, `info` and `plot` changes what the command does or is refused.
+them; every option of `kdstudent eval`, `export`, `info` and `plot` and of `kdstore merge`, `info`, `verify`,
+`inspect`, `prepare-teacher` and `prepare-data` changes what the command does or is refused.
 A new option fails here until it does something (or is refused). What `--resume` may change:
 tests/test_resume_and_outputs.py."""
 
@@ -10,11 +11,15 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
-from student_fixtures import save_tiny_model
+from store_fixtures import random_row, target_spec, write_store
+from student_fixtures import VOCAB, save_tiny_model
 
 from cli.kdstudent import main
+from logit_store import Manifest, ShardWriter
 from logit_store.build import BuildConfig
+from logit_store.format import worker_names
 from student.config import MoELoRAConfig, RouterLossConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,3 +192,135 @@ def test_every_eval_export_info_plot_option_changes_what_the_command_does(monkey
             assert _run(monkeypatch, capsys, target, argv) not in (default, REFUSED), (command, option)
     for argv in ALSO_REFUSED:
         assert _run(monkeypatch, capsys, WALK[argv[0]][0], argv) == REFUSED, argv
+
+
+# ================================================================ kdstore's argparse subcommands
+# (`kdstore build` parses BuildConfig: test_every_build_option_is_read_by_the_build above.) Per subcommand: a
+# baseline command line and, for every option (argparse dest), a command line with another value, REFUSED with
+# one, or (a baseline of its own, the command line) where the option only matters on another store. Capitalised
+# words name the stores and the tokenizer of the `kdstore_paths` fixture; merge, info, verify and inspect run on
+# those real stores, prepare-teacher and prepare-data on recorders of the asset functions they call.
+KDSTORE_WALK = {
+    "merge": (["merge", "W"], {
+        "store": ["merge", "W2"],
+        "allow_incomplete": (["merge", "PARTIAL"], ["merge", "PARTIAL", "--allow-incomplete"]),  # worker 1 missing
+    }),
+    "info": (["info", "S"], {
+        "store": ["info", "S2"],
+        "json": ["info", "S", "--json"],
+        "card": ["info", "S", "--card"],
+    }),
+    "verify": (["verify", "S"], {
+        "store": ["verify", "S2"],
+        "quick": ["verify", "S", "--quick"],
+    }),
+    "inspect": (["inspect", "S"], {
+        "store": ["inspect", "S2"],
+        "row": ["inspect", "S", "--row", "1"],
+        "top": ["inspect", "S", "--top", "2"],
+        "max_positions": ["inspect", "S", "--max-positions", "3"],
+        "tokenizer": ["inspect", "S", "--tokenizer", "TOK"],  # the store's manifest names none: ids by default
+    }),
+    "prepare-teacher": (["prepare-teacher"], {
+        "gguf": ["prepare-teacher", "--gguf", "G/other.gguf"],
+        "out": ["prepare-teacher", "--out", "T"],
+        "dtype": ["prepare-teacher", "--dtype", "float16"],
+    }),
+    "prepare-data": (["prepare-data", "--out", "D"], {
+        "out": ["prepare-data", "--out", "D2"],
+        "seed": ["prepare-data", "--out", "D", "--seed", "1"],
+    }),
+}
+# values the commands refuse although their type parses them
+KDSTORE_ALSO_REFUSED = [["inspect", "S", "--row", "40"], ["inspect", "S", "--row", "-1"],
+                        ["info", "S", "--json", "--card"], ["prepare-teacher", "--dtype", "int8"],
+                        ["inspect", "S", "--top", "-1"], ["inspect", "S", "--max-positions", "0"]]
+
+
+def _kdstore_subparsers() -> dict[str, argparse.ArgumentParser]:
+    from cli.kdstore import build_parser
+
+    return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_kdstore_subcommand_option_is_walked():
+    """build parses its dataclass (checked above); every other subcommand's options are walked here."""
+    parsers = _kdstore_subparsers()
+    assert set(parsers) - {"build"} == set(KDSTORE_WALK)
+    for command, (_, variants) in KDSTORE_WALK.items():
+        options = {a.dest for a in parsers[command]._actions if not isinstance(a, argparse._HelpAction)}
+        assert options == set(variants), f"kdstore {command}: walk every option: {options ^ set(variants)}"
+
+
+def _worker_store(path: Path, workers: list[int], count: int = 2, seed: int = 0) -> str:
+    """A multi-worker build of random rows (no teacher) with the manifests of `workers` of `count`, not merged."""
+    rng = np.random.default_rng(seed)
+    for i in workers:
+        prefix, manifest_name = worker_names(i, count)
+        manifest = Manifest(target=target_spec("topk"), vocab_size=VOCAB, teacher={"name_or_path": "random"})
+        with ShardWriter(str(path), manifest, prefix=prefix, manifest_name=manifest_name) as w:
+            for j in range(3):
+                w.write(random_row(rng, VOCAB, int(rng.integers(4, 12)), source_index=3 * i + j)[0])
+    return str(path)
+
+
+@pytest.fixture
+def kdstore_paths(base, tmp_path) -> dict[str, str]:
+    write_store(str(tmp_path / "s"), vocab=VOCAB)
+    write_store(str(tmp_path / "s2"), n_rows=30, vocab=VOCAB, seed=1)
+    return {"S": str(tmp_path / "s"), "S2": str(tmp_path / "s2"), "TOK": base,
+            "W": _worker_store(tmp_path / "w", [0, 1]), "W2": _worker_store(tmp_path / "w2", [0, 1], seed=1),
+            "PARTIAL": _worker_store(tmp_path / "partial", [0])}
+
+
+def _kdstore_run(monkeypatch, capsys, paths: dict[str, str], argv: list[str]):
+    """What `kdstore ARGV` did: the asset calls it made and what it printed, or REFUSED (exit 2)."""
+    from cli import kdstore
+
+    calls = []
+
+    def record(name: str, result):
+        def call(*args, **kwargs):
+            calls.append((name, args, kwargs))
+            return result(*args, **kwargs)
+        return call
+
+    for target, result in {
+        "assets.smollm2.packaged_smollm2": lambda: ("PKG", "smollm2.gguf"),
+        "assets.smollm2.prepared_teacher_dir": lambda name: f"CACHE/{name}",
+        "assets.smollm2.convert_gguf": lambda folder, name, out, dtype: out,
+        "assets.corpora.bible_chapters": lambda: [{"text": f"chapter {i}"} for i in range(20)],
+        "assets.corpora.write_splits": lambda docs, out, seed: {s: f"{out}/{s}.jsonl" for s in ("train", "test")},
+    }.items():
+        monkeypatch.setattr(target, record(target, result))
+    capsys.readouterr()
+    try:
+        code = kdstore.main([paths.get(a, a) for a in argv])
+    except SystemExit as e:  # argparse refuses a value
+        code = e.code
+    out, _ = capsys.readouterr()
+    return REFUSED if code == 2 else (code, json.dumps(calls, default=str), out)
+
+
+def test_every_kdstore_option_changes_what_the_command_does(kdstore_paths, monkeypatch, capsys):
+    """Each option's other value changes what the command prints or the call it makes (on a store where the
+    option matters), or is refused; no value of a declared option is silently dropped. What the commands print is
+    tested in tests/test_kdstore_cli.py, merging in tests/test_build.py."""
+    def run(argv: list[str]):
+        return _kdstore_run(monkeypatch, capsys, kdstore_paths, argv)
+
+    for command, (baseline, variants) in KDSTORE_WALK.items():
+        default = run(baseline)
+        assert default != REFUSED and default[0] == 0, (command, default)
+        assert run(baseline) == default, (command, "not deterministic")
+        for option, argv in variants.items():
+            if isinstance(argv, tuple) and argv[0] == REFUSED:
+                assert run(argv[1]) == REFUSED, (command, option)
+                continue
+            before = default
+            if isinstance(argv, tuple):  # its own baseline
+                before, argv = run(argv[0]), argv[1]
+            outcome = run(argv)
+            assert outcome != REFUSED and outcome[0] == 0 and outcome != before, (command, option, outcome)
+    for argv in KDSTORE_ALSO_REFUSED:
+        assert run(argv) == REFUSED, argv
