@@ -75,7 +75,11 @@ def cmd_params(argv: list[str]) -> int:
     for name, n in rows.items():
         print(f"{name:<22} trainable {n:>14,}  ({100 * n / total:.3f}% of {total:,})")
     print(f"parameter-matched dense-LoRA rank: {rank}")
-    print(f"routing: top-{cfg.experts_per_token} of {cfg.experts} experts per token")
+    print({"learned": f"routing: learned, top-{cfg.experts_per_token} of {cfg.experts} experts per token",
+           "hash": f"routing: hash of the token id, {cfg.experts_per_token} of {cfg.experts} experts per token "
+                   "(weight 1/k each, no router)",
+           "all": f"routing: all, every one of {cfg.experts} experts on every token (weight 1, no router)",
+           }[cfg.routing])
     scales = {"experts": (cfg.alpha, cfg.rank), "attention": (cfg.attn_alpha, cfg.attn_rank),
               "shared expert": (cfg.shared_expert_alpha, cfg.shared_expert_rank),
               f"dense LoRA rank {rank}": (default_alpha(rank), rank)}

@@ -91,7 +91,8 @@ def build_full_finetune(
 
 def moe_lora_trainable(model: nn.Module, config: MoELoRAConfig) -> int:
     """Trainable parameter count of the MoE-LoRA student `config` would build on this (dense) model: routers,
-    expert and shared-expert LoRA, attention LoRA, and with `train_base` every weight of the base."""
+    expert and shared-expert LoRA, attention LoRA, and with `train_base` every weight of the base. Fixed routing
+    (hash, all) has no router weights."""
     layers = decoder_layers(model)
     attn, _ = _projection_names(model)
     count = sum(p.numel() for p in model.parameters()) if config.train_base else 0
@@ -103,7 +104,7 @@ def moe_lora_trainable(model: nn.Module, config: MoELoRAConfig) -> int:
         hidden, inter = projection_features(getattr(mlp, ins[0]))
         n_exp = config.experts_at(i)
         per_expert = config.rank * (len(ins) * (hidden + inter) + inter + hidden)
-        count += n_exp * per_expert + n_exp * hidden  # LoRA factors + router
+        count += n_exp * per_expert + (n_exp * hidden if config.routing == "learned" else 0)  # LoRA + router
         big_r = config.shared_expert_rank
         count += big_r * (len(ins) * (hidden + inter) + inter + hidden)  # the shared expert's LoRA
     return count

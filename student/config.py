@@ -33,6 +33,10 @@ from student.losses import DistillLossConfig
 EXPERT_IMPLS = ("auto", "compiled", "fused", "loop", "grouped")
 # how alpha scales a LoRA update: alpha / rank, or rsLoRA's alpha / sqrt(rank)
 LORA_SCALINGS = ("standard", "rslora")
+# how a MoE layer picks and weighs its experts: a learned router, a fixed hash of the input token id, or every
+# expert always on with weight 1 (the last two are study v3's controls: routing fixed, and no routing at all)
+ROUTINGS = ("learned", "hash", "all")
+DEFAULT_ROUTER_INIT_STD = 0.02
 # where a training reports its metrics besides metrics.jsonl (HF Trainer's --report_to, the ones we support)
 REPORT_TO = ("none", "tensorboard")
 LAYERS_SYNTAX = "all | none | top-half | bottom-half | every-other | a list '0,2,5' | ranges '0-3' | a slice '::2'"
@@ -90,6 +94,13 @@ class MoELoRAConfig:
     experts_per_token: int = field(default=2, metadata={
         "help": "experts each token is routed to (the router's top-k; their weights are renormalised). Equal to "
                 "--experts: soft routing, every expert on every token, computed batched without top-k dispatch"})
+    routing: str = field(default="learned", metadata={
+        "help": "how experts are chosen: learned (a trained router, top-k, renormalised weights), hash (no router: "
+                "each token id goes to a fixed, seeded choice of --experts-per-token distinct experts, weight 1/k "
+                "each) or all (no router: every expert on every token with weight 1, i.e. the shared expert plus one "
+                "rank experts×rank LoRA split in blocks; needs --experts-per-token = --experts). hash and all have no "
+                "balance or z loss and do not export to Mixtral",
+        "choices": list(ROUTINGS)})
     rank: int = field(default=16, metadata={
         "help": "LoRA rank of each expert (kdstudent train --student lora: of every projection)"})
     alpha: float | None = field(default=None, metadata={
@@ -112,7 +123,8 @@ class MoELoRAConfig:
                 "experts (merged into every expert on export). 0 = none"})
     shared_expert_alpha: float | None = field(default=None, metadata={
         "help": "shared expert LoRA alpha. Unset: 2 × shared_expert_rank"})
-    router_init_std: float = field(default=0.02, metadata={"help": "std of the router's random initialisation"})
+    router_init_std: float = field(default=DEFAULT_ROUTER_INIT_STD, metadata={
+        "help": "std of the router's random initialisation"})
     train_base: bool = field(default=False, metadata={
         "help": "train the base model's weights too (full fine-tune + adapters, as in the MoE-KD paper); the "
                 "trained base is saved with the student (base.safetensors) and merged on export"})
@@ -138,6 +150,13 @@ class MoELoRAConfig:
             raise ValueError(f"shared_expert_rank must be >= 0 (0 = no shared expert), got {self.shared_expert_rank}")
         if not 1 <= self.experts_per_token <= self.experts:
             raise ValueError(f"experts_per_token must be in [1, experts={self.experts}], got {self.experts_per_token}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if self.routing == "all" and self.experts_per_token != self.experts:
+            raise ValueError(f"--routing all puts every expert on every token: set --experts-per-token to --experts "
+                             f"({self.experts}), got {self.experts_per_token}")
+        if self.routing != "learned" and self.router_init_std != DEFAULT_ROUTER_INIT_STD:
+            raise ValueError(f"--router-init-std is given but --routing {self.routing} has no router: drop it")
         if self.rank < 1 or self.attn_rank < 0:
             raise ValueError(f"rank must be >= 1 and attn_rank >= 0, got {self.rank} and {self.attn_rank}")
         if self.expert_impl not in EXPERT_IMPLS:
@@ -302,6 +321,14 @@ class TrainConfig(MoELoRAConfig, RouterLossConfig):
             raise ValueError(f"--report-to {self.report_to!r}: one of {', '.join(REPORT_TO)}")
         if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             raise ValueError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
+        if self.routing != "learned" and self.student == "moe-lora":  # nothing to balance, no router to train
+            given = [f"--{_flag(n)}" for n, default in (("z_coef", 0.0), ("router_bias_update", 0.0),
+                                                        ("router_lr_scale", 1.0),
+                                                        ("balance_coef", RouterLossConfig.balance_coef))
+                     if getattr(self, n) != default]
+            if given:
+                raise ValueError(f"{', '.join(given)} given, but --routing {self.routing} has no router: drop them "
+                                 f"(the balance loss's default {RouterLossConfig.balance_coef} applies to no layer)")
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError("--kd-weight and --ce-weight are both 0: there is nothing to train on")
         try:

@@ -28,7 +28,7 @@ from student.config import (
     parse_layers,
     student_spec,
 )
-from student.moe_lora import MoELoRAMLP, UnsupportedModelError
+from student.moe_lora import MoELoRAMLP, TokenIdsHook, UnsupportedModelError
 
 SUPPORTED_FAMILIES = "Llama-like (llama, mistral, qwen2, SmolLM2) and gpt2"
 
@@ -110,7 +110,8 @@ def fingerprint_model_dir(path: str | os.PathLike) -> str:
 
 def convert_to_moe_lora(model: PreTrainedModel, config: MoELoRAConfig) -> PreTrainedModel:
     """Freeze `model` (unless `config.train_base`), add attention LoRA (peft) and swap the chosen MLPs for MoE-LoRA
-    layers, in place.
+    layers, in place. With `config.routing` "hash" a forward pre-hook on the decoder (`model.base_model`, which
+    every caller reaches with the ids) hands the input token ids to the MoE layers before each forward.
 
     With every LoRA B at zero the result computes exactly the base model's logits. `config.keep_layers` is not
     applied here: `model` is the base as loaded (see `build_student`)."""
@@ -148,7 +149,10 @@ def convert_to_moe_lora(model: PreTrainedModel, config: MoELoRAConfig) -> PreTra
             lora_scaling=config.lora_scaling,
             shared_rank=config.shared_expert_rank,
             shared_alpha=config.shared_expert_alpha,
+            routing=config.routing,
         ).to(weight.device)
+    if config.routing == "hash":  # hash layers route by token id: the decoder hands them its input_ids
+        model.base_model.register_forward_pre_hook(TokenIdsHook(), with_kwargs=True)
     if config.train_base:  # the paper's setup: the base trains too, the adapters on top of it
         model.requires_grad_(True)
     model.kd_student = StudentSpec(config=config, moe_layers=moe_layers, model_type=model.config.model_type)

@@ -7,6 +7,9 @@ left dense become MoE blocks whose experts are all the base MLP (any mix of iden
 Everything else (embeddings, norms, rotary settings, head) is copied, trained base weights included. The balance
 loss coefficient is recorded as `router_aux_loss_coef`: the student's balance loss is Mixtral's own.
 
+Fixed routings (`routing` hash or all) are refused: Mixtral routes by a learned gate over hidden states, so it can
+neither route by token id nor add every expert with weight 1.
+
 A router selection bias (`--router-bias-update`) is not representable: Mixtral selects and weighs experts by the
 same logits, and no per-expert bias on them keeps the student's weights. A student with a non-zero bias is
 refused unless `drop_router_bias` (the export then routes without it, and moekd_export.json records the bias).
@@ -73,6 +76,13 @@ def _check_exportable(model: PreTrainedModel) -> list[MoELoRAMLP]:
     moes = [m for m in model.modules() if isinstance(m, MoELoRAMLP)]
     if not moes:
         raise UnsupportedExportError("the model has no MoE-LoRA layers: nothing to export as a MoE")
+    fixed = sorted({m.routing for m in moes} - {"learned"})
+    if fixed:
+        raise UnsupportedExportError(
+            f"this student routes with --routing {', '.join(fixed)}, which Mixtral cannot represent (its gate is a "
+            "learned linear router over hidden states with renormalised top-k weights: it can neither route by token "
+            "id (hash) nor add every expert with weight 1 (all)); only --routing learned students export. The "
+            "student itself still saves/loads with student.io.save_student")
     if len({m.num_experts for m in moes}) > 1:
         raise UnsupportedExportError(
             "Mixtral has one expert count for all layers, but this student has per-layer counts "

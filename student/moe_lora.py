@@ -22,6 +22,14 @@ soft mixture: every expert runs on every token, batched, with no top-k dispatch.
 The router is fp32, also under autocast. Its top-k *selection* may add a per-expert bias (`router_bias`, moved
 towards balance by `router_loss.update_router_bias`, DeepSeek-V3's auxiliary-loss-free balancing); the mixing
 weights are always the plain softmax probabilities of the selected experts, renormalised.
+
+Two fixed routings (`routing`), study v3's controls for "does *learned* routing matter", have no router at all:
+`hash` sends each token to experts_per_token distinct experts chosen by a seeded hash of its input token id (the
+same for every occurrence of the token), weight 1/k each; `all` puts every expert on every token with weight 1,
+not renormalised, as LoRA updates: the MLP adapter is then the shared expert plus the sum of all experts' LoRAs
+(one rank E·r LoRA in E blocks at the experts' scale, the protocol's `dense-split`). The layer sees hidden
+states, not ids: `set_token_ids` hands them over before a forward (a pre-hook that `student.convert` installs
+does it for every caller), as `router_loss.count_only` hands over the attention mask.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from student.config import EXPERT_IMPLS, default_alpha, lora_scale
+from student.config import DEFAULT_ROUTER_INIT_STD, EXPERT_IMPLS, ROUTINGS, default_alpha, lora_scale
 from student.fused_experts import (
     FUSED_ACTIVATIONS,
     KERNELS,
@@ -130,6 +138,72 @@ def _expert_counts(top_i: torch.Tensor, num_experts: int, weight: torch.Tensor |
     return torch.zeros(num_experts, dtype=src.dtype, device=flat.device).scatter_add_(0, flat, src)
 
 
+# fixed seed of hash routing: a student's hash routing is a function of (token id, layer) alone, reproducible
+# anywhere and after a reload without saving a table
+HASH_SEED = 0x5EED
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """(h * c) mod 2^32 for h < 2^32, without int64 overflow (the constant is split in 16-bit halves)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (h * lo + (((h * hi) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding 32-bit values: integer ops only, so the same on
+    every device."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def hash_experts(ids: torch.Tensor, num_experts: int, k: int, salt: int = 0) -> torch.Tensor:
+    """[N, k] distinct experts per token id (ids [N]): the k largest of a seeded hash of (id, expert), i.e. a fixed
+    pseudo-random k-subset per id and `salt` (the layer), so every occurrence of a token goes to the same experts."""
+    salt_key = (HASH_SEED + 0x9E3779B9 * (salt + 1)) & 0xFFFFFFFF
+    key = _fmix32((ids.reshape(-1).long() ^ salt_key) & 0xFFFFFFFF)  # [N]
+    e = torch.arange(num_experts, device=ids.device)
+    scores = _fmix32((key[:, None] + _mul32(e[None], 0x9E3779B9) + 1) & 0xFFFFFFFF)  # [N, E]
+    return scores.topk(k, dim=-1).indices
+
+
+class NoRouter(nn.Module):
+    """What stands for the router in a layer with fixed routing (hash, all): no parameters. `weight` is an empty
+    tensor that needs no gradient (not a parameter or buffer, so never saved), so that code collecting the
+    routers' weights (optimizer groups, FSDP units) finds nothing to train instead of failing."""
+
+    def __init__(self, num_experts: int) -> None:
+        super().__init__()
+        self.weight = torch.empty(num_experts, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a MoE layer with fixed routing has no router to call")
+
+
+def set_token_ids(model: nn.Module, input_ids: torch.Tensor | None) -> None:
+    """Hand the input token ids of the next forwards to every hash-routed MoE layer of `model` (None: there are
+    none, e.g. a forward on inputs_embeds; a hash layer then refuses to run). Stays set until the next call, so a
+    gradient-checkpointing recompute routes alike."""
+    ids = None if input_ids is None else input_ids.reshape(-1)
+    for m in model.modules():
+        if isinstance(m, MoELoRAMLP) and m.routing == "hash":
+            m.token_ids = ids
+
+
+class TokenIdsHook:
+    """Forward pre-hook (with kwargs) for a student's decoder (`model.base_model`, which every path through the
+    model calls with the ids: train, eval, HF Trainer, generate): hands its `input_ids` to the hash-routed layers.
+    A class, not a closure, so a student still deep-copies and pickles."""
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            ids = args[0]
+        set_token_ids(module, ids)
+
+
 class MoELoRAMLP(nn.Module):
     """A dense MLP turned into a top-k mixture of LoRA experts that share its frozen weights.
 
@@ -143,6 +217,7 @@ class MoELoRAMLP(nn.Module):
     GEMMs run about twice as fast in that layout on CPU. With a shared expert of rank R, the same layout without
     the expert axis: shared_in_A [P*R, H], shared_in_B [P, R, I], shared_out_A [R, I], shared_out_B [R, H].
     B starts at zero, so the layer starts equal to the base MLP. Buffer: `router_bias` [E] (selection only).
+    With fixed `routing` ("hash", "all") there is neither router nor router_bias (`router` is a `NoRouter`).
     """
 
     def __init__(
@@ -153,14 +228,20 @@ class MoELoRAMLP(nn.Module):
         rank: int = 16,
         alpha: float | None = None,
         lora_dropout: float = 0.0,
-        router_init_std: float = 0.02,
+        router_init_std: float = DEFAULT_ROUTER_INIT_STD,
         impl: str = "auto",
         layer_index: int | None = None,
         lora_scaling: str = "standard",
         shared_rank: int = 0,
         shared_alpha: float | None = None,
+        routing: str = "learned",
     ) -> None:
         super().__init__()
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        if routing == "all" and experts_per_token != num_experts:
+            raise ValueError(f"routing 'all' uses every expert: experts_per_token must be {num_experts}, got "
+                             f"{experts_per_token}")
         if not 1 <= experts_per_token <= num_experts:
             raise ValueError(f"experts_per_token must be in [1, num_experts={num_experts}], got {experts_per_token}")
         if rank < 1:
@@ -193,7 +274,10 @@ class MoELoRAMLP(nn.Module):
         self.max_padding = 1.3
         self.layer_index = layer_index  # which decoder layer of its model this is (None: standalone)
         n_in = len(self.in_names)
-        self.router = nn.Linear(hidden, num_experts, bias=False, dtype=torch.float32)
+        self.routing = routing
+        learned = routing == "learned"
+        self.router = nn.Linear(hidden, num_experts, bias=False, dtype=torch.float32) if learned else NoRouter(
+            num_experts)
         self.in_A = nn.Parameter(torch.empty(num_experts, n_in * rank, hidden, dtype=torch.float32))
         self.in_B = nn.Parameter(torch.zeros(num_experts, n_in, rank, inter, dtype=torch.float32))
         self.out_A = nn.Parameter(torch.empty(num_experts, rank, inter, dtype=torch.float32))
@@ -207,18 +291,24 @@ class MoELoRAMLP(nn.Module):
             self.shared_out_A = nn.Parameter(torch.empty(shared_rank, inter, dtype=torch.float32))
             self.shared_out_B = nn.Parameter(torch.zeros(shared_rank, hidden, dtype=torch.float32))
         # added to the router probabilities for top-k selection only (DeepSeek-V3 balancing); saved with the student
-        self.register_buffer("router_bias", torch.zeros(num_experts, dtype=torch.float32))
+        if learned:
+            self.register_buffer("router_bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.router_bias = None
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.reset_parameters(router_init_std)
         self.router_stats: RouterStats | None = None
         # [N] bool over the flattened tokens of the next forwards: which are real (not padding). Set by
         # `router_loss.count_only(model, attention_mask)`; used for the router stats only, when N matches.
         self.token_mask: torch.Tensor | None = None
+        # [N] input token ids of the next forwards, for hash routing: set by `set_token_ids` (convert's pre-hook)
+        self.token_ids: torch.Tensor | None = None
 
     @torch.no_grad()
-    def reset_parameters(self, router_init_std: float = 0.02) -> None:
-        """peft's LoRA init per expert (A Kaiming-uniform, B zero) and a small random router."""
-        nn.init.normal_(self.router.weight, std=router_init_std)
+    def reset_parameters(self, router_init_std: float = DEFAULT_ROUTER_INIT_STD) -> None:
+        """peft's LoRA init per expert (A Kaiming-uniform, B zero) and a small random router (if learned)."""
+        if self.routing == "learned":
+            nn.init.normal_(self.router.weight, std=router_init_std)
         for e in range(self.num_experts):
             nn.init.kaiming_uniform_(self.in_A[e], a=math.sqrt(5))
             nn.init.kaiming_uniform_(self.out_A[e], a=math.sqrt(5))
@@ -232,7 +322,8 @@ class MoELoRAMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"kind={self.kind}, experts={self.num_experts}, experts_per_token={self.experts_per_token}, "
+            f"kind={self.kind}, routing={self.routing}, experts={self.num_experts}, "
+            f"experts_per_token={self.experts_per_token}, "
             f"rank={self.rank}, alpha={self.alpha}, scaling={self.lora_scaling}, shared_rank={self.shared_rank}, "
             f"hidden={self.hidden_size}, intermediate={self.intermediate_size}"
         )
@@ -246,9 +337,12 @@ class MoELoRAMLP(nn.Module):
         """Soft routing: every token uses every expert (k = E)."""
         return self.experts_per_token == self.num_experts
 
-    def route(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def route(self, x2: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """fp32 router, also under autocast: (logits [N, E], top-k renormalised weights [N, k], top-k expert ids
-        [N, k]), k = experts_per_token. Selection ranks probs + router_bias; the weights are the probs."""
+        [N, k]), k = experts_per_token. Selection ranks probs + router_bias; the weights are the probs.
+        Hash routing: (None, 1/k each, the token ids' hashed experts)."""
+        if self.routing != "learned":
+            return None, *self._hash_route(x2)
         with torch.autocast(x2.device.type, enabled=False):
             # the module is called (not its weight read), so FSDP gathers the router as its own fp32 unit; a
             # student cast whole to bf16 (model.to(bfloat16), a Trainer's bf16 eval) still routes in fp32
@@ -268,6 +362,39 @@ class MoELoRAMLP(nn.Module):
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
             self.router_stats = self._router_stats(logits, probs, top_i, top_w)
         return logits, top_w, top_i
+
+    def _hash_route(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hash routing's (weights [N, k], experts [N, k]) from the token ids `set_token_ids` handed over."""
+        ids, n_tok = self.token_ids, x2.shape[0]
+        if ids is None or ids.numel() != n_tok:
+            got = "none" if ids is None else f"{ids.numel()}"
+            raise RuntimeError(
+                f"hash-routed MoE layer {self.layer_index} needs the input token ids of its {n_tok} tokens, got "
+                f"{got}: call the model with input_ids (not inputs_embeds), through a student built by "
+                "student.convert (its pre-hook hands them over), or call moe_lora.set_token_ids(model, ids) first")
+        k = self.experts_per_token
+        top_i = hash_experts(ids.to(x2.device), self.num_experts, k, salt=self.layer_index or 0)
+        top_w = torch.full(top_i.shape, 1.0 / k, dtype=torch.float32, device=x2.device)
+        self.router_stats = self._fixed_stats(top_i, top_w)
+        return top_w, top_i
+
+    def _fixed_stats(self, top_i: torch.Tensor, top_w: torch.Tensor) -> RouterStats:
+        """Stats of a fixed routing (hash, all): loads and weights as for a learned router; no probabilities, so
+        balance and z are 0 (and carry no gradient)."""
+        real = self.token_mask
+        if real is not None and real.numel() == top_i.shape[0]:
+            weight = real.to(device=top_w.device, dtype=top_w.dtype)
+        else:
+            weight = torch.ones(top_i.shape[0], dtype=top_w.dtype, device=top_w.device)
+        counts = _expert_counts(top_i, self.num_experts, weight)
+        tokens = weight.sum()
+        n = tokens.clamp(min=1)
+        share = top_w / top_w.sum(dim=-1, keepdim=True)  # 'all' weighs each expert 1: per token it uses all E
+        ess = ((1.0 / share.square().sum(dim=-1)) * weight).sum() / n
+        zero = torch.zeros((), dtype=top_w.dtype, device=top_w.device)
+        return RouterStats(balance=zero, z=zero, counts=counts.round().long(), prob_sum=torch.zeros_like(counts),
+                           z_sum=zero, tokens=tokens, weight_ess=ess,
+                           weight_sum=_expert_counts(top_i, self.num_experts, top_w * weight[:, None]))
 
     def _router_stats(self, logits, probs, top_i, top_w) -> RouterStats:
         """Stats of the real tokens (all of them unless `token_mask` says which), as masked sums: no host sync."""
@@ -312,6 +439,8 @@ class MoELoRAMLP(nn.Module):
         return "compiled" if fusable and not KERNELS.failed else "loop"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing == "all":
+            return self._all_experts(x)
         lead = x.shape[:-1]
         impl = "soft" if self.soft and self.impl == "auto" else self.resolve_impl(x)
         x2 = x.reshape(-1, self.hidden_size)
@@ -395,6 +524,28 @@ class MoELoRAMLP(nn.Module):
         if self.kind == "gpt2":
             y = self.base.dropout(y)
         return y
+
+    def _all_experts(self, x: torch.Tensor) -> torch.Tensor:
+        """Routing 'all': every expert's LoRA on every token with weight 1, as one rank E·r LoRA per projection
+        (the experts' blocks side by side) on top of the base and the shared expert. Exact zeros at init."""
+        lead, e, r, n_in = x.shape[:-1], self.num_experts, self.rank, len(self.in_names)
+        x2 = x.reshape(-1, self.hidden_size)
+        pre3 = [getattr(self.base, n)(x) for n in self.in_names]
+        if self.shared_rank:
+            pre3 = self._shared_inputs(x2, pre3)
+        s, dtype = self.scaling, self.in_A.dtype
+        t = s * (self.lora_dropout(x2.to(dtype)) @ self.in_A.reshape(-1, self.hidden_size).T)  # [N, E*P*r]
+        t = t.reshape(-1, e, n_in, r)
+        pre3 = [p3 + (t[:, :, i].reshape(-1, e * r) @ self.in_B[:, i].reshape(e * r, -1)).to(p3.dtype).reshape(
+            p3.shape) for i, p3 in enumerate(pre3)]
+        h = self._activation(pre3)
+        hd = self.lora_dropout(h.reshape(-1, self.intermediate_size).to(dtype))
+        yd = (s * (hd @ self.out_A.reshape(e * r, -1).T)) @ self.out_B.reshape(e * r, -1)
+        y = getattr(self.base, self.out_name)(h) + yd.to(h.dtype).reshape(*lead, -1)
+        n_tok = x2.shape[0]
+        top_i = torch.arange(e, device=x.device).expand(n_tok, -1)
+        self.router_stats = self._fixed_stats(top_i, torch.ones(n_tok, e, dtype=torch.float32, device=x.device))
+        return self._finish(y, h)
 
     def _shared_inputs(self, x2: torch.Tensor, pre3: list[torch.Tensor]) -> list[torch.Tensor]:
         """The input projections with the shared expert's LoRA added (exact zeros while its B is zero)."""

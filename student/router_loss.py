@@ -8,6 +8,9 @@ The balance loss is transformers' Mixtral `load_balancing_loss_func`, so `balanc
 `router_aux_loss_coef` means: num_experts × sum_e f_e P_e with f_e the fraction of tokens routed to expert e
 counting all k slots, P_e its mean router probability, both pooled over the MoE layers before the product. It is
 k (experts_per_token) when the load is balanced.
+
+Layers with fixed routing (`routing` hash or all) have no router, hence no balance or z loss: they contribute 0 and
+take no part in the pooling; their loads and weights are still recorded, so expert usage is reported for them.
 """
 
 from __future__ import annotations
@@ -49,8 +52,10 @@ def pooled_balance(stats: list[RouterStats]) -> torch.Tensor:
 def router_losses(model: nn.Module, config: RouterLossConfig | None = None) -> RouterLosses:
     """Aux losses of the latest forward, weighted by `config`'s coefficients (default: RouterLossConfig()).
 
-    Layers with different expert counts (`layer_experts`) cannot be pooled into one product: each group of
-    layers sharing a count is pooled, and the groups are averaged weighted by their number of layers."""
+    Only layers with a learned router count: hash- and all-routed layers have no router, so a student of those
+    alone has balance, z and loss 0 (without gradient). Layers with different expert counts (`layer_experts`)
+    cannot be pooled into one product: each group of layers sharing a count is pooled, and the groups are averaged
+    weighted by their number of layers."""
     layers = _layers(model)
     config = config or RouterLossConfig()
     if not layers:
@@ -59,6 +64,11 @@ def router_losses(model: nn.Module, config: RouterLossConfig | None = None) -> R
     stats = [m.router_stats for m in layers]
     if any(s is None for s in stats):
         raise RuntimeError("router_losses() called before a forward pass of the student")
+    learned = [(m, s) for m, s in zip(layers, stats, strict=True) if m.routing == "learned"]
+    if not learned:  # fixed routing: no router, nothing to balance
+        zero = torch.zeros((), device=stats[0].tokens.device)
+        return RouterLosses(zero, zero, zero)
+    layers, stats = [m for m, _ in learned], [s for _, s in learned]
     if torch.is_grad_enabled() and any(m.router.weight.requires_grad for m in layers):
         if not any(s.balance.requires_grad for s in stats):
             raise RuntimeError(
@@ -174,12 +184,14 @@ def update_router_bias(model: nn.Module, step_size: float, loads: list[torch.Ten
     """DeepSeek-V3's auxiliary-loss-free balancing, once per optimizer step: every MoE layer's selection bias
     moves by `step_size` towards balance, b_e += step_size * sign(mean load - load_e). `loads` are the layers'
     [E] assignment counts over the step (as `expert_loads` lists them; summed over micro-batches and
-    processes by the caller); default: the latest forward."""
+    processes by the caller); default: the latest forward. Layers with fixed routing have no bias: skipped."""
     layers = _layers(model)
     loads = expert_loads(model) if loads is None else loads
     if len(loads) != len(layers):
         raise ValueError(f"got loads for {len(loads)} MoE layers, the model has {len(layers)}")
     for m, load in zip(layers, loads, strict=True):
+        if m.router_bias is None:
+            continue
         load = load.to(m.router_bias.device, torch.float32)
         m.router_bias += step_size * torch.sign(load.mean() - load)
 

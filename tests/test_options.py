@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPE = {"keep_layers": "0,2", "experts": "3", "experts_per_token": "1", "rank": "3", "alpha": "5", "lora_scaling":
          "rslora", "lora_dropout": "0.1", "moe_layers": "0", "layer_experts": "2:3", "attn_rank": "2",
          "attn_alpha": "3", "shared_expert_rank": "3", "shared_expert_alpha": "3", "router_init_std": "0.1",
-         "train_base": "true", "expert_impl": "loop"}
+         "train_base": "true", "expert_impl": "loop", "routing": "hash"}
 
 
 def test_every_shape_option_is_listed():
