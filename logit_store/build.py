@@ -390,34 +390,18 @@ def _check_teacher_folder(cfg: BuildConfig) -> None:
                              f"({os.path.join(cfg.teacher, 'config.json')})")
 
 
-def _location(path: str) -> tuple[str, bool]:
-    """(where `path` is, whether it is local): local paths (and file:// URLs) by realpath, so that `a`, `./a/` and
-    a symlink to it compare equal; other URLs as written, less a trailing slash."""
-    if path.startswith("file://"):
-        path = path.removeprefix("file://")
-    if "://" in path:
-        return path.rstrip("/"), False
-    return os.path.realpath(os.path.expanduser(path)), True
-
-
 def _check_out_apart_from_inputs(cfg: BuildConfig) -> None:
     """Refuse an --out that is, contains or is inside an input (--data, --teacher, --tokenizer): the build writes
     shards, manifests and README.md there (and a resume deletes files it takes for its own), so an input there
     could be overwritten. Inputs that are not local paths (hub names) have no place to collide with."""
-    out, out_local = _location(cfg.out)
     for option, value in (("--data", cfg.data), ("--teacher", cfg.teacher), ("--tokenizer", cfg.tokenizer)):
         if not value:
             continue
-        where, local = _location(value)
-        if local != out_local or (local and not os.path.lexists(where)):
+        where, local = storefs.location(value)
+        if local and not os.path.lexists(where):
             continue  # a hub name, or a path that does not exist (refused where it is read)
-        if local:
-            common = os.path.commonpath([out, where])
-            inside, contains = common == where, common == out
-        else:
-            inside, contains = (out + "/").startswith(where + "/"), (where + "/").startswith(out + "/")
-        if inside or contains:
-            relation = "is" if inside and contains else "is inside" if inside else "contains"
+        relation = storefs.overlap(cfg.out, value)
+        if relation:
             raise InputError(f"--out {cfg.out} {relation} the {option} input {value}: a build writes its shards, "
                              "manifest and README.md into --out and may delete files there, so it could destroy "
                              "that input. Choose an --out outside every input")

@@ -30,6 +30,35 @@ def resolve(url: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.F
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
+def location(path: str, filesystem: pafs.FileSystem | None = None) -> tuple[str, bool]:
+    """(where `path` leads, whether it is local), so that two spellings of one place compare equal: local paths
+    (and file:// URLs, or any path on a given LocalFileSystem) by real path (`a`, `./a/`, `~/a`, a symlink to it);
+    other URLs as written, less a trailing slash."""
+    if filesystem is not None:
+        local = isinstance(filesystem, pafs.LocalFileSystem)
+    else:
+        path = path.removeprefix("file://")
+        local = "://" not in path
+    return (os.path.realpath(os.path.expanduser(path)) if local else path.rstrip("/")), local
+
+
+def overlap(output: str, source: str) -> str | None:
+    """How the place `output` names relates to `source`'s: "is", "is inside", "contains", or None when they are
+    apart (a local path and a URL never overlap). Reads nothing: what a writer checks before it could overwrite
+    an input."""
+    (out, out_local), (src, src_local) = location(output), location(source)
+    if out_local != src_local:
+        return None
+    if out == src:
+        return "is"
+    if out_local:
+        common = os.path.commonpath([out, src])
+        inside, contains = common == src, common == out
+    else:
+        inside, contains = out.startswith(src + "/"), src.startswith(out + "/")
+    return "is inside" if inside else "contains" if contains else None
+
+
 def join(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}"
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
+from . import fs as storefs
 from .faults import crash_point
 from .fingerprint import recorded_tokenizers_differ, tokenizer_fingerprint, tokenizer_matches
 from .reader import BatchRows, LogitStore
@@ -79,14 +80,8 @@ def parse_store_specs(specs: list[str]) -> tuple[list[str], list[float | None]]:
     """`--store` values -> (paths, weights: None where a spec gives none), each store listed once. Reads nothing:
     a training refuses these before it loads anything."""
     paths, weights = zip(*map(parse_store_spec, specs), strict=True) if specs else ((), ())
-    _check_listed_once([(p, _location(p)) for p in paths])
+    _check_listed_once([(p, storefs.location(p)[0]) for p in paths])
     return list(paths), list(weights)
-
-
-def _location(root: str, fs: pafs.FileSystem | None = None) -> str:
-    """Where a store is, so that two spellings of one store compare equal (`a`, `./a/`, a symlink to it)."""
-    local = isinstance(fs, pafs.LocalFileSystem) if fs is not None else "://" not in root
-    return os.path.realpath(root) if local else root.rstrip("/")
 
 
 def _check_listed_once(where: list[tuple[str, Hashable]]) -> None:
@@ -120,7 +115,7 @@ def open_stores(stores: list[str | LogitStore], filesystem: pafs.FileSystem | No
 def check_mixable(stores: list[LogitStore]) -> None:
     """Stores mixed in one run: each once (weights say how often), and giving token ids one meaning (the same
     tokenizer and vocabulary)."""
-    _check_listed_once([(s.root, (type(s.fs).__name__, _location(s.root, s.fs))) for s in stores])
+    _check_listed_once([(s.root, (type(s.fs).__name__, storefs.location(s.root, s.fs)[0])) for s in stores])
     first = stores[0]
     for other in stores[1:]:
         a, b = first.manifest, other.manifest

@@ -34,6 +34,7 @@ import shutil
 import socket
 from pathlib import Path
 
+from logit_store.fs import overlap
 from logit_store.plan import parse_store_specs
 from student.config import _RENAMED, REPORT_TO, TrainConfig, may_change_on_resume, parse_layer_experts
 
@@ -158,22 +159,15 @@ def student_snapshot(run: str | os.PathLike) -> Path:
                             "checkpoint (--save-every) or its end")
 
 
-def _inside(path: str, folder: str) -> bool:
-    return path != folder and os.path.commonpath([path, folder]) == folder
-
-
 def check_output(output: str | os.PathLike, inputs: list[tuple[str, str | os.PathLike | None]],
                  option: str = "--out") -> None:
     """Refuse an output directory that is, contains or is inside one of `inputs` ((what, path); None and URLs are
     skipped), compared by real path (symlinks, `./x`): writing there could overwrite an input (transformers'
     save_pretrained also deletes weight files it did not write) or mix outputs into it. Reads and writes nothing."""
-    out = os.path.realpath(output)
     for what, path in inputs:
         if path is None or "://" in str(path):
             continue
-        source = os.path.realpath(path)
-        relation = "is" if out == source else "is inside" if _inside(out, source) else \
-            "contains" if _inside(source, out) else None
+        relation = overlap(str(output), str(path))
         if relation:
             raise ValueError(f"{option} {output} {relation} the {what} {path}: writing there could overwrite or "
                              f"clutter an input. Choose an {option} outside every input")
