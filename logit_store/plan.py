@@ -95,12 +95,15 @@ def _check_listed_once(where: list[tuple[str, Hashable]]) -> None:
 
 
 def open_stores(stores: list[str | LogitStore], filesystem: pafs.FileSystem | None = None) -> list[LogitStore]:
-    """The stores one run reads, opened and checked: each once, mixable, with rows. Warns of a store still being
-    written (its complete shards are read) and of sampled targets drawn from a top-K (biased gradients)."""
+    """The stores one run reads, opened and checked: each once, mixable, with rows, and ready to share their
+    integrity checks with the DataLoader workers they are handed to (`LogitStore.share_hash_checks`: each shard is
+    hashed once per run, not once per worker). Warns of a store still being written (its complete shards are
+    read) and of sampled targets drawn from a top-K (biased gradients)."""
     if not stores:
         raise ValueError("no store to read")
     opened = [s if isinstance(s, LogitStore) else LogitStore.open(s, filesystem) for s in stores]
     for s in opened:
+        s.share_hash_checks()
         m = s.manifest
         if m.status != "complete":
             warnings.warn(f"{s.root}: the store is still being written; reading its complete shards", stacklevel=3)

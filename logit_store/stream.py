@@ -112,8 +112,6 @@ class KDStream(IterableDataset):
         mix_by: str = "positions",
     ):
         self.stores = open_stores(store if isinstance(store, list) else [store], filesystem)
-        for s in self.stores:  # each shard hashed once per run, not once per DataLoader worker
-            s.share_hash_checks()
         if rank is None or world_size is None:
             dist = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank = torch.distributed.get_rank() if dist else 0

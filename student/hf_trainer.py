@@ -57,9 +57,7 @@ class StoreDataset(torch.utils.data.Dataset):
                  mix_by: str = "positions"):
         specs = [(s, None) if isinstance(s, LogitStore) else parse_store_spec(s)
                  for s in (store if isinstance(store, list) else [store])]
-        self.stores = open_stores([s for s, _ in specs])  # each once, mixable
-        for s in self.stores:  # made here, before the Trainer's workers start, so that they share it
-            s.share_hash_checks()
+        self.stores = open_stores([s for s, _ in specs])  # each once, mixable, sharing hash checks with workers
         self.weights = [w for _, w in specs]
         self.mix_by = mix_by  # what the weights are shares of: "positions" (loss positions) or "tokens"
         if tokenizer is not None:

@@ -423,17 +423,15 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world: int, device: torch.dev
     np.random.seed(cfg.seed)
     paths, weights = cfg.store_weights()
     try:  # stores that cannot be mixed, a weight that gives a store no row
-        stores = open_stores(paths)
-        rows = sum(n for store in stores for _, _, n in store.units())
-        if rows < world * cfg.batch_size:
-            raise TrainError(f"the store(s) {', '.join(paths)} hold {rows} rows, fewer than one batch for each "
-                             f"process: {world} process(es) x --batch-size {cfg.batch_size} = "
-                             f"{world * cfg.batch_size} rows. Use a smaller --batch-size, fewer processes, or a "
-                             "larger store")
-        stream = KDStream(stores, cfg.batch_size, weights=weights, mix_by=cfg.mix_by, shuffle=cfg.shuffle,
+        stream = KDStream(paths, cfg.batch_size, weights=weights, mix_by=cfg.mix_by, shuffle=cfg.shuffle,
                           shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=rank, world_size=world)
     except ValueError as e:
         raise TrainError(str(e)) from None
+    stores = stream.stores
+    if stream.rows < world * cfg.batch_size:
+        raise TrainError(f"the store(s) {', '.join(paths)} hold {stream.rows} rows, fewer than one batch for each "
+                         f"process: {world} process(es) x --batch-size {cfg.batch_size} = {world * cfg.batch_size} "
+                         "rows. Use a smaller --batch-size, fewer processes, or a larger store")
     loader = StoreLoader(stream, num_workers=cfg.num_workers)
     model = build_model(cfg).to(device)
     trainable = count_parameters(model)
