@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from logit_store.plan import parse_store_specs
+from logit_store.plan import MIX_BY, parse_store_specs
 from student.losses import DistillLossConfig
 
 # how the experts are computed: "auto" picks grouped GEMM on CUDA, the compiled SwiGLU kernel on CPU where it
@@ -223,7 +223,7 @@ class TrainConfig(MoELoRAConfig, RouterLossConfig):
             "prompt-masked store gets its weight of them) or tokens (the rows' tokens, i.e. of the forward compute; "
             "how moekd weighted mixtures before)", "only where no store's rows per epoch change: the reader's "
             "checkpoint refuses the rest, saying why; a weighted run of earlier versions resumes with tokens"),
-        "choices": ["positions", "tokens"]})
+        "choices": list(MIX_BY)})
     base: str = field(metadata={"help": "dense base model directory the student starts from"})
     out: str = field(metadata={"help": "run directory: checkpoints, metrics.jsonl, final student"})
     student: str = field(default="moe-lora", metadata={

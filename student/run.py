@@ -212,10 +212,11 @@ def check_resume(run: str | os.PathLike, cfg: TrainConfig) -> None:
     source = newest if is_run(newest) else Path(run)  # checkpoints of earlier versions held no config
     if not is_run(source):
         return
-    saved = load_config(source)
+    raw = json.loads((source / RUN_CONFIG).read_text())
+    saved = TrainConfig.from_dict(raw)
     # a setting newer than the run is not in its file: its default need not be what the run did (the checkpoint's
     # own checks, such as the reader's, judge it)
-    recorded = {_RENAMED.get(k, k) for k in json.loads((source / RUN_CONFIG).read_text())}
+    recorded = {_RENAMED.get(k, k) for k in raw}
     changed = []
     for f in dataclasses.fields(TrainConfig):
         if f.name in _RUN_ITSELF or may_change_on_resume(f.name) or f.name not in recorded:
