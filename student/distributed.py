@@ -107,7 +107,7 @@ def apply_fsdp(step_module: nn.Module, model: nn.Module, device: torch.device, *
 
         fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
         for layer in model.modules():
-            if isinstance(layer, MoELoRAMLP):
+            if isinstance(layer, MoELoRAMLP) and layer.router is not None:  # fixed routing has none
                 fully_shard(layer.router, mesh=mesh, mp_policy=fp32, reshard_after_forward=reshard)
     for block in decoder_layers(model):
         own = set(block.parameters())

@@ -169,19 +169,6 @@ def hash_experts(ids: torch.Tensor, num_experts: int, k: int, salt: int = 0) -> 
     return scores.topk(k, dim=-1).indices
 
 
-class NoRouter(nn.Module):
-    """What stands for the router in a layer with fixed routing (hash, all): no parameters. `weight` is an empty
-    tensor that needs no gradient (not a parameter or buffer, so never saved), so that code collecting the
-    routers' weights (optimizer groups, FSDP units) finds nothing to train instead of failing."""
-
-    def __init__(self, num_experts: int) -> None:
-        super().__init__()
-        self.weight = torch.empty(num_experts, 0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError("a MoE layer with fixed routing has no router to call")
-
-
 def set_token_ids(model: nn.Module, input_ids: torch.Tensor | None) -> None:
     """Hand the input token ids of the next forwards to every hash-routed MoE layer of `model` (None: there are
     none, e.g. a forward on inputs_embeds; a hash layer then refuses to run). Stays set until the next call, so a
@@ -217,7 +204,7 @@ class MoELoRAMLP(nn.Module):
     GEMMs run about twice as fast in that layout on CPU. With a shared expert of rank R, the same layout without
     the expert axis: shared_in_A [P*R, H], shared_in_B [P, R, I], shared_out_A [R, I], shared_out_B [R, H].
     B starts at zero, so the layer starts equal to the base MLP. Buffer: `router_bias` [E] (selection only).
-    With fixed `routing` ("hash", "all") there is neither router nor router_bias (`router` is a `NoRouter`).
+    With fixed `routing` ("hash", "all") there is neither router nor router_bias (both None).
     """
 
     def __init__(
@@ -276,8 +263,7 @@ class MoELoRAMLP(nn.Module):
         n_in = len(self.in_names)
         self.routing = routing
         learned = routing == "learned"
-        self.router = nn.Linear(hidden, num_experts, bias=False, dtype=torch.float32) if learned else NoRouter(
-            num_experts)
+        self.router = nn.Linear(hidden, num_experts, bias=False, dtype=torch.float32) if learned else None
         self.in_A = nn.Parameter(torch.empty(num_experts, n_in * rank, hidden, dtype=torch.float32))
         self.in_B = nn.Parameter(torch.zeros(num_experts, n_in, rank, inter, dtype=torch.float32))
         self.out_A = nn.Parameter(torch.empty(num_experts, rank, inter, dtype=torch.float32))

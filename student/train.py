@@ -362,12 +362,12 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     --lr × --router_lr_scale (one group, as before, when the scale is 1; group 0 is always the adapters')."""
     from student.convert import moe_modules
 
-    routers = {id(m.router.weight) for m in moe_modules(model)}
-    rest = [p for p in model.parameters() if p.requires_grad and (cfg.router_lr_scale == 1 or id(p) not in routers)]
+    routers = [m.router.weight for m in moe_modules(model) if m.router is not None]  # fixed routing: none
+    ids = {id(w) for w in routers}
+    rest = [p for p in model.parameters() if p.requires_grad and (cfg.router_lr_scale == 1 or id(p) not in ids)]
     groups = [{"params": rest, "lr": cfg.lr}]
     if cfg.router_lr_scale != 1 and routers:
-        groups.append({"params": [m.router.weight for m in moe_modules(model) if m.router.weight.requires_grad],
-                       "lr": cfg.lr * cfg.router_lr_scale})
+        groups.append({"params": [w for w in routers if w.requires_grad], "lr": cfg.lr * cfg.router_lr_scale})
     return groups
 
 

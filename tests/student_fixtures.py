@@ -91,7 +91,8 @@ def randomize_adapters(model: torch.nn.Module, std: float = 0.05, seed: int = 1)
             if isinstance(m, MoELoRAMLP):
                 for p in (m.in_B, m.out_B):
                     p.copy_(torch.randn(p.shape, generator=g) * std)
-                m.router.weight.copy_(torch.randn(m.router.weight.shape, generator=g) * 0.5)
+                if m.router is not None:  # fixed routing (hash, all) has none
+                    m.router.weight.copy_(torch.randn(m.router.weight.shape, generator=g) * 0.5)
 
 
 def assert_layer_matches_loop(loop: torch.nn.Module, fast: torch.nn.Module, x: torch.Tensor) -> None:
