@@ -98,14 +98,14 @@ class MixtureSampler(torch.utils.data.Sampler[int]):
     """Each epoch's row order of a `StoreDataset` mixture, exactly as `kdstudent train` deals it with the same
     seed, shuffle buffer and `mix_by` (the `ReadPlan`'s epoch order: every store at its share of the loss
     positions, or of the tokens, every row of a store at the same rate, rows of the stores interleaved at seeded
-    places). `mix_by` defaults to the dataset's. The epoch is the dataset's, which the Trainer's data loader sets
+    places; `mix_by` is the dataset's). The epoch is the dataset's, which the Trainer's data loader sets
     each epoch (also on resume, and with several processes); its batch sharding and resume (skipping the epoch's
     first batches) then work as with its own sampler."""
 
-    def __init__(self, dataset: StoreDataset, seed: int = 0, shuffle_buffer: int = 1024, mix_by: str | None = None):
+    def __init__(self, dataset: StoreDataset, seed: int = 0, shuffle_buffer: int = 1024):
         self.dataset = dataset
         self.plan = ReadPlan(dataset.index, batch_size=1, weights=dataset.weights, seed=seed,
-                             shuffle_buffer=shuffle_buffer, mix_by=dataset.mix_by if mix_by is None else mix_by)
+                             shuffle_buffer=shuffle_buffer, mix_by=dataset.mix_by)
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
