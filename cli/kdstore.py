@@ -20,6 +20,8 @@ ERRORS = (ManifestError, StoreError, TargetError, InputError, TeacherError, Inde
 
 
 def _describe(store: LogitStore) -> dict:
+    from logit_store.rollouts import describe as describe_rollouts
+
     m = store.manifest
     return {
         "store": store.root,
@@ -41,6 +43,7 @@ def _describe(store: LogitStore) -> dict:
         "bytes_per_token": round(m.bytes / m.tokens, 2) if m.tokens else None,
         "shards": len(m.shards),
         "created": m.created,
+        **({"responses": describe_rollouts(m.input["rollouts"])} if "rollouts" in m.input else {}),
         "domains": m.domains,  # {} for a store built without domains
     }
 

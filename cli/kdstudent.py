@@ -5,6 +5,7 @@ kdstudent params BASE_DIR [shape options]        trainable counts: MoE-LoRA, mat
 kdstudent info STUDENT_OR_RUN_DIR
 kdstudent export STUDENT_OR_RUN_DIR --to mixtral --out DIR [--base BASE_DIR] [--dtype bfloat16]
 kdstudent train --store STORE --base BASE_DIR --out RUN [...]   (or: kdstudent train config.yaml; --help)
+kdstudent generate --model RUN --data PROMPTS --prompt-field prompt --out ROLLOUTS [--samples-per-prompt N ...]
 kdstudent eval --model RUN --store VAL_STORE [--store VAL_STORE_2 ...] [--json]
 kdstudent plot RUN
 """
@@ -121,6 +122,20 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
+GENERATE = "sample a trained student's responses to prompts (rollouts), to be scored by kdstore build"
+
+
+def cmd_generate(argv: list[str]) -> int:
+    from cli.config import parse_config
+    from student.generate import GenerateConfig, generate
+
+    cfg = parse_config(GenerateConfig, argv, "kdstudent generate", GENERATE + (
+        ". Options as flags or one YAML/JSON file. Then: kdstore build --data OUT --input-ids-field prompt_ids "
+        "--response-ids-field response_ids (docs/TRAINING.md, 'On-policy rounds')"))
+    print(json.dumps(generate(cfg)))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from student.evaluate import format_report
     from student.train import evaluate_trained
@@ -178,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     sub.add_parser("train", add_help=False, help="distil a student from a logit store (kdstudent train --help)")
+    sub.add_parser("generate", add_help=False, help=GENERATE + " (kdstudent generate --help)")
     p = sub.add_parser("eval", help="teacher-KL, perplexity, top-1 agreement, calibration, expert usage on stores, "
                                     "per domain and pooled")
     p.add_argument("--model", required=True, help="a training run (any student kind; its newest checkpoint, the "
@@ -211,7 +227,8 @@ def _errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        dataclass_commands = {"train": cmd_train, "convert": cmd_convert, "params": cmd_params}
+        dataclass_commands = {"train": cmd_train, "convert": cmd_convert, "params": cmd_params,
+                              "generate": cmd_generate}
         if argv[:1] and argv[0] in dataclass_commands:
             return dataclass_commands[argv[0]](argv[1:])
         args = build_parser().parse_args(argv)

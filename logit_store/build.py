@@ -27,6 +27,7 @@ import pyarrow.fs as pafs
 
 from . import fs as storefs
 from .card import license_problem, write_card
+from .codecs import CODEC_NAMES, DEFAULT_LEVELS_V2, default_levels
 from .format import WORKER_MANIFEST, worker_names
 from .inputs import (
     Example,
@@ -39,6 +40,7 @@ from .inputs import (
     pack_examples,
 )
 from .manifest import CodecSpec, Manifest, ManifestError, TargetSpec
+from .rollouts import provenance as rollout_provenance
 from .teachers import (
     Teacher,
     TeacherError,
@@ -69,7 +71,11 @@ class BuildConfig(VLLMOptions):
                 "on assistant turns only"})
     prompt_field: str | None = field(default=None, metadata={"help": "field with the prompt (loss on the response)"})
     response_field: str | None = field(default=None, metadata={"help": "field with the response"})
-    input_ids_field: str | None = field(default=None, metadata={"help": "field with pre-tokenised ids"})
+    input_ids_field: str | None = field(default=None, metadata={
+        "help": "field with pre-tokenised ids (loss on every token; with --response-ids-field, the prompt's ids)"})
+    response_ids_field: str | None = field(default=None, metadata={
+        "help": "field with the pre-tokenised response to --input-ids-field (loss on the response): scores exactly "
+                "the tokens a policy sampled, e.g. the rollouts of kdstudent generate (response_ids)"})
     domain_field: str | None = field(default=None, metadata={
         "help": "string field naming each example's domain (code, chat, ...): the store records it per row and "
                 "counts rows and tokens per domain; examples without it are skipped and counted"})
@@ -93,12 +99,21 @@ class BuildConfig(VLLMOptions):
     temperature: float = field(default=1.0, metadata={"help": "--generate: sampling temperature (0 = greedy)"})
     seed: int = field(default=0, metadata={"help": "seed for sampled targets and generation (per input row)"})
     top_k: int | None = field(default=None, metadata={"help": "store the top-K candidates (default 64)"})
+    label_logprobs: bool | None = field(default=None, metadata={
+        "help": "also store the teacher's exact log-prob of each row's own token (4 bytes per target position; "
+                "top-k only): the teacher's NLL of the text, which kdstudent eval's rollout metrics need. Default: "
+                "on when --data is a rollouts folder of kdstudent generate, else off"})
     samples: int | None = field(default=None, metadata={
         "help": "store N draws per position from the teacher's full distribution (RS-KD) instead of top-k; "
                 "needs the hf backend (the default with --samples)"})
     sample_from_top_k: int | None = field(default=None, metadata={
         "help": "not accepted: draws from a top-K plus one tail bucket bias the KD gradient (docs/BUILD.md)"})
-    levels: int = field(default=CodecSpec.levels, metadata={"help": "probability quantisation levels (top-k codec)"})
+    codec: str = field(default="v1", metadata={
+        "help": "target codec: v1 (sqrtp-rankdelta-v1) or v2 (ctxrank-v2: ids ranked by a per-shard model of the "
+                "context token, smaller stores; docs/FORMAT.md, docs/PERFORMANCE.md)", "choices": ["v1", "v2"]})
+    levels: int | None = field(default=None, metadata={
+        "help": f"probability quantisation levels (top-k; default {CodecSpec.levels} with --codec v1, "
+                f"{DEFAULT_LEVELS_V2} with v2)"})
     compression_level: int = field(default=CodecSpec.compression_level, metadata={"help": "zstd level"})
     shard_tokens: int = field(default=1 << 22, metadata={"help": "tokens per shard file"})
     record_batch_tokens: int = field(default=1 << 16, metadata={
@@ -119,12 +134,9 @@ class BuildConfig(VLLMOptions):
             raise InputError("choose --top-k or --samples, not both")
         if self.top_k is None and self.samples is None:
             self.top_k = 64
-        if self.worker_index is None:
-            env = os.environ.get("SLURM_ARRAY_TASK_ID") or os.environ.get("JOB_COMPLETION_INDEX")
-            if env and self.num_workers > 1 and not env.isdigit():
-                raise InputError(f"the worker index from the environment ({env!r}) is not a number: pass "
-                                 "--worker-index")
-            self.worker_index = int(env) if env and self.num_workers > 1 else 0
+        if self.label_logprobs and self.samples:
+            raise InputError("--label-logprobs goes with --top-k: a sampled store records draws, not log-probs")
+        self.worker_index = worker_index_from_env(self.worker_index, self.num_workers)
         if self.backend is None:
             self.backend = "hf" if self.samples else "vllm"
         if self.samples and self.backend == "vllm":
@@ -165,7 +177,7 @@ class BuildConfig(VLLMOptions):
             (self.temperature < 0, f"--temperature must be >= 0 (got {self.temperature})"),
             (self.seed < 0, f"--seed must be >= 0 (got {self.seed}): it seeds numpy generators, which refuse "
                             "negative seeds"),
-            (not 1 <= self.levels <= 255,
+            (self.levels is not None and not 1 <= self.levels <= 255,
              f"--levels must be in [1, 255] (got {self.levels}): a probability is stored in one byte"),
             (not 1 <= self.compression_level <= 22,
              f"--compression-level must be a zstd level in [1, 22] (got {self.compression_level})"),
@@ -189,6 +201,17 @@ class BuildConfig(VLLMOptions):
         ) if wrong]
         if problems:
             raise InputError("; ".join(problems))
+
+
+def worker_index_from_env(index: int | None, num_workers: int) -> int:
+    """A worker's index: the one given, else the array job's (SLURM_ARRAY_TASK_ID, or JOB_COMPLETION_INDEX of a
+    Kubernetes indexed job) when there are several workers, else 0."""
+    if index is not None:
+        return index
+    env = os.environ.get("SLURM_ARRAY_TASK_ID") or os.environ.get("JOB_COMPLETION_INDEX")
+    if env and num_workers > 1 and not env.isdigit():
+        raise InputError(f"the worker index from the environment ({env!r}) is not a number: pass --worker-index")
+    return int(env) if env and num_workers > 1 else 0
 
 
 @dataclass
@@ -246,7 +269,7 @@ def build(cfg: BuildConfig, teacher: Teacher | None = None) -> BuildSummary:
 
     start = time.time()
     fields = FieldSpec(cfg.text_field, cfg.messages_field, cfg.prompt_field, cfg.response_field, cfg.input_ids_field,
-                       cfg.domain_field)
+                       cfg.response_ids_field, cfg.domain_field)
     fields.mode(cfg.generate)  # fail on bad options before loading anything
     _check_teacher_folder(cfg)
     _check_out_apart_from_inputs(cfg)  # before the lock, which creates --out
@@ -258,6 +281,7 @@ def build(cfg: BuildConfig, teacher: Teacher | None = None) -> BuildSummary:
             raise ManifestError(f"{cfg.out} already holds a store ({manifest_name}): pass --resume to continue it, "
                                 "or choose a new --out")
         source = InputSource(cfg.data, cfg.split, cfg.data_format)
+        rollouts = rollout_provenance(cfg.data) if os.path.exists(cfg.data) else None
         tok_path = cfg.tokenizer or cfg.teacher
         try:
             tokenizer = AutoTokenizer.from_pretrained(tok_path)
@@ -272,7 +296,8 @@ def build(cfg: BuildConfig, teacher: Teacher | None = None) -> BuildSummary:
         if len(tokenizer) > teacher.vocab_size:
             raise TeacherError(f"the tokenizer has {len(tokenizer):,} tokens but the teacher's vocabulary is "
                                f"{teacher.vocab_size:,}: they do not belong together")
-        manifest = _manifest(cfg, teacher, tokenizer, dataset, fields, input_fingerprint)
+        manifest = _manifest(cfg, teacher, tokenizer, dataset, fields, input_fingerprint, rollouts)
+        _carry_tokenizer(cfg, lock, manifest_name, manifest, tokenizer)
         writer = ShardWriter(cfg.out, manifest, shard_tokens=cfg.shard_tokens, batch_tokens=cfg.record_batch_tokens,
                              prefix=prefix, manifest_name=manifest_name, resume=cfg.resume, lock=lock)
     except BaseException:
@@ -408,22 +433,26 @@ def _check_out_apart_from_inputs(cfg: BuildConfig) -> None:
 
 
 def _manifest(cfg: BuildConfig, teacher: Teacher, tokenizer, dataset, fields: FieldSpec,
-              input_fingerprint: str) -> Manifest:
+              input_fingerprint: str, rollouts: dict | None = None) -> Manifest:
     from .fingerprint import describe_tokenizer
 
     if cfg.samples:
         target = TargetSpec("sampled", samples=cfg.samples)
     else:
-        target = TargetSpec("topk", k=cfg.top_k)
+        labels = cfg.label_logprobs if cfg.label_logprobs is not None else rollouts is not None
+        target = TargetSpec("topk", k=cfg.top_k, label_logprobs=labels)
     source = {"source": cfg.data, "split": cfg.split, "fingerprint": input_fingerprint,
               "examples": len(dataset), "limit": cfg.limit, "fields": fields.used(), "num_workers": cfg.num_workers}
     if cfg.domain is not None:  # only when set, so that stores without domains keep their fingerprint
         source["domain"] = cfg.domain
     if cfg.license is not None:  # the same: stores built without --license keep their fingerprint
         source["license"] = cfg.license
+    if rollouts is not None:  # a policy's samples (kdstudent generate): which policy, how sampled, which round
+        source["rollouts"] = rollouts
     return Manifest(
         target=target, vocab_size=teacher.vocab_size,
-        codec=CodecSpec(levels=cfg.levels, compression_level=cfg.compression_level),
+        codec=CodecSpec(name=CODEC_NAMES[cfg.codec], levels=cfg.levels or default_levels(CODEC_NAMES[cfg.codec]),
+                        compression_level=cfg.compression_level),
         teacher=teacher.describe(),
         tokenizer=describe_tokenizer(tokenizer, cfg.tokenizer or cfg.teacher),
         input=source,
@@ -433,6 +462,19 @@ def _manifest(cfg: BuildConfig, teacher: Teacher, tokenizer, dataset, fields: Fi
                   # --pack concatenates the examples of one worker's share: N workers cut other rows than one
                   **({"pack_scope": "worker share" if cfg.num_workers > 1 else "all examples"} if cfg.pack else {})},
     )
+
+
+def _carry_tokenizer(cfg: BuildConfig, lock: OutputLock, manifest_name: str, manifest: Manifest, tokenizer) -> None:
+    """Save the tokenizer into the store (`store_tokenizer`) and record it as the manifest's `tokenizer.files`, so
+    that a training node reads the rows as text (a student of another tokenizer) without the teacher's folder. A
+    resumed build of a store begun before stores carried their tokenizer keeps its manifest as it was (its
+    settings, and so its fingerprint, must not change mid-build)."""
+    from .store_tokenizer import save_tokenizer
+
+    if cfg.resume and storefs.exists(lock.fs, storefs.join(lock.root, manifest_name)):
+        if "files" not in Manifest.load(lock.fs, lock.root, manifest_name).tokenizer:
+            return
+    manifest.tokenizer["files"] = save_tokenizer(lock.fs, lock.root, tokenizer)
 
 
 def _teacher_options(cfg: BuildConfig) -> dict:

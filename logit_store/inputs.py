@@ -43,7 +43,8 @@ class FieldSpec:
     messages_field: str | None = None  # chat messages, loss on assistant turns
     prompt_field: str | None = None  # prompt (+ response): loss on the response
     response_field: str | None = None
-    input_ids_field: str | None = None  # pre-tokenised, loss on every token
+    input_ids_field: str | None = None  # pre-tokenised, loss on every token (or, with response ids, on those)
+    response_ids_field: str | None = None  # pre-tokenised response to input_ids (student rollouts): loss on it
     domain_field: str | None = None  # a string field naming each example's domain (code, chat, ...)
 
     def mode(self, generate: bool = False) -> str:
@@ -55,8 +56,13 @@ class FieldSpec:
         mode = chosen[0]
         if mode == "prompt" and not self.response_field and not generate:
             raise InputError("--prompt-field needs --response-field, or --generate to let the teacher answer")
-        if generate and mode not in ("prompt", "messages"):
-            raise InputError("--generate needs prompts: --prompt-field or --messages-field")
+        if self.response_field and mode != "prompt":
+            raise InputError("--response-field goes with --prompt-field (pre-tokenised: --input-ids-field with "
+                             "--response-ids-field)")
+        if self.response_ids_field and (mode != "input_ids" or generate):
+            raise InputError("--response-ids-field goes with --input-ids-field (the prompt's ids), without --generate")
+        if generate and mode == "text":
+            raise InputError("--generate needs prompts: --prompt-field, --messages-field or --input-ids-field")
         return mode
 
     def used(self) -> dict[str, str]:
@@ -427,17 +433,29 @@ class ExampleTokenizer:
 
     def _input_ids(self, record: dict):
         raw = self._field(record, self.fields.input_ids_field, list)[: self.max_seq_len + 1]  # + 1: seen as truncated
+        ids = self._ids(raw, self.fields.input_ids_field)
+        if self.generate:
+            return ids, None
+        if not self.fields.response_ids_field:
+            return ids, np.ones(ids.size, bool)
+        response = self._field(record, self.fields.response_ids_field, list)[: max(self.max_seq_len + 1 - ids.size, 1)]
+        response = self._ids(response, self.fields.response_ids_field)
+        mask = np.zeros(ids.size + response.size, bool)
+        mask[ids.size:] = True
+        return np.concatenate([ids, response]), mask
+
+    def _ids(self, raw: list, name: str) -> np.ndarray:
+        """A list field of token ids as int64, or a skip naming what is wrong."""
         # One float anywhere in a JSON file (5.5, or 5.0) makes Arrow read the whole column as floats: whole
         # numbers are still ids, and only a row holding something else is skipped.
         for position, t in enumerate(raw):
             whole = isinstance(t, int | np.integer) or (isinstance(t, float | np.floating) and float(t).is_integer())
             if isinstance(t, bool) or not whole:
-                raise _Skip(f"field {self.fields.input_ids_field!r} holds a value that is not a token id",
-                            f"{t!r} at position {position}")
+                raise _Skip(f"field {name!r} holds a value that is not a token id", f"{t!r} at position {position}")
         ids = np.asarray(raw).astype(np.int64)
         if ids.min() < 0 or ids.max() >= len(self.tok):
             raise _Skip("token id outside the tokenizer's vocabulary", f"max id {int(ids.max())}")
-        return ids, np.ones(ids.size, bool)
+        return ids
 
     def _prompt(self, record: dict):
         prompt = self._encode(self._field(record, self.fields.prompt_field), True).input_ids
@@ -490,10 +508,11 @@ class _Skip(Exception):
 
 
 def iter_examples(dataset, tokenizer: ExampleTokenizer, stats: InputStats, worker_index: int = 0,
-                  num_workers: int = 1, limit: int | None = None) -> Iterator[Example]:
-    """This worker's share of the input (example i goes to worker i % num_workers), tokenised."""
+                  num_workers: int = 1, limit: int | None = None, rows: range | None = None) -> Iterator[Example]:
+    """This worker's share of the input (example i goes to worker i % num_workers), or the examples `rows`,
+    tokenised."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    for i in range(worker_index, n, num_workers):
+    for i in rows if rows is not None else range(worker_index, n, num_workers):
         stats.examples += 1
         try:
             record = dataset[i]

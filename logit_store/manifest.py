@@ -33,6 +33,9 @@ class TargetSpec:
     k: int | None = None
     samples: int | None = None
     sampled_from_top_k: int | None = None  # None: drawn from the full distribution (exact)
+    # the shards also hold the teacher's exact log-prob of each row's own token (column `label_logprob`); False is
+    # absent from the JSON, so stores written before it keep their fingerprint
+    label_logprobs: bool = False
 
     def __post_init__(self):
         if self.kind == "topk" and not self.k:
@@ -41,11 +44,13 @@ class TargetSpec:
             raise ManifestError("target kind 'sampled' needs samples (N)")
         if self.kind not in ("topk", "sampled"):
             raise ManifestError(f"unknown target kind {self.kind!r}: expected 'topk' or 'sampled'")
+        if self.label_logprobs and self.kind != "topk":
+            raise ManifestError("label_logprobs are recorded with top-k targets only")
 
     def __str__(self) -> str:
         """`topk k=64`, `sampled N=50 from top-128`, `sampled N=50 (exact)`."""
         if self.kind == "topk":
-            return f"topk k={self.k}"
+            return f"topk k={self.k}" + (" + label log-probs" if self.label_logprobs else "")
         source = f" from top-{self.sampled_from_top_k}" if self.sampled_from_top_k else " (exact)"
         return f"sampled N={self.samples}{source}"
 
@@ -164,6 +169,8 @@ class Manifest:
     # ------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if not d["target"]["label_logprobs"]:
+            del d["target"]["label_logprobs"]
         for shard in d["shards"]:
             if shard["domains"] is None:
                 del shard["domains"]

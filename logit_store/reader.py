@@ -25,17 +25,20 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from . import fs as storefs
-from .codecs import IdOrder, Payload, TargetError
+from .codecs import Payload, TargetError
 from .format import (
     BUILD_SHARD_PREFIX,
     DOMAIN_COLUMN,
-    ID_ORDER_KEY,
+    LABEL_COLUMN,
     MANIFEST_NAME,
     SHARD_FILE,
     SHARD_IDENTITY_KEY,
     WORKER_MANIFEST,
+    ShardModel,
     identity_differences,
     make_codec,
+    model_key,
+    read_shard_model,
     shard_schema,
     worker_names,
 )
@@ -54,6 +57,7 @@ class DecodedRow:
     target_mask: np.ndarray  # [P, S] bool: which of the S slots hold a candidate
     target_tail: np.ndarray  # [P] float32: log of the teacher mass outside the listed candidates
     domain: str | None = None  # the row's domain, in a store built with domains
+    label_logprobs: np.ndarray | None = None  # [P] float32: the teacher's log-prob of each position's own token
 
     @property
     def positions(self) -> np.ndarray:
@@ -165,9 +169,12 @@ class LogitStore:
 
     def __init__(self, fs: pafs.FileSystem, root: str, manifest: Manifest, manifest_name: str = MANIFEST_NAME):
         self.fs, self.root, self.manifest, self.manifest_name = fs, root, manifest, manifest_name
-        self.codec = make_codec(manifest)
+        try:
+            self.codec = make_codec(manifest)
+        except TargetError as e:
+            raise StoreError(storefs.join(root, manifest_name), str(e), "codec.name") from None
         self._files: dict[str, pa.ipc.RecordBatchFileReader] = {}
-        self._orders: dict[str, IdOrder] = {}
+        self._orders: dict[str, ShardModel] = {}  # each shard's model: v1 its IdOrder, v2 its ContextModel
         self._listed = {s.file: (i, s) for i, s in reversed(list(enumerate(manifest.shards)))}  # first entry wins
         self._hashed: set[str] = set()  # shard files whose every byte matched the manifest in this process
         self.ledger: HashLedger | None = None  # shared with DataLoader workers: `share_hash_checks`
@@ -283,18 +290,19 @@ class LogitStore:
                 name = f"{at}.file" if field == "file" else field
                 raise fault(f"written as {field} = {have!r}, but the manifest says {name} = {want!r} (the manifest "
                             "was edited, or the file is another shard's)", name)
-        expected = shard_schema(self.codec, with_domain=s.domains is not None)
+        expected = shard_schema(self.codec, with_domain=s.domains is not None,
+                                with_labels=self.manifest.target.label_logprobs)
         if not reader.schema.remove_metadata().equals(expected):
             raise fault(f"schema {reader.schema.remove_metadata()} differs from the one format v1 gives target "
                         f"{self.manifest.target} ({expected}); target was edited?", "target")
-        meta = reader.schema.metadata or {}
-        if ID_ORDER_KEY not in meta:
-            raise fault(f"schema metadata lacks {ID_ORDER_KEY.decode()}", None)
         try:
-            order = IdOrder.from_bytes(meta[ID_ORDER_KEY], self.manifest.vocab_size)
+            order = read_shard_model(self.codec, reader.schema.metadata or {}, reader.metadata or {},
+                                     self.manifest.vocab_size)
+        except KeyError:
+            raise fault(f"metadata lacks {model_key(self.codec).decode()}", None) from None
         except (TargetError, ValueError, IndexError) as e:
-            raise fault(f"its id order does not fit vocab_size {self.manifest.vocab_size:,} ({e})",
-                        "vocab_size") from e
+            raise fault(f"its {'context model' if model_key(self.codec) != b'kd.id_order' else 'id order'} does not "
+                        f"fit vocab_size {self.manifest.vocab_size:,} ({e})", "vocab_size") from e
         self._check_counts(path, at, s)
         self._orders[s.file] = order
         return reader
@@ -422,7 +430,7 @@ def _binary_slices(arr: pa.BinaryArray):
 class BatchRows:
     """Rows of one record batch: its columns are viewed once (zero-copy); row i is decoded on access."""
 
-    def __init__(self, store: LogitStore, batch: pa.RecordBatch, order: IdOrder):
+    def __init__(self, store: LogitStore, batch: pa.RecordBatch, order: ShardModel):
         self.store, self.order = store, order
         ids = batch.column("input_ids")
         self.offsets = ids.offsets.to_numpy()
@@ -432,6 +440,8 @@ class BatchRows:
         self.payload_cols = [_binary_slices(batch.column(c)) for c in store.codec.columns]
         has_domain = batch.schema.get_field_index(DOMAIN_COLUMN) >= 0
         self.domains = batch.column(DOMAIN_COLUMN).to_pylist() if has_domain else None
+        labels = batch.column(LABEL_COLUMN) if batch.schema.get_field_index(LABEL_COLUMN) >= 0 else None
+        self.labels = None if labels is None else (labels.offsets.to_numpy(), labels.values.to_numpy())
 
     def __len__(self) -> int:
         return self.source.size
@@ -441,10 +451,18 @@ class BatchRows:
             raise IndexError(i)
         lo, hi = self.offsets[i], self.offsets[i + 1]
         mask = self.mask[lo:hi]
-        payload = Payload(*(col(i) for col in self.payload_cols))
-        ids, lp, tmask, tail = self.store.codec.decode(payload, int(mask.sum()), self.order)
+        codec = self.store.codec
+        payload = Payload.of_columns(codec.columns, [col(i) for col in self.payload_cols])
+        row_ids = self.ids[lo:hi]
+        contexts = row_ids[:-1][mask[1:]].astype(np.int64)  # each target's context token (codec v2)
+        ids, lp, tmask, tail = codec.decode(payload, int(mask.sum()), self.order, contexts)
         domain = self.domains[i] if self.domains is not None else None
-        return DecodedRow(int(self.source[i]), self.ids[lo:hi].astype(np.int64), mask, ids, lp, tmask, tail, domain)
+        labels = None
+        if self.labels is not None:
+            offsets, values = self.labels
+            labels = values[offsets[i]:offsets[i + 1]]
+        return DecodedRow(int(self.source[i]), self.ids[lo:hi].astype(np.int64), mask, ids, lp, tmask, tail, domain,
+                          labels)
 
 
 def _check_row(r: DecodedRow, vocab_size: int) -> None:
@@ -454,3 +472,6 @@ def _check_row(r: DecodedRow, vocab_size: int) -> None:
         raise TargetError(f"row {r.source_index}: target id outside the vocabulary")
     if np.isnan(r.target_logprobs).any() or np.isnan(r.target_tail).any():
         raise TargetError(f"row {r.source_index}: NaN in decoded targets")
+    if r.label_logprobs is not None and (r.label_logprobs.shape != r.target_ids.shape[:1]
+                                         or not np.isfinite(r.label_logprobs).all() or (r.label_logprobs > 0).any()):
+        raise TargetError(f"row {r.source_index}: label log-probs are not one finite log-prob per target position")

@@ -8,8 +8,8 @@ benchmarks read batches by these keys and know nothing else of the store.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TypedDict
+from collections.abc import Callable, Iterator
+from typing import NotRequired, TypedDict
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -37,6 +37,9 @@ class KDBatch(TypedDict):
     target_tail: torch.Tensor  # [B, T] float32: log of the teacher mass outside the candidates (-inf: none)
     source_index: torch.Tensor  # [B] int64: the input example each row came from (-1 if unknown)
     domain: torch.Tensor  # [B] int64: the row's domain as an index into the domain_names given to collate (-1: none)
+    # [B, T] float32: the teacher's log-prob of labels[b, t], only when every row carries it (stores built with
+    # label log-probs: the teacher's NLL of the text, e.g. of a student's own samples)
+    label_logprobs: NotRequired[torch.Tensor]
 
 
 def collate(rows: list[DecodedRow], pad_id: int = 0, domains: list[str] | None = None) -> KDBatch:
@@ -67,6 +70,10 @@ def collate(rows: list[DecodedRow], pad_id: int = 0, domains: list[str] | None =
                target_ids=t_ids, target_logprobs=t_lp, target_mask=t_mask, target_tail=t_tail,
                source_index=np.array([r.source_index for r in rows], np.int64),
                domain=np.array([_domain_index(r.domain, domains) for r in rows], np.int64))
+    if all(r.label_logprobs is not None for r in rows):
+        out["label_logprobs"] = np.zeros((bsz, seq), np.float32)
+        for b, r in enumerate(rows):
+            out["label_logprobs"][b, r.positions - 1] = r.label_logprobs
     return KDBatch(**{k: torch.from_numpy(v) for k, v in out.items()})
 
 
@@ -92,7 +99,8 @@ class KDStream(IterableDataset):
     "positions"`) or of the rows' tokens (`mix_by="tokens"`), None where unset (`mixture_rows`). Mixed stores
     must share a tokenizer and vocabulary; they may differ in target kind and k (`collate` pads candidates to the
     widest). Iterate it directly (num_workers=0) or through `StoreLoader`, which tracks the position across
-    workers; either way each shard is hashed once per run (`LogitStore.share_hash_checks`).
+    workers; either way each shard is hashed once per run (`LogitStore.share_hash_checks`). `collate_fn` makes
+    the batches (default `collate`; a student of another tokenizer passes its own, student/cross_tokenizer.py).
     """
 
     def __init__(
@@ -110,6 +118,7 @@ class KDStream(IterableDataset):
         pad_id: int = 0,
         filesystem: pafs.FileSystem | None = None,
         mix_by: str = "positions",
+        collate_fn: Callable[[list[DecodedRow], int, list[str] | None], KDBatch] = collate,
     ):
         self.stores = open_stores(store if isinstance(store, list) else [store], filesystem)
         if rank is None or world_size is None:
@@ -120,6 +129,8 @@ class KDStream(IterableDataset):
         self.plan = ReadPlan(self.index, batch_size, weights=weights, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                              seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, mix_by=mix_by)
         self.pad_id = pad_id
+        # rows -> a batch: `collate` (the store's own ids), or a student's collator (another tokenizer's ids)
+        self.collate_fn = collate_fn
         self.num_workers = 0  # set by StoreLoader; recorded in state_dict, free to change on resume
         self.domain_names = domain_names(self.stores)  # the `domain` index of a batch looks names up here
 
@@ -172,7 +183,7 @@ class KDStream(IterableDataset):
         indices = self.plan.worker_batches(worker, workers)
         try:
             for index, rows in zip(indices, self._decoded(indices), strict=True):
-                batch = collate(rows, self.pad_id, self.domain_names)
+                batch = self.collate_fn(rows, self.pad_id, self.domain_names)
                 if info is None:
                     self.batches_done = index + 1
                 else:  # not part of KDBatch: StoreLoader pops it

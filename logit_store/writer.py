@@ -13,9 +13,18 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from . import fs as storefs
-from .codecs import IdOrder, SampledTargets, TargetError, TopKTargets
+from .codecs import SampledTargets, TargetError, TopKTargets, context_tokens
 from .faults import crash_point
-from .format import MANIFEST_NAME, make_codec, original_name, shard_footer, shard_metadata, shard_name, shard_schema
+from .format import (
+    MANIFEST_NAME,
+    learn_shard_model,
+    make_codec,
+    original_name,
+    shard_footer,
+    shard_metadata,
+    shard_name,
+    shard_schema,
+)
 from .manifest import Manifest, ManifestError, ShardInfo, count_domain_row
 
 
@@ -242,22 +251,36 @@ class ShardWriter:
                 raise TargetError("has a domain, but this store's rows have none" if row.domain is not None else
                                   "has no domain, but this store's rows carry one: give every row a domain")
             self.codec.validate(row.targets)
+            if self.manifest.target.label_logprobs:
+                labels = getattr(row.targets, "labels", None)
+                if labels is None or np.shape(labels) != (len(row.targets),):
+                    raise TargetError("this store records label log-probs: targets.labels must hold the teacher's "
+                                      "log-prob of the row's own token at each target position")
+                if not (np.isfinite(labels).all() and (np.asarray(labels) <= 0).all()):
+                    raise TargetError("targets.labels must be finite log-probs (<= 0)")
             if self._with_domain is None:
                 self._with_domain = row.domain is not None
         except TargetError as e:
             raise TargetError(f"{where}: {e}") from None
 
     def _open_shard(self) -> None:
-        # The id order comes from the shard's first record batch: a good sample of what the shard uses.
-        sample = np.concatenate([np.asarray(r.targets.ids).ravel() for r in self._pending])
-        order = IdOrder.from_ids(sample, self.manifest.vocab_size, self.manifest.codec.id_order_head)
+        # The model (v1: the id order; v2: the context model) comes from the shard's first record batch: a good
+        # sample of what the shard uses.
+        targets = [r.targets for r in self._pending]
+        sample = np.concatenate([np.asarray(t.ids).ravel() for t in targets])
+        sizes = np.concatenate([np.full(len(t), np.asarray(t.ids).shape[-1]) if isinstance(t, TopKTargets)
+                                else np.asarray(t.sizes) for t in targets])
+        contexts = np.concatenate([context_tokens(r.input_ids, r.loss_mask) for r in self._pending])
+        order = learn_shard_model(self.codec, sample, sizes, contexts, self.manifest.vocab_size,
+                                  self.manifest.codec.id_order_head)
         name = shard_name(self.prefix, self._next_shard)
         path = storefs.join(self.root, name)
         tmp = storefs.temp_name(path)
         sink = storefs.HashingSink(self.fs.open_output_stream(tmp))
-        schema = shard_schema(self.codec, with_domain=bool(self._with_domain))
+        schema = shard_schema(self.codec, with_domain=bool(self._with_domain),
+                              with_labels=self.manifest.target.label_logprobs)
         writer = pa.ipc.new_file(sink, schema.with_metadata(shard_metadata(order)), options=self._ipc,
-                                 metadata=shard_footer(name, self.manifest))
+                                 metadata=shard_footer(name, self.manifest, order))
         self._shard = dict(name=name, path=path, tmp=tmp, sink=sink, writer=writer, order=order, schema=schema,
                            rows=0, tokens=0, positions=0, batch_rows=[], domains={} if self._with_domain else None)
 
@@ -265,7 +288,8 @@ class ShardWriter:
         if self._shard is None:
             self._open_shard()
         sh = self._shard
-        payloads = [self.codec.encode(r.targets, sh["order"]) for r in self._pending]
+        payloads = [self.codec.encode(r.targets, sh["order"], context_tokens(r.input_ids, r.loss_mask))
+                    for r in self._pending]
         lengths = np.array([len(r.input_ids) for r in self._pending])
         offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
         ids = np.concatenate([np.asarray(r.input_ids) for r in self._pending]).astype(np.int32)
@@ -275,8 +299,13 @@ class ShardWriter:
             pa.ListArray.from_arrays(offsets, pa.array(ids)),
             pa.ListArray.from_arrays(offsets, pa.array(mask)),
         ]
-        per_row = [p.column_values(len(self.codec.columns)) for p in payloads]
+        per_row = [p.column_values(self.codec.columns) for p in payloads]
         columns += [pa.array(column, pa.binary()) for column in zip(*per_row, strict=True)]  # the codec's columns
+        if self.manifest.target.label_logprobs:
+            positions = np.array([len(r.targets) for r in self._pending])
+            labels = np.concatenate([np.asarray(r.targets.labels, np.float32) for r in self._pending])
+            columns.append(pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(positions)]).astype(
+                np.int32)), pa.array(labels)))
         if sh["domains"] is not None:
             columns.append(pa.array([r.domain for r in self._pending], pa.string()))
             for r in self._pending:

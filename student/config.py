@@ -237,6 +237,13 @@ class TrainConfig(MoELoRAConfig, RouterLossConfig):
     temperature: float = field(default=1.0, metadata={"help": "distillation temperature"})
     kd_weight: float = field(default=1.0, metadata={"help": "weight of the KD loss"})
     ce_weight: float = field(default=0.0, metadata={"help": "weight of cross-entropy on the labels"})
+    cross_tokenizer: str | None = field(default=None, metadata={
+        "help": "distil a student whose tokenizer is not the store's: the student tokenizes each row's text (read "
+                "with the tokenizer the store carries) and KD applies where both tokenizations start their next "
+                "token at the same byte; gold: candidates spelled the same in both vocabularies compared by --loss, "
+                "the rest by ULD (sorted probabilities); uld: every candidate by ULD. Unaligned positions get the CE "
+                "term only (give --ce-weight). Without it another tokenizer is refused (docs/TRAINING.md)",
+        "choices": ["gold", "uld"]})
     loss_chunk: int = field(default=1024, metadata={"help": resumable("positions per LM-head chunk")})
     loss_keep_logits: bool = field(default=False, metadata={
         "help": resumable("keep the LM head's logits from the forward for the backward instead of recomputing them: "
@@ -285,6 +292,10 @@ class TrainConfig(MoELoRAConfig, RouterLossConfig):
                 "The bias only picks the top-k experts, never weighs them. 0 = off"})
     router_lr_scale: float = field(default=1.0, metadata={
         "help": "the routers' learning rate as a multiple of --lr"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from the trained student of another run (its weights; this run's optimizer, schedule and "
+                "data order are fresh): an on-policy round continues the last round's student. The run must have "
+                "this run's --student, --base and shape"})
     resume: bool = field(default=False, metadata={
         "help": "continue from the newest checkpoint in --out, with the run's settings: a setting whose help does "
                 "not say it may change on --resume is refused if it differs (docs/TRAINING.md, 'What happens "
@@ -351,7 +362,8 @@ class TrainConfig(MoELoRAConfig, RouterLossConfig):
     def loss_config(self) -> DistillLossConfig:
         return DistillLossConfig(kind=self.loss, alpha=self.skew_alpha, beta=self.jsd_beta,
                                  temperature=self.temperature, kd_weight=self.kd_weight, ce_weight=self.ce_weight,
-                                 chunk_size=self.loss_chunk, keep_logits=self.loss_keep_logits, reduction="sum")
+                                 chunk_size=self.loss_chunk, keep_logits=self.loss_keep_logits, reduction="sum",
+                                 cross_tokenizer=self.cross_tokenizer)
 
 
 def _flag(name: str) -> str:

@@ -253,3 +253,31 @@ def export_student(
     }
     (out / "moekd_export.json").write_text(json.dumps(info, indent=2) + "\n")
     return out
+
+
+@torch.no_grad()
+def export_merged(student: PreTrainedModel, out_dir: str | os.PathLike, base_path: str | os.PathLike,
+                  dtype: torch.dtype = torch.float32) -> Path:
+    """The checkpoint a serving engine runs for any student kind (`kdstudent generate --backend vllm`): Mixtral
+    for a MoE-LoRA student (`to_mixtral`), else the base's own architecture, with a dense LoRA merged into its
+    weights, or as trained (full). The student itself is left as it is."""
+    import copy
+
+    from student.config import is_moe_student
+
+    if is_moe_student(student):
+        model = to_mixtral(student, dtype=dtype)
+    else:
+        model = copy.deepcopy(student)
+        for name, module in list(model.named_modules()):
+            if getattr(module, "base_layer", None) is not None and hasattr(module, "lora_A"):  # a peft LoRA layer
+                merged = module.base_layer
+                merged.weight.data = _merged_linear_weight(module).to(merged.weight.dtype)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, merged)
+        model = model.to(dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_path).save_pretrained(out)
+    return out

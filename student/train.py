@@ -107,6 +107,34 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     return model
 
 
+# shape options that change no trained weight's meaning: a run may start from a student trained with others
+INIT_FREE = ("lora_dropout", "router_init_std", "expert_impl")
+
+
+def init_from_run(model: nn.Module, cfg: TrainConfig) -> None:
+    """--init-from: this run's student starts as another run's trained student (the state `kdstudent eval` reads),
+    so that it computes exactly what that student computed; refused, naming each, when the runs differ in student
+    kind, base or a shape option (a LoRA's scale or the routing would change what the copied weights mean)."""
+    from student.config import MoELoRAConfig
+
+    source = Path(cfg.init_from)
+    if not is_run(source):
+        raise TrainError(f"--init-from {source}: not a training run (no {source / 'train_config.json'})")
+    was = load_config(source)
+    names = ["student", *(f.name for f in dataclasses.fields(MoELoRAConfig) if f.name not in INIT_FREE)]
+    differ = [f"--{name.replace('_', '-')}: {source} has {getattr(was, name)!r}, this run {getattr(cfg, name)!r}"
+              for name in names if getattr(was, name) != getattr(cfg, name)]
+    if os.path.realpath(was.base) != os.path.realpath(cfg.base):
+        differ.append(f"--base: {source} has {was.base}, this run {cfg.base}")
+    if differ:
+        raise TrainError(f"--init-from {source} trained another student than this run builds: {'; '.join(differ)}")
+    trained = load_trained(source)
+    state = {**dict(trained.named_parameters()), **dict(trained.named_buffers())}
+    with torch.no_grad():
+        for name, t in [*((n, p) for n, p in model.named_parameters() if p.requires_grad), *model.named_buffers()]:
+            t.copy_(state[name])
+
+
 def check_tokenizer(tokenizer_dir: str, store: LogitStore, model: nn.Module) -> None:
     """`plan.check_store_for_model` with the tokenizer of `tokenizer_dir` and the model's LM head: training checks
     it before the first step, `kdstudent eval` before evaluating."""
@@ -434,6 +462,8 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world: int, device: torch.dev
                          "rows. Use a smaller --batch-size, fewer processes, or a larger store")
     loader = StoreLoader(stream, num_workers=cfg.num_workers)
     model = build_model(cfg).to(device)
+    if cfg.init_from:
+        init_from_run(model, cfg)
     trainable = count_parameters(model)
     for store in stores:
         check_tokenizer(cfg.base, store, model)
@@ -612,8 +642,10 @@ def evaluate_trained(model_path: str, stores: list[str], batch_size: int = 8, ma
     """`kdstudent eval`: a run's student (or a saved student) on each store and pooled (`evaluate_stores`), after
     the check training makes, that the student speaks every store's token ids (its base's tokenizer, a vocabulary
     that holds every stored id)."""
+    from transformers import AutoTokenizer
+
     from student.config import student_spec
-    from student.evaluate import evaluate_stores
+    from student.evaluate import evaluate_stores, rouge_l
     from student.run import is_run, load_config
 
     opened = open_stores(list(stores))  # a store listed twice (`S`, `./S`) is refused, not counted twice
@@ -621,4 +653,29 @@ def evaluate_trained(model_path: str, stores: list[str], batch_size: int = 8, ma
     base = load_config(model_path).base if is_run(model_path) else student_spec(model).base_path
     for store in opened:
         check_tokenizer(base, store, model)
-    return evaluate_stores(model, list(stores), batch_size=batch_size, max_rows=max_rows, device=device)
+    result = evaluate_stores(model, list(stores), batch_size=batch_size, max_rows=max_rows, device=device)
+    for name, store in zip(stores, opened, strict=True):
+        report = result["stores"][name]
+        if "rollouts" in store.manifest.input:
+            report["rollouts"] = rollouts_policy(store.manifest.input["rollouts"], model_path)
+        if store.manifest.sequence.get("generate"):  # the teacher's own responses: the student's, compared
+            rouge = rouge_l(model, AutoTokenizer.from_pretrained(base), store, max_rows, device)
+            for domain, metrics in rouge.pop("domains", {}).items():
+                report["domains"][domain] |= metrics
+            report |= rouge
+    return result
+
+
+def rollouts_policy(rollouts: dict, model_path: str) -> dict:
+    """Whether a store's rollouts are the evaluated student's own samples at temperature 1 and top-p 1, the case
+    in which `reverse_kl` estimates KL(student || teacher) (else it is E_q[log p_s - log p_t] under the policy and
+    sampling that drew them)."""
+    from student.generate import policy_fingerprint
+
+    snapshot = student_snapshot(model_path) if is_run(model_path) else Path(model_path)
+    sampling = rollouts["sampling"]
+    own = rollouts["policy"]["fingerprint"] == policy_fingerprint(snapshot)
+    exact = sampling["temperature"] == 1 and sampling["top_p"] == 1
+    return {"policy": rollouts["policy"]["fingerprint"], "own_samples": own, "untempered": exact,
+            "estimates": "KL(student || teacher)" if own and exact else
+            "E_q[log p_student - log p_teacher], q = the policy and sampling that drew the rollouts"}

@@ -85,11 +85,16 @@ class HFTeacher(Teacher):
 
     def topk(self, rows: list[Row], k: int) -> list[TopKTargets]:
         parts: list[list] = [[] for _ in rows]
+        labels = [torch.as_tensor(ids[np.flatnonzero(mask)]) for ids, mask in rows]  # each position's own token
+        done = [0] * len(rows)
         for i, logits in self._logit_chunks(rows):
             lse = logits.logsumexp(-1, keepdim=True)
             v, idx = logits.topk(k, dim=-1)
             rest = logits.scatter(-1, idx, float("-inf")).logsumexp(-1)  # exact tail, even when tiny
-            parts[i].append((idx.cpu(), (v - lse).cpu(), (rest - lse[:, 0]).double().cpu()))
+            own = labels[i][done[i]:done[i] + len(logits)].to(logits.device)
+            done[i] += len(logits)
+            label_lp = (logits.gather(-1, own[:, None])[:, 0] - lse[:, 0]).clamp(max=0.0)
+            parts[i].append((idx.cpu(), (v - lse).cpu(), (rest - lse[:, 0]).double().cpu(), label_lp.cpu()))
         return [TopKTargets(*(torch.cat(c).numpy() for c in zip(*p, strict=True))) for p in parts]
 
     def sample(self, rows: list[Row], n: int, seeds: list[int], from_top_k: int | None) -> list[SampledTargets]:

@@ -119,8 +119,9 @@ class VLLMTeacher(Teacher):
         self.kv_cache_memory_bytes = args.get("kv_cache_memory_bytes")
         self.max_logprobs = max_logprobs
 
-    def _prompt_logprobs(self, rows: list[Row], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per row: ([P, k] ids, [P, k] log-probs) ordered by rank, for the loss positions."""
+    def _prompt_logprobs(self, rows: list[Row], k: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per row: ([P, k] ids, [P, k] log-probs) ordered by rank, for the loss positions, and [P] the log-probs of
+        the row's own tokens (vLLM lists each prompt token beside its top-k, whatever its rank)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -130,10 +131,11 @@ class VLLMTeacher(Teacher):
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in ids]) for ids, _ in rows],
                                  params, use_tqdm=False)
         result = []
-        for (_, mask), out in zip(rows, outs, strict=True):
+        for (ids, mask), out in zip(rows, outs, strict=True):
             pos = np.flatnonzero(mask)
             top_ids = np.empty((pos.size, k), np.int64)
             top_lp = np.empty((pos.size, k), np.float32)
+            labels = np.array([min(out.prompt_logprobs[t][int(ids[t])].logprob, 0.0) for t in pos], np.float32)
             for j, t in enumerate(pos):
                 ranked = sorted((lp.rank, tid, lp.logprob) for tid, lp in out.prompt_logprobs[t].items()
                                 if lp.rank <= k)
@@ -141,11 +143,11 @@ class VLLMTeacher(Teacher):
                     raise TeacherError(f"vLLM returned {len(ranked)} candidates of rank <= {k} at position {t}")
                 top_ids[j] = [r[1] for r in ranked]
                 top_lp[j] = [r[2] for r in ranked]
-            result.append((top_ids, top_lp))
+            result.append((top_ids, top_lp, labels))
         return result
 
     def topk(self, rows: list[Row], k: int) -> list[TopKTargets]:
-        return [TopKTargets(i, lp, tail_logmass(lp)) for i, lp in self._prompt_logprobs(rows, k)]
+        return [TopKTargets(i, lp, tail_logmass(lp), labels) for i, lp, labels in self._prompt_logprobs(rows, k)]
 
     def sample(self, rows: list[Row], n: int, seeds: list[int], from_top_k: int | None) -> list[SampledTargets]:
         """Refused: vLLM sees only the top-K, so its draws would be biased (see the module docstring)."""
