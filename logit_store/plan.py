@@ -132,22 +132,33 @@ def check_mixable(stores: list[LogitStore]) -> None:
 
 
 def check_store_for_model(store: LogitStore, tokenizer: Any | None, vocab_size: int | None = None,
-                          tokenizer_name: str = "the student's tokenizer") -> None:
+                          tokenizer_name: str = "the student's tokenizer",
+                          cross_tokenizer: str | None = None) -> bool:
     """The student must speak the store's token ids: the store's tokenizer (same fingerprint; not checked when
     `tokenizer` is None), and, when `vocab_size` (its LM head's rows) is given, a vocabulary that holds every
     stored id. Every recipe (training,
     evaluation, the transformers Trainer) checks this before its first step: else it would run and report
-    numbers that mean nothing. ValueError naming both tokenizers otherwise."""
+    numbers that mean nothing. ValueError naming both tokenizers otherwise.
+
+    With `cross_tokenizer` ("gold" or "uld": `kdstudent train --cross-tokenizer`) another tokenizer is accepted:
+    the student then reads the store's rows as text (student/cross_tokenizer.py), not as ids, and its vocabulary
+    need not hold them. Returns whether the tokenizers differ (so the rows must be read that way)."""
     m = store.manifest
     if tokenizer is not None and not tokenizer_matches(tokenizer, m.tokenizer):
+        if cross_tokenizer is not None:
+            return True
         mine = tokenizer_fingerprint(tokenizer, int(m.tokenizer.get("fingerprint_version", 1)))
         raise ValueError(f"the student's tokenizer ({tokenizer_name}, fingerprint {mine}) is not the one the store "
                          f"{store.root} was built with ({m.tokenizer.get('name_or_path')}, fingerprint "
                          f"{m.tokenizer.get('fingerprint')}): token ids would mean different things, or the "
-                         "tokenizers add different special tokens. Use a student of the teacher's family.")
+                         "tokenizers add different special tokens. Use a student of the teacher's family, or "
+                         "distil across tokenizers with --cross-tokenizer gold (or uld): the student then reads "
+                         "the store's text with its own tokenizer (docs/TRAINING.md, 'Students of another "
+                         "tokenizer').")
     if vocab_size is not None and vocab_size < m.vocab_size:
         raise ValueError(f"the student's vocabulary ({vocab_size}) is smaller than the store's {store.root} "
                          f"({m.vocab_size}): it cannot score every stored token id")
+    return False
 
 
 def domain_names(stores: list[LogitStore]) -> list[str]:

@@ -393,3 +393,31 @@ def byte_lengths(tokenizer: Any) -> np.ndarray:
 
 def _name(tokenizer: Any) -> str:
     return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+def collator_for(store: Any, student: Any) -> CrossTokenizerCollator:
+    """The collator that reads `store` (a `LogitStore`) for a student of tokenizer `student`: the store's own
+    tokenizer (the copy it carries, `logit_store.store_tokenizer.load_tokenizer`) against the student's."""
+    from logit_store.store_tokenizer import load_tokenizer
+
+    return CrossTokenizerCollator(load_tokenizer(store), student)
+
+
+def eval_reading(store: Any, tokenizer: Any) -> tuple[CrossTokenizerCollator | None, torch.Tensor | None]:
+    """How `kdstudent eval` reads `store` for a student of `tokenizer`: (a cross-tokenizer collator, or None when the
+    store is in the student's ids) and the bytes each student id spells (bits per byte's denominator; None when the
+    store records no tokenizer, so its text is unknown)."""
+    from logit_store.fingerprint import tokenizer_matches
+
+    recorded = store.manifest.tokenizer
+    if not recorded.get("fingerprint"):
+        return None, None
+    collator = None if tokenizer_matches(tokenizer, recorded) else collator_for(store, tokenizer)
+    try:
+        lengths = byte_lengths(tokenizer)
+    except CrossTokenizerError:
+        if collator is not None:
+            raise
+        return None, None  # a tokenizer whose bytes cannot be read (WordPiece, ...): no bits per byte
+    size = max(len(lengths), store.manifest.vocab_size)
+    return collator, torch.from_numpy(np.pad(lengths, (0, size - len(lengths))))

@@ -125,11 +125,13 @@ class KDCollator:
     t describes token t + 1), source_index, domain (an index into `domains`, -1 for none).
     """
 
-    def __init__(self, domains: list[str] | None = None, pad_id: int = 0):
-        self.domains, self.pad_id = domains, pad_id
+    def __init__(self, domains: list[str] | None = None, pad_id: int = 0, cross=None):
+        """`cross`: a `student.cross_tokenizer.CrossTokenizerCollator`, for a student of another tokenizer than the
+        store's (then train with `DistillLossConfig(cross_tokenizer="gold" or "uld")`)."""
+        self.domains, self.pad_id, self.cross = domains, pad_id, cross
 
     def __call__(self, rows: list[DecodedRow]) -> dict[str, torch.Tensor]:
-        batch = dict(collate(rows, self.pad_id, self.domains))
+        batch = dict((self.cross or collate)(rows, self.pad_id, self.domains))
         batch["labels"] = unshift_labels(batch["labels"])
         return batch
 
@@ -229,7 +231,7 @@ class KDTrainer(Trainer):
         for dataset in datasets:
             for part in dataset.values() if isinstance(dataset, dict) else [dataset]:
                 for store in part.stores if isinstance(part, StoreDataset) else []:
-                    check_store_for_model(store, tokenizer, vocab, name)
+                    check_store_for_model(store, tokenizer, vocab, name, self.kd_config.cross_tokenizer)
 
     def evaluate(self, eval_dataset=None, *args, **kwargs):
         self._check_stores(eval_dataset)

@@ -49,6 +49,10 @@ class DistillLossConfig:
         the LM head's three matmuls per chunk saved (+5 % tokens/s for a 3-layer SmolLM2 student on CPU), for
         N x V floats of memory (0.4 GB at 2,048 positions and vocabulary 49,152). Gradients are bitwise the same.
     reduction: "mean" over this batch's loss tokens, or "sum" (divide by a global token count yourself, e.g. DDP).
+    cross_tokenizer: None for a batch in the store's own ids; "gold" or "uld" for a cross-tokenizer batch
+        (`student.cross_tokenizer.CrossTokenizerCollator`): KD only at its aligned positions, candidates spelled the
+        same as a student token compared by `kind` over [matched candidates, rest] and the others by ULD (sorted
+        probabilities; "gold"), or every candidate by ULD ("uld"). `cross_tokenizer_loss` has the details.
     """
 
     kind: str = "fkl"
@@ -61,6 +65,7 @@ class DistillLossConfig:
     chunk_size: int = 1024
     reduction: str = "mean"
     keep_logits: bool = False
+    cross_tokenizer: str | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -75,6 +80,8 @@ class DistillLossConfig:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {self.reduction!r}")
+        if self.cross_tokenizer not in (None, "gold", "uld"):
+            raise ValueError(f"cross_tokenizer must be None, 'gold' or 'uld', got {self.cross_tokenizer!r}")
 
 
 # ================================================================ the public entry point
@@ -94,17 +101,18 @@ def distill_loss(
     Returns (loss, metrics); metrics are detached tensors (kd, ce, loss, tokens, student/teacher tail mass).
     """
     cfg = config or DistillLossConfig()
+    if ("aligned" in batch) != (cfg.cross_tokenizer is not None):  # ids of another vocabulary would be misread
+        raise ValueError("a cross-tokenizer batch needs DistillLossConfig(cross_tokenizer='gold' or 'uld'), and "
+                         "only such a batch takes it" if "aligned" in batch else
+                         f"cross_tokenizer={cfg.cross_tokenizer!r} needs a batch of CrossTokenizerCollator")
+    if cfg.cross_tokenizer is not None:
+        return cross_tokenizer_loss(hidden, lm_head_weight, batch, cfg, lm_head_bias, logit_transform)
     mask = batch["loss_mask"].to(hidden.device, torch.bool)
     if mask.shape != hidden.shape[:2]:
         raise ValueError(f"loss_mask {tuple(mask.shape)} does not match hidden {tuple(hidden.shape[:2])}")
     t = _targets_at(batch, mask)
     h = hidden[mask]  # [N, H]: only the positions that carry a loss ever meet the LM head
-
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device):
-        compute_dtype = torch.get_autocast_dtype(device)
-    else:
-        compute_dtype = torch.promote_types(hidden.dtype, lm_head_weight.dtype)
+    compute_dtype = _compute_dtype(hidden, lm_head_weight)
     plain_lse = cfg.temperature != 1.0  # CE needs the tau = 1 log-partition too
     # Gather the candidates and, in the last column, the label (its raw logit feeds CE).
     ids = torch.cat([t["ids"], t["labels"].clamp(min=0)[:, None]], 1)
@@ -118,6 +126,14 @@ def distill_loss(
     kd_tok = kd_per_token(lq, lp, cfg)
     ce_tok = (lse1 if plain_lse else lse) - raw[:, -1]
     return _reduce(kd_tok, ce_tok, t["has_label"], lq, lp, cfg)
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The LM head's matmul dtype: autocast's where it is on, else the inputs' common dtype."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
 
 
 def _targets_at(batch: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -350,6 +366,96 @@ def _reduce(
             teacher_tail_mass=lp[:, -1].exp().sum() / max(n, 1),
         )
     return loss, metrics
+
+
+# ================================================================ another tokenizer's student (cross-tokenizer KD)
+def cross_tokenizer_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    config: DistillLossConfig,
+    lm_head_bias: torch.Tensor | None = None,
+    logit_transform: LogitTransform | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KD (+ CE) of a student whose tokenizer is not the store's, on a `CrossTokenizerCollator` batch.
+
+    CE on every loss position. KD only where `aligned` (both tokenizations predict the continuation of the same
+    text; elsewhere 0, so a mean over loss positions counts the unaligned ones as CE only). With the position's S
+    teacher candidates, those with `target_matched` being student tokens:
+
+    gold  `kind`(p, q) over the buckets [matched candidates, rest] (the teacher's rest = its tail + its unmatched
+          candidates; the student's = its mass outside the matched ids), plus ULD over the U unmatched candidates:
+          sum_{r < U} |p_(r) - q_(r)|, p_(r) the teacher's unmatched probabilities sorted, q_(r) the student's
+          largest probabilities outside the matched ids. With one tokenizer every candidate is matched, U = 0, and
+          this is `distill_loss` exactly.
+    uld   sum_{r < S} |p_(r) - q_(r)|: every candidate by its rank only (Boizard et al. 2024 on the stored top-S).
+
+    The LM head runs chunked as in `distill_loss` (`_ChunkedHead`: no [B, T, V]); the student's largest ids come
+    from one more chunked pass without gradient. Metrics add `aligned` (positions with KD), `matched_mass` (sum of
+    the teacher's mass on matched candidates there), `kd_match` and `uld` (the two parts, summed).
+    """
+    cfg = config
+    mask = batch["loss_mask"].to(hidden.device, torch.bool)
+    if mask.shape != hidden.shape[:2]:
+        raise ValueError(f"loss_mask {tuple(mask.shape)} does not match hidden {tuple(hidden.shape[:2])}")
+    t = _targets_at(batch, mask)
+    aligned = batch["aligned"].to(mask.device, torch.bool)[mask]
+    matched = batch["target_matched"].to(mask.device, torch.bool)[mask] & t["mask"]
+    if cfg.cross_tokenizer == "uld":
+        matched = torch.zeros_like(matched)
+    h = hidden[mask]
+    compute_dtype = _compute_dtype(hidden, lm_head_weight)
+    s, inv_t, plain_lse = t["mask"].shape[1], 1.0 / cfg.temperature, cfg.temperature != 1.0
+    ids_matched = torch.where(matched, t["ids"], 0)
+    top = _top_outside(h, lm_head_weight, lm_head_bias, ids_matched, matched, s, cfg.chunk_size, compute_dtype,
+                       logit_transform)
+    ids = torch.cat([ids_matched, top, t["labels"].clamp(min=0)[:, None]], 1)
+    raw, lse, tail_lse, lse1 = _ChunkedHead.apply(
+        h, lm_head_weight, lm_head_bias, ids, matched, inv_t, plain_lse, cfg.chunk_size, compute_dtype,
+        cfg.keep_logits, logit_transform,
+    )
+    # the teacher: tempered buckets [candidates, tail], regrouped as [matched, rest]
+    full = _teacher_buckets(t["logprobs"].to(raw.dtype), t["tail"].to(raw.dtype), t["mask"], cfg.temperature)
+    lp_cand, unmatched = full[:, :s], t["mask"] & ~matched
+    rest = torch.logsumexp(torch.cat([full[:, s:], lp_cand.masked_fill(~unmatched, -math.inf)], 1), 1)
+    lp = torch.cat([lp_cand.masked_fill(~matched, NEG), rest[:, None]], 1).clamp(min=NEG)
+    lq = _student_buckets(raw[:, :s] * inv_t, lse, tail_lse, matched)
+    kd_match = kd_per_token(lq, lp, cfg) if cfg.cross_tokenizer == "gold" else torch.zeros_like(lse)
+    # ULD: the teacher's unmatched probabilities, sorted, against the student's largest outside the matched ids
+    q_top = (raw[:, s:2 * s] * inv_t - lse[:, None]).exp()
+    p_sorted = lp_cand.exp().masked_fill(~unmatched, 0).sort(1, descending=True).values
+    ranks = torch.arange(s, device=raw.device)[None] < unmatched.sum(1, keepdim=True)
+    uld = ((p_sorted - q_top).abs() * ranks).sum(1)
+    zero = torch.zeros_like(lse)
+    kd_tok = torch.where(aligned, kd_match + uld, zero)
+    ce_tok = (lse1 if plain_lse else lse) - raw[:, -1]
+    loss, metrics = _reduce(kd_tok, ce_tok, t["has_label"], lq, lp, cfg)
+    with torch.no_grad():
+        teacher_p = t["logprobs"].exp().masked_fill(~t["mask"], 0)
+        metrics.update(aligned=aligned.sum(), matched_mass=(teacher_p * matched)[aligned].sum(),
+                       kd_match=torch.where(aligned, kd_match, zero).sum(), uld=torch.where(aligned, uld, zero).sum())
+    return loss, metrics
+
+
+@torch.no_grad()
+def _top_outside(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
+                 mask: torch.Tensor, count: int, chunk_size: int, compute_dtype: torch.dtype,
+                 transform: LogitTransform | None) -> torch.Tensor:
+    """[N, count] the ids of each position's largest student logits outside its valid `ids`, largest first (the
+    student side of ULD); chunk by chunk, never [N, V]."""
+    transform = None if transform is None or transform.identity else transform
+    out = torch.zeros((h.shape[0], count), dtype=torch.int64, device=h.device)
+    if count == 0:
+        return out
+    acc = _acc_dtype(compute_dtype)
+    with torch.autocast(h.device.type, enabled=False):
+        w = weight.to(compute_dtype)
+        for lo in range(0, h.shape[0], chunk_size):
+            sl = slice(lo, lo + chunk_size)
+            z = _logits(h[sl], w, bias, acc, transform)
+            z[_valid_index(ids[sl], mask[sl])] = -math.inf
+            out[sl] = z.topk(min(count, z.shape[1]), 1).indices
+    return out
 
 
 # ================================================================ the dense reference (slow, [B, T, V])

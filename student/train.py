@@ -135,16 +135,19 @@ def init_from_run(model: nn.Module, cfg: TrainConfig) -> None:
             t.copy_(state[name])
 
 
-def check_tokenizer(tokenizer_dir: str, store: LogitStore, model: nn.Module) -> None:
+def check_tokenizer(tokenizer_dir: str, store: LogitStore, model: nn.Module, cross_tokenizer: str | None = None):
     """`plan.check_store_for_model` with the tokenizer of `tokenizer_dir` and the model's LM head: training checks
-    it before the first step, `kdstudent eval` before evaluating."""
+    it before the first step, `kdstudent eval` before evaluating. With `cross_tokenizer` a store of another
+    tokenizer passes (it is then read as text). Returns the tokenizer."""
     from transformers import AutoTokenizer
 
     vocab = model.get_output_embeddings().weight.shape[0]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     try:
-        check_store_for_model(store, AutoTokenizer.from_pretrained(tokenizer_dir), vocab, tokenizer_dir)
+        check_store_for_model(store, tokenizer, vocab, tokenizer_dir, cross_tokenizer)
     except ValueError as e:
         raise TrainError(str(e)) from None
+    return tokenizer
 
 
 class DistillStep(nn.Module):
@@ -466,9 +469,16 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world: int, device: torch.dev
         init_from_run(model, cfg)
     trainable = count_parameters(model)
     for store in stores:
-        check_tokenizer(cfg.base, store, model)
+        tokenizer = check_tokenizer(cfg.base, store, model, cfg.cross_tokenizer)
     if cfg.eval_store:
-        check_tokenizer(cfg.base, LogitStore.open(cfg.eval_store), model)
+        check_tokenizer(cfg.base, LogitStore.open(cfg.eval_store), model, cfg.cross_tokenizer)
+    if cfg.cross_tokenizer:  # rows read as text and tokenized by the student, in the DataLoader workers
+        from student.cross_tokenizer import collator_for
+
+        try:
+            stream.collate_fn = collator_for(stores[0], tokenizer)
+        except ValueError as e:
+            raise TrainError(f"--cross-tokenizer: {e}") from None
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -518,7 +528,7 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world: int, device: torch.dev
         micro = [next(batches) for _ in range(cfg.grad_accum)]
         local_tokens = sum(int(b["loss_mask"].sum()) for b in micro)
         global_tokens = _all_sum(local_tokens, device)
-        sums = {"kd": 0.0, "ce": 0.0, "balance": 0.0, "z": 0.0}
+        sums = {"kd": 0.0, "ce": 0.0, "balance": 0.0, "z": 0.0, "aligned": 0.0}
         loads = None  # per MoE layer, the step's expert loads (for --router_bias_update)
         for i, batch in enumerate(micro):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -537,7 +547,7 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world: int, device: torch.dev
                 # DDP and FSDP average gradients over ranks: scale by world to get the global-token mean
                 loss = loss_sum * (world / max(global_tokens, 1)) + m["aux"] / len(micro)
                 loss.backward()
-            for key in ("kd", "ce"):
+            for key in ("kd", "ce", "aligned"):
                 sums[key] += float(m[key]) if key in m else 0.0
             for key in ("balance", "z"):
                 sums[key] += float(m[key]) / len(micro) if key in m else 0.0
@@ -557,6 +567,8 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world: int, device: torch.dev
                 "ce": ce, "balance": sums["balance"], "z": sums["z"], "lr": sched.get_last_lr()[0],
                 "grad_norm": distributed.to_local_float(grad_norm), "tokens": int(global_tokens),
                 "tokens_per_s": tokens_seen / max(time.time() - start, 1e-9)}
+        if cfg.cross_tokenizer:  # the share of the loss positions that got KD (the rest: CE only)
+            last["aligned"] = _all_sum(sums["aligned"], device) / max(global_tokens, 1)
         if rank == 0:
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 record = dict(last)
@@ -575,7 +587,7 @@ def _train(cfg: TrainConfig, run: Path, rank: int, world: int, device: torch.dev
             if fsdp:
                 step_module.unshard()  # the root's parameters (embeddings, head); blocks gather in their hooks
             result = evaluate(model, cfg.eval_store, batch_size=cfg.batch_size, max_rows=cfg.eval_rows, device=device,
-                              chunk_size=cfg.loss_chunk)
+                              chunk_size=cfg.loss_chunk, tokenizer=tokenizer)
             if fsdp:
                 step_module.reshard()
             if rank == 0:
@@ -651,9 +663,10 @@ def evaluate_trained(model_path: str, stores: list[str], batch_size: int = 8, ma
     opened = open_stores(list(stores))  # a store listed twice (`S`, `./S`) is refused, not counted twice
     model = load_trained(model_path, device)
     base = load_config(model_path).base if is_run(model_path) else student_spec(model).base_path
-    for store in opened:
-        check_tokenizer(base, store, model)
-    result = evaluate_stores(model, list(stores), batch_size=batch_size, max_rows=max_rows, device=device)
+    for store in opened:  # a store of another tokenizer is read as text (bits per byte, alignment)
+        tokenizer = check_tokenizer(base, store, model, cross_tokenizer="gold")
+    result = evaluate_stores(model, list(stores), batch_size=batch_size, max_rows=max_rows, device=device,
+                             tokenizer=tokenizer)
     for name, store in zip(stores, opened, strict=True):
         report = result["stores"][name]
         if "rollouts" in store.manifest.input:

@@ -5,6 +5,7 @@ the gold/uld losses, bits per byte, and a store of one tokenizer teaching a stud
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -145,3 +146,105 @@ def test_vocab_map_is_cached_by_both_fingerprints(tokenizers, tmp_path):
             assert s_bytes[first[i]] == t_bytes[i]
     matched = first[first >= 0]
     assert len(set(matched.tolist())) == len(matched)  # one teacher id per student id
+
+
+# ================================================================ end to end: kdstore build -> train -> eval
+def _student_dir(path, tokenizer, seed: int = 0) -> str:
+    """A tiny random Llama speaking `tokenizer` (its vocabulary), saved with it."""
+    import torch
+
+    from assets.synthetic import tiny_llama
+
+    model = tiny_llama(len(tokenizer), seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(std=0.08)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cross_store(tiny_teacher_dir, tmp_path_factory):
+    """A store built by `kdstore build` with the tiny teacher (byte-level BPE), on text with digits and unicode."""
+    import json
+
+    from assets.synthetic import synthetic_corpus
+    from cli import kdstore
+
+    tmp = tmp_path_factory.mktemp("cross")
+    texts = synthetic_corpus(24, seed=5) + TEXTS
+    data = tmp / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = str(tmp / "store")
+    assert kdstore.main(["build", "--teacher", tiny_teacher_dir, "--data", str(data), "--text-field", "text",
+                         "--out", out, "--backend", "hf", "--top-k", "8", "--max-seq-len", "48",
+                         "--no-progress"]) == 0
+    return out
+
+
+def test_the_store_carries_its_tokenizer(cross_store, tiny_teacher_dir, tmp_path):
+    import shutil
+
+    from logit_store import LogitStore
+    from logit_store.store_tokenizer import load_tokenizer
+
+    store = LogitStore.open(cross_store)
+    assert store.manifest.tokenizer["files"] == "tokenizer"
+    assert store.verify() == []
+    tok = load_tokenizer(store)  # from the store's copy, checked against the recorded fingerprint
+    assert tok.get_vocab() == __import__("transformers").AutoTokenizer.from_pretrained(tiny_teacher_dir).get_vocab()
+    # a store written before stores carried their tokenizer: the tokenizer it names, if it loads and matches
+    old = tmp_path / "old"
+    shutil.copytree(cross_store, old)
+    shutil.rmtree(old / "tokenizer")
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["tokenizer"]["files"]
+    from logit_store.manifest import Manifest
+
+    m = Manifest.from_dict(manifest)
+    (old / "manifest.json").write_text(m.to_json())
+    assert load_tokenizer(LogitStore.open(str(old))).get_vocab() == tok.get_vocab()
+    m.tokenizer["name_or_path"] = str(tmp_path / "gone")
+    (old / "manifest.json").write_text(m.to_json())
+    with pytest.raises(ValueError, match="does not carry its tokenizer"):
+        load_tokenizer(LogitStore.open(str(old)))
+
+
+def test_a_store_of_one_tokenizer_trains_a_student_of_another(cross_store, tmp_path, capsys):
+    from cli.kdstudent import main
+
+    student = _student_dir(tmp_path / "student", sentencepiece_bpe())
+    run = str(tmp_path / "run")
+    common = ["train", "--store", cross_store, "--base", student, "--student", "lora", "--rank", "4",
+              "--batch-size", "4", "--max-steps", "3", "--warmup-steps", "0", "--lr", "1e-3", "--ce-weight", "0.5",
+              "--no-progress", "--log-every", "1"]
+    assert main([*common, "--out", run + "0"]) == 2  # refused without the flag, naming both tokenizers and it
+    err = capsys.readouterr().err
+    assert "--cross-tokenizer" in err and student in err and "fingerprint" in err
+    assert main([*common, "--out", run, "--cross-tokenizer", "gold"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < last["aligned"] < 1 and np.isfinite(last["loss"]) and last["kd"] > 0
+    assert main(["eval", "--model", run, "--store", cross_store, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0 < result["aligned"] < 1 and 0 < result["matched_mass"] <= 1 and result["bpb"] > 0
+    assert result["bpb"] == pytest.approx(result["ce"] * result["tokens"] / np.log(2) / _text_bytes(cross_store,
+                                                                                                      student))
+
+
+def _text_bytes(store: str, student_dir: str) -> int:
+    """The bytes of text the student's loss positions predict, counted independently: each row's text re-encoded by
+    the student, minus what its first token spells (nothing predicts it)."""
+    from transformers import AutoTokenizer
+
+    from logit_store import LogitStore
+    from logit_store.store_tokenizer import load_tokenizer
+
+    s = LogitStore.open(store)
+    teacher, student = load_tokenizer(s), AutoTokenizer.from_pretrained(student_dir)
+    total = 0
+    for row in s:
+        (_, tok), = StudentRows(teacher, student).convert([(row.input_ids, row.loss_mask)])
+        total += int(tok.nbytes[1:][tok.loss[1:]].sum())
+    return total
