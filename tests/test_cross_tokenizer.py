@@ -248,3 +248,104 @@ def _text_bytes(store: str, student_dir: str) -> int:
         (_, tok), = StudentRows(teacher, student).convert([(row.input_ids, row.loss_mask)])
         total += int(tok.nbytes[1:][tok.loss[1:]].sum())
     return total
+
+
+# ================================================================ the loss and bits per byte
+def _rows(teacher_dir: str, texts: list[str], k: int = 8):
+    """DecodedRows of the tiny teacher's top-k on `texts`, encoded as the build encodes them."""
+    from transformers import AutoTokenizer
+
+    from logit_store.reader import DecodedRow
+    from logit_store.teachers.hf import HFTeacher
+
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    rows = [(np.array(tok(t)["input_ids"] + [tok.eos_token_id], np.int64), None) for t in texts]
+    rows = [(ids, np.arange(len(ids)) > 0) for ids, _ in rows]
+    targets = HFTeacher.from_pretrained(teacher_dir).topk(rows, k)
+    return tok, [DecodedRow(i, ids, mask, t.ids.astype(np.int64), t.logprobs.astype(np.float32),
+                            np.ones(t.ids.shape, bool), t.tail.astype(np.float32))
+                 for i, ((ids, mask), t) in enumerate(zip(rows, targets, strict=True))]
+
+
+@pytest.mark.parametrize("kind", ["fkl", "srkl"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_gold_equals_the_ordinary_kd_loss_with_one_tokenizer(tiny_teacher_dir, kind, temperature):
+    import torch
+
+    from logit_store.stream import collate
+    from student.cross_tokenizer import CrossTokenizerCollator
+    from student.losses import DistillLossConfig, distill_loss
+
+    tok, rows = _rows(tiny_teacher_dir, TEXTS[:1] + ["The cat sees a dog. A small bird finds the red house."])
+    plain = collate(rows)
+    cross = CrossTokenizerCollator(tok, tok)(rows)
+    assert torch.equal(cross["input_ids"], plain["input_ids"]) and cross["aligned"].eq(plain["loss_mask"]).all()
+    torch.manual_seed(0)
+    hidden = torch.randn(*plain["input_ids"].shape, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(len(tok), 16, dtype=torch.float64, requires_grad=True)
+    cfg = DistillLossConfig(kind=kind, ce_weight=0.3, temperature=temperature, chunk_size=5)
+    want, wm = distill_loss(hidden, weight, plain, cfg)
+    got, gm = distill_loss(hidden, weight, cross, DistillLossConfig(**{**cfg.__dict__, "cross_tokenizer": "gold"}))
+    torch.testing.assert_close(got, want)
+    assert float(gm["uld"]) == 0 and float(gm["aligned"]) == float(wm["tokens"])
+    g_want = torch.autograd.grad(want, (hidden, weight))
+    g_got = torch.autograd.grad(got, (hidden, weight))
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_uld_and_gold_across_tokenizers_are_finite_and_chunk_free(tiny_teacher_dir):
+    """Across tokenizers: both losses finite with finite gradients, the same for any chunk size (the LM head runs
+    chunked), ULD zero when the student's sorted probabilities equal the teacher's."""
+    import torch
+
+    from student.cross_tokenizer import CrossTokenizerCollator
+    from student.losses import DistillLossConfig, distill_loss
+
+    tok, rows = _rows(tiny_teacher_dir, TEXTS)
+    student = sentencepiece_bpe()
+    batch = CrossTokenizerCollator(tok, student)(rows)
+    assert batch["aligned"].any() and (batch["target_matched"] & ~batch["target_mask"]).sum() == 0
+    torch.manual_seed(1)
+    hidden = torch.randn(*batch["input_ids"].shape, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(len(student), 16, dtype=torch.float64, requires_grad=True)
+    for mode in ("gold", "uld"):
+        losses = []
+        for chunk in (3, 1000):
+            loss, m = distill_loss(hidden, weight, batch, DistillLossConfig(cross_tokenizer=mode, ce_weight=0.5,
+                                                                            chunk_size=chunk))
+            grads = torch.autograd.grad(loss, (hidden, weight))
+            assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[0], losses[1])
+        assert float(m["uld"]) > 0
+    with pytest.raises(ValueError, match="cross-tokenizer batch"):
+        distill_loss(hidden, weight, batch, DistillLossConfig())
+
+
+def test_bits_per_byte_by_hand(tiny_teacher_dir, tmp_path):
+    """bpb = the student's summed NLL of its predicted tokens, in bits, over the bytes those tokens spell: computed
+    here from a plain forward of the tiny model and each token's decoded text."""
+    import torch
+    from store_fixtures import write_teacher_store
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from logit_store import LogitStore
+    from student.evaluate import evaluate
+
+    store = write_teacher_store(str(tmp_path / "s"), tiny_teacher_dir, rows=3, seq=20)
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    nll, nbytes = 0.0, 0
+    with torch.no_grad():
+        for row in LogitStore.open(store):
+            logp = model(torch.as_tensor(row.input_ids)[None]).logits[0].double().log_softmax(-1)
+            for j in row.positions:
+                nll -= float(logp[j - 1, row.input_ids[j]])
+                token = int(row.input_ids[j])
+                if token not in tok.all_special_ids:
+                    nbytes += len(tok.convert_tokens_to_string([tok.convert_ids_to_tokens(token)]).encode())
+    result = evaluate(model, store, tokenizer=tok)
+    assert result["bpb"] == pytest.approx(nll / np.log(2) / nbytes, rel=1e-5)
+    assert "aligned" not in result  # the student's own tokenizer: no alignment to report
+    assert "bpb" not in evaluate(model, store)  # without the student's tokenizer, no bytes
