@@ -205,7 +205,8 @@ class VLLMSampler:
         self._folder = tempfile.TemporaryDirectory(prefix="moekd-policy-")
         export_merged(policy.model, self._folder.name, policy.describe["base"], getattr(torch, cfg.dtype))
         options = VLLMOptions(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(VLLMOptions)})
-        options = dataclasses.replace(options, max_model_len=options.max_model_len or cfg.max_seq_len + 1)
+        context = min(cfg.max_seq_len + 1, getattr(policy.model.config, "max_position_embeddings", None) or 1 << 30)
+        options = dataclasses.replace(options, max_model_len=options.max_model_len or context)
         self.engine = VLLMTeacher(self._folder.name, dtype=cfg.dtype, max_logprobs=20, seed=cfg.seed,
                                   options=options).llm
 

@@ -109,6 +109,16 @@ def test_every_build_option_is_read_by_the_build():
     assert not unread, f"BuildConfig options nothing reads: {unread}"
 
 
+def test_every_generate_option_is_read_by_generate():
+    from logit_store.teachers.vllm import VLLMOptions
+    from student.generate import GenerateConfig
+
+    engine = {f.name for f in dataclasses.fields(VLLMOptions)}  # passed to vLLM whole (--backend vllm)
+    own = [f.name for f in dataclasses.fields(GenerateConfig) if f.name not in engine]
+    unread = _read(own, [ROOT / "student" / "generate.py"], ("cfg", "self"))
+    assert not unread, f"GenerateConfig options nothing reads: {unread}"
+
+
 # ================================================================ the argparse subcommands
 REFUSED = "refused"
 # per subcommand: the function it calls (patched to record the call), a baseline command line, and for every
@@ -145,9 +155,10 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
 
 
 def test_every_subcommand_option_is_walked():
-    """convert, params and train parse their dataclasses (walked above); every other subcommand's options here."""
+    """convert, params, train and generate parse their dataclasses (walked above); every other subcommand's options
+    here."""
     parsers = _subparsers()
-    assert set(parsers) - {"convert", "params", "train"} == set(WALK)
+    assert set(parsers) - {"convert", "params", "train", "generate"} == set(WALK)
     for command, (_, _, variants) in WALK.items():
         options = {a.dest for a in parsers[command]._actions if not isinstance(a, argparse._HelpAction)}
         assert options == set(variants), f"kdstudent {command}: walk every option: {options ^ set(variants)}"

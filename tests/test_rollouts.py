@@ -230,3 +230,32 @@ def test_init_from_continues_the_same_weights(setup, tmp_path, capsys):
                             "8")) == 2
     err = capsys.readouterr().err
     assert "--rank: " in err and "has 4, this run 8" in err
+
+
+def test_vllm_rollouts_scored_by_vllm_end_to_end(setup, tmp_path, capsys):
+    """--backend vllm serves the student's Mixtral export: the log-probs it records are the student's own (checked
+    against a transformers forward of the same tokens); the vllm teacher scores them; eval reads the store."""
+    from student.io import load_student
+
+    teacher_dir, student_dir, prompts = setup
+    assert _generate(student_dir, prompts, tmp_path / "r", "--backend", "vllm") == 0
+    lines = [json.loads(x) for p in sorted((tmp_path / "r").glob("rollouts-*.jsonl")) for x in p.read_text().splitlines()]
+    assert len(lines) == 10 and {r["sample"] for r in lines} == {0, 1}
+    student = load_student(student_dir).eval()
+    for r in lines:
+        ids = torch.tensor(r["prompt_ids"] + r["response_ids"])[None]
+        with torch.no_grad():
+            lp = student(input_ids=ids).logits[0].log_softmax(-1)
+        start = len(r["prompt_ids"])
+        want = lp[start - 1:-1].gather(1, torch.tensor(r["response_ids"])[:, None])[:, 0]
+        np.testing.assert_allclose(r["logprobs"], want.numpy(), atol=2e-3)
+    assert kdstore(["build", "--teacher", teacher_dir, "--data", str(tmp_path / "r"), "--input-ids-field",
+                    "prompt_ids", "--response-ids-field", "response_ids", "--domain-field", "domain", "--top-k", "4",
+                    "--max-seq-len", "256", "--out", str(tmp_path / "s"), "--progress", "false"]) == 0
+    capsys.readouterr()
+    assert kdstore(["info", str(tmp_path / "s")]) == 0
+    assert "round 1 rollouts of moe-lora student" in capsys.readouterr().out
+    assert kdstudent(["eval", "--model", str(student_dir), "--store", str(tmp_path / "s"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["rows"] == 10 and set(result["domains"]) == {"even", "odd"}
+    assert result["reverse_kl"] == pytest.approx(result["teacher_nll"] - result["ce"], abs=1e-6)
