@@ -58,7 +58,8 @@ from assets import default_cache
 from assets.corpora import BIBLE_SDIST, bible_chapters
 from assets.smollm2 import SMOLLM2_FILE, packaged_smollm2
 from logit_store import CodecSpec, LogitStore, Manifest, ShardWriter, StoreRow, TargetSpec, TopKTargets
-from logit_store.codecs import CODEC_NAME, SampledTargets, sampled_from_draws
+from logit_store.codecs import CODEC_NAME, CODEC_NAME_V2, DEFAULT_LEVELS_V2, SampledTargets, sampled_from_draws
+from logit_store.format import CONTEXT_MODEL_KEY
 
 SEQ_LEN = 512
 TOPK = (16, 64, 128)
@@ -73,6 +74,11 @@ MAP_SEED = 151_936
 DATA_VERSION = 1  # bump when the cached arrays' meaning changes
 CACHE_DIR = Path(default_cache())
 TARGETS = dict(topk64_bytes=100.0, topk64_kl=1e-3, sampled_bytes=32.0, decode_topk64=1e6)
+# issue 26 (codec v2): top-64 <= 72 B, KL <= 1e-3, decode >= 1M/s and >= 0.6x v1, encode >= 100k/s, sampled <= 24 B,
+# vocab 151,936 within 5 % of vocab 49,152
+TARGETS_V2 = dict(topk64_bytes=72.0, topk64_kl=1e-3, decode_topk64=1e6, decode_vs_v1=0.6, encode_topk64=1e5,
+                  sampled_bytes=24.0, wide_vocab=1.05)
+V2_SPEC = CodecSpec(name=CODEC_NAME_V2, levels=DEFAULT_LEVELS_V2)
 
 
 # ================================================================ teacher distributions
@@ -339,6 +345,27 @@ class OurStore:
     def decode(self, path: str) -> int:
         return sum(row.target_ids.shape[0] for row in LogitStore.open(path))
 
+    def breakdown(self, path: str) -> dict[str, int]:
+        """Bytes on disk by part: each column's buffers compressed alone with the store's zstd level (as Arrow
+        writes them), the v2 context model, and the rest (Arrow framing, schema, footer, manifest)."""
+        store = LogitStore.open(path)
+        codec = pa.Codec(store.manifest.codec.compression, compression_level=store.manifest.codec.compression_level)
+        parts = dict(ids=0, values=0, tail=0, sizes=0, tokens=0, model=0)
+        part = {"target_ids": "ids", "target_ids_hi": "ids", "target_values": "values", "target_tail": "tail",
+                "target_sizes": "sizes"}
+        for s in store.manifest.shards:
+            reader = store.shard_reader(s.file)
+            parts["model"] += len((reader.metadata or {}).get(CONTEXT_MODEL_KEY, b"")) + \
+                len((reader.schema.metadata or {}).get(b"kd.id_order", b"")) * 2  # v1: schema metadata, twice
+            for b in range(reader.num_record_batches):
+                batch = reader.get_batch(b)
+                for name in batch.schema.names:
+                    size = sum(len(codec.compress(buf, asbytes=True)) for buf in batch.column(name).buffers()
+                               if buf is not None and buf.size)
+                    parts[part.get(name, "tokens")] += size
+        parts["other"] = disk_bytes(path) - sum(parts.values())
+        return parts
+
     def decoded(self, path: str) -> Iterator[Decoded]:
         for row in LogitStore.open(path):
             if self.kind == "topk":
@@ -529,9 +556,11 @@ def measure(codec: Codec, rows: list[StoreRow], tmp: str, repeats: int) -> dict:
     dec, dec_wall = best_time(lambda: codec.decode(path), repeats)
     kl, wrong = (topk_kl if codec.kind == "topk" else sampled_kl)(rows, codec.decoded(path))
     size = disk_bytes(path)
+    parts = codec.breakdown(path) if isinstance(codec, OurStore) else {}
     for p in paths:
         shutil.rmtree(os.path.dirname(p))
     return dict(codec=codec.label, bytes_per_token=size / targets, kl_error=kl,
+                breakdown_bytes_per_token={k: v / targets for k, v in parts.items()},
                 encode_tokens_per_s=targets / enc, decode_tokens_per_s=targets / dec,
                 encode_wall_tokens_per_s=targets / enc_wall, decode_wall_tokens_per_s=targets / dec_wall,
                 tokens=targets, bytes=size, ids_wrong=wrong)
@@ -547,7 +576,9 @@ def ablations() -> list[tuple[str, str, int, CodecSpec]]:
             ("levels=64", "topk", 64, CodecSpec(levels=64)),
             ("zstd level 3", "topk", 64, CodecSpec(compression_level=3)),
             ("zstd level 19", "topk", 64, CodecSpec(compression_level=19)),
-            ("head=0 (no id order)", "sampled", SAMPLES, CodecSpec(id_order_head=0))]
+            ("head=0 (no id order)", "sampled", SAMPLES, CodecSpec(id_order_head=0)),
+            ("levels=255", "topk", 64, replace(V2_SPEC, levels=255)),
+            ("levels=110", "topk", 64, replace(V2_SPEC, levels=110))]
 
 
 def run(quick: bool, source: str, repeats: int, log=print) -> list[dict]:
@@ -572,13 +603,14 @@ def run(quick: bool, source: str, repeats: int, log=print) -> list[dict]:
                 if ctx is None:
                     ctx = context_bytes(rows, tmp) / sum(len(r.targets) for r in rows)
                 extra = dict(_extras(kind, rows, data, param), context_bytes_per_token=ctx)
-                for codec in [OurStore(kind, param, vocab), *baselines(kind)]:
+                ours = [OurStore(kind, param, vocab), OurStore(kind, param, vocab, V2_SPEC, CODEC_NAME_V2)]
+                for codec in [*ours, *baselines(kind)]:
                     records.append(_record(kind, param, vocab, vdata.source, measure(codec, rows, tmp, repeats),
                                            extra))
                     log(_row_line(records[-1]))
                 for label, akind, aparam, spec in ablations() if not quick and vocab == VOCAB_REAL else []:
                     if (akind, aparam) == (kind, param):
-                        codec = OurStore(kind, param, vocab, spec, f"{CODEC_NAME} [{label}]")
+                        codec = OurStore(kind, param, vocab, spec, f"{spec.name} [{label}]")
                         ablated.append(_record(kind, param, vocab, vdata.source,
                                                measure(codec, rows, tmp, repeats), dict(extra, ablation=label)))
                 del rows
@@ -659,6 +691,36 @@ def target_report(records: list[dict]) -> list[str]:
     return out
 
 
+def target_report_v2(records: list[dict]) -> list[str]:
+    """Codec v2's targets (issue 26), each against v1 measured in the same run: met, or missed by how much."""
+    def rec(codec: str, kind: str, param: int, vocab: int) -> dict | None:
+        return next((r for r in records if r["codec"] == codec and r["kind"] == kind and r["vocab"] == vocab
+                     and r.get("k", r.get("samples")) == param), None)
+
+    out, t = [], TARGETS_V2
+    for vocab in sorted({r["vocab"] for r in records}):
+        v2, v1 = rec(CODEC_NAME_V2, "topk", 64, vocab), rec(CODEC_NAME, "topk", 64, vocab)
+        checks = []
+        if v2 and v1:
+            checks += [("top-64 bytes/token <= 72", v2["bytes_per_token"], t["topk64_bytes"]),
+                       ("top-64 KL error <= 1e-3", v2["kl_error"], t["topk64_kl"]),
+                       ("top-64 decode >= 1e6 tok/s", -v2["decode_tokens_per_s"], -t["decode_topk64"]),
+                       ("top-64 decode >= 0.6x v1", -v2["decode_tokens_per_s"] / v1["decode_tokens_per_s"],
+                        -t["decode_vs_v1"]),
+                       ("top-64 encode >= 1e5 tok/s", -v2["encode_tokens_per_s"], -t["encode_topk64"])]
+            narrow = rec(CODEC_NAME_V2, "topk", 64, VOCAB_REAL)
+            if vocab != VOCAB_REAL and narrow:
+                checks.append(("top-64 bytes within 5 % of vocab 49,152",
+                               v2["bytes_per_token"] / narrow["bytes_per_token"], t["wide_vocab"]))
+        sampled = rec(CODEC_NAME_V2, "sampled", SAMPLES, vocab)
+        if sampled:
+            checks.append(("sampled bytes/token <= 24", sampled["bytes_per_token"], t["sampled_bytes"]))
+        for name, value, limit in checks:
+            verdict = "met" if value <= limit else f"MISSED by {abs(value - limit) / abs(limit):.0%}"
+            out.append(f"  vocab {vocab:,}: {name}: {abs(value):.4g} -> {verdict}")
+    return out
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -689,6 +751,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ntargets (ours, {CODEC_NAME})" + (": defined on the real teacher, indicative only on the synthetic "
                                                "source" if synthetic else "") + ":")
     print("\n".join(target_report(records)))
+    print(f"\ntargets of codec v2 ({CODEC_NAME_V2}, issue 26; v1 from this run):")
+    print("\n".join(target_report_v2(records)))
+    for r in records:
+        if (r["kind"], r.get("k"), r["vocab"]) == ("topk", 64, VOCAB_REAL) and "ablation" not in r \
+                and r.get("breakdown_bytes_per_token"):
+            print(f"  breakdown {r['codec']}: " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                           r["breakdown_bytes_per_token"].items()))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; load average now {os.getloadavg()[0]:.2f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -101,9 +101,12 @@ def build_command(manifest: Manifest) -> list[str]:
                  "--temperature", str(generate.get("temperature"))]
     if seq.get("seed"):
         args += ["--seed", str(seq["seed"])]
+    from .codecs import CODEC_NAME_V2, default_levels
     from .manifest import CodecSpec  # the defaults `kdstore build` uses (BuildConfig takes them from here)
 
-    if manifest.codec.levels != CodecSpec.levels:
+    if manifest.codec.name == CODEC_NAME_V2:
+        args += ["--codec", "v2"]
+    if manifest.codec.levels != default_levels(manifest.codec.name):
         args += ["--levels", str(manifest.codec.levels)]
     if manifest.codec.compression_level != CodecSpec.compression_level:
         args += ["--compression-level", str(manifest.codec.compression_level)]

@@ -169,10 +169,6 @@ class LogitStore:
 
     def __init__(self, fs: pafs.FileSystem, root: str, manifest: Manifest, manifest_name: str = MANIFEST_NAME):
         self.fs, self.root, self.manifest, self.manifest_name = fs, root, manifest, manifest_name
-        try:
-            self.codec = make_codec(manifest)
-        except TargetError as e:
-            raise StoreError(storefs.join(root, manifest_name), str(e), "codec.name") from None
         self._files: dict[str, pa.ipc.RecordBatchFileReader] = {}
         self._orders: dict[str, ShardModel] = {}  # each shard's model: v1 its IdOrder, v2 its ContextModel
         self._listed = {s.file: (i, s) for i, s in reversed(list(enumerate(manifest.shards)))}  # first entry wins
@@ -184,6 +180,10 @@ class LogitStore:
                                                                         for field, problem in faults)
                              + ". Do not train on it: restore the manifest as it was written, or rebuild the store",
                              faults[0][0])
+        try:  # after the manifest's own checks: an edited codec name is reported as the edit it is
+            self.codec = make_codec(manifest)
+        except TargetError as e:
+            raise StoreError(storefs.join(root, manifest_name), str(e), "codec.name") from None
 
     @classmethod
     def open(cls, store: str, filesystem: pafs.FileSystem | None = None,
