@@ -43,7 +43,7 @@ class Options:
 # marker pair in the doc.
 DOCS: dict[str, list[Options]] = {
     "docs/STUDENT.md": [Options("student.config.MoELoRAConfig")],
-    "docs/TRAINING.md": [Options("student.config.TrainConfig")],
+    "docs/TRAINING.md": [Options("student.config.TrainConfig"), Options("student.generate.GenerateConfig")],
     "docs/BUILD.md": [Options("logit_store.build.BuildConfig")],
     "docs/LOSSES.md": [Options("student.losses.DistillLossConfig", flags=False)],
 }

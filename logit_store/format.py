@@ -8,7 +8,6 @@ other. This module imports no other store module but the codecs, so that anythin
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import uuid
@@ -151,7 +150,7 @@ def shard_identity(name: str, manifest) -> dict:
     depend on. Written into each new shard's footer, so that a reader catches a manifest edited after the shard
     was written (or a shard file that is another's under a new name) even though the file's sha256 still matches.
     """
-    return {"file": name, "vocab_size": manifest.vocab_size, "target": dataclasses.asdict(manifest.target),
+    return {"file": name, "vocab_size": manifest.vocab_size, "target": manifest.target.to_dict(),
             "codec": {"name": manifest.codec.name, "levels": manifest.codec.levels,
                       "id_bytes": manifest.codec.id_bytes}}
 

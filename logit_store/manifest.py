@@ -47,6 +47,14 @@ class TargetSpec:
         if self.label_logprobs and self.kind != "topk":
             raise ManifestError("label_logprobs are recorded with top-k targets only")
 
+    def to_dict(self) -> dict[str, Any]:
+        """As the manifest and each shard's footer record it: `label_logprobs` only when True, so that stores and
+        shards written before it existed keep their fingerprint and identity."""
+        d = dataclasses.asdict(self)
+        if not d["label_logprobs"]:
+            del d["label_logprobs"]
+        return d
+
     def __str__(self) -> str:
         """`topk k=64`, `sampled N=50 from top-128`, `sampled N=50 (exact)`."""
         if self.kind == "topk":
@@ -169,8 +177,7 @@ class Manifest:
     # ------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if not d["target"]["label_logprobs"]:
-            del d["target"]["label_logprobs"]
+        d["target"] = self.target.to_dict()
         for shard in d["shards"]:
             if shard["domains"] is None:
                 del shard["domains"]

@@ -239,7 +239,8 @@ def test_vllm_rollouts_scored_by_vllm_end_to_end(setup, tmp_path, capsys):
 
     teacher_dir, student_dir, prompts = setup
     assert _generate(student_dir, prompts, tmp_path / "r", "--backend", "vllm") == 0
-    lines = [json.loads(x) for p in sorted((tmp_path / "r").glob("rollouts-*.jsonl")) for x in p.read_text().splitlines()]
+    chunks = sorted((tmp_path / "r").glob("rollouts-*.jsonl"))
+    lines = [json.loads(x) for p in chunks for x in p.read_text().splitlines()]
     assert len(lines) == 10 and {r["sample"] for r in lines} == {0, 1}
     student = load_student(student_dir).eval()
     for r in lines:
