@@ -1,0 +1,220 @@
+"""On-policy rounds against offline-only training, pre-registered (docs/RESULTS.md, 'On-policy rounds: protocol').
+
+    python -m benchmarks.onpolicy_study --student moe-fair   # both arms, seeds 0-2 (beside it: --student dense)
+    python -m benchmarks.onpolicy_study --report             # paired differences, Holm, JSON (trains nothing)
+
+Study v2's data, teacher and students (benchmarks/quality_study.py: stores, parameter-matched shapes, the full-
+vocabulary KL). Per student and seed: `offline` trains 100 steps on the offline store; `on-policy` trains 50, then
+2 rounds of (generate on 100 training prompts -> teacher scores -> 25 steps --init-from, offline + rollouts mixed
+0.5). Each final student is measured on held-out prompts: its own samples scored by the teacher (reverse KL), the
+test split's full-vocabulary KL, ROUGE-L of greedy responses against the teacher's. Rollouts and scoring run the
+CLI (`kdstudent generate`, `kdstore build`) as an inference node would; every step is skipped when its output is
+complete, and each finished (student, arm, seed) leaves a JSON under benchmarks/results/onpolicy_study/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.onpolicy_rounds import complete_store, write_prompts
+from benchmarks.quality_study import SCALES, Teacher, _read, _stores, _write_json_atomic, arm_config, matched_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDENTS = ("moe-fair", "dense")
+ARMS = ("offline", "on-policy")
+SEEDS = (0, 1, 2)
+LR = 3e-3  # study v2's choice for both students
+STEPS, OFFLINE_HALF, ROUND_STEPS, ROUNDS = 100, 50, 25, 2
+PROMPTS, PROMPT_TOKENS, NEW_TOKENS, TEST_PROMPTS, EVAL_SEED = 100, 64, 128, 100, 12345
+ROLLOUT_SHARE = 0.5
+RESULTS = "benchmarks/results/onpolicy_study"
+_T95_2 = 4.303  # two-sided 95 % Student-t quantile, 2 degrees of freedom
+
+
+def cli(argv: list[str], log: dict, key: str) -> None:
+    """A CLI step as its node runs it (a fresh process: each vLLM engine is freed with it); its time is logged."""
+    print("python -m " + " ".join(argv), flush=True)
+    start = time.time()
+    subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, check=True)
+    log[key] = round(time.time() - start, 1)
+
+
+def rollouts(policy: str, prompts: Path, out: Path, seed: int, round_: int, teacher: str) -> dict:
+    """The policy's samples on `prompts`, scored by the teacher (a store with label log-probs); resumable."""
+    from logit_store import LogitStore
+    from logit_store.rollouts import provenance
+
+    folder, store, log = Path(f"{out}-rollouts"), Path(f"{out}-store"), {}
+    if not complete_store(store):
+        cli(["cli.kdstudent", "generate", "--model", policy, "--data", str(prompts), "--input-ids-field",
+             "prompt_ids", "--domain-field", "domain", "--out", str(folder), "--max-new-tokens", str(NEW_TOKENS),
+             "--max-seq-len", "256", "--seed", str(seed), "--round", str(round_), "--backend", "vllm",
+             "--progress", "false", *(["--resume"] if folder.exists() else [])], log, "generate_s")
+        cli(["cli.kdstore", "build", "--teacher", teacher, "--data", str(folder), "--input-ids-field", "prompt_ids",
+             "--response-ids-field", "response_ids", "--domain-field", "domain", "--top-k", "64", "--max-seq-len",
+             "256", "--out", str(store), "--progress", "false", *(["--resume"] if store.exists() else [])],
+            log, "score_s")
+    manifest = LogitStore.open(str(store)).manifest
+    return {"store": str(store), "counts": provenance(str(folder))["counts"], "scored_tokens": manifest.tokens,
+            "scored_positions": manifest.target_positions, **log}
+
+
+def train_run(ctx: dict, student: str, seed: int, steps: int, run: str, stores: list[str],
+              init_from: str | None = None) -> dict:
+    """Train (or resume, or skip when finished) one run of `steps` steps; its trained loss positions and time."""
+    from student.run import is_run, read_metrics
+    from student.train import train
+
+    scale = dict(ctx["scale"], steps=steps)
+    cfg = arm_config(student, ctx["stores"], ctx["teacher"].path, scale, LR, seed, run, ctx["shape"])
+    cfg = dataclasses.replace(cfg, store=stores, init_from=init_from, log_every=1)
+    start = time.time()
+    if not os.path.isdir(os.path.join(run, "final")):
+        train(dataclasses.replace(cfg, resume=is_run(run)))
+    positions = sum(m["tokens"] for m in read_metrics(run) if "tokens" in m and "eval" not in m)
+    return {"run": run, "steps": steps, "loss_positions": positions, "train_s": round(time.time() - start, 1)}
+
+
+def measure(ctx: dict, run: str, name: str) -> dict:
+    """The final student on held-out prompts and the test split (the protocol's primary and secondary metrics)."""
+    from benchmarks.quality_study import full_vocab_kl
+    from student.train import evaluate_trained, load_trained
+
+    own = rollouts(run, ctx["test_prompts"], ctx["out"] / "eval" / name, EVAL_SEED, 0, ctx["teacher"].path)
+    result = evaluate_trained(run, [own["store"], ctx["teacher_responses"]], batch_size=8)
+    on_own, greedy = result["stores"][own["store"]], result["stores"][ctx["teacher_responses"]]
+    model = load_trained(run)
+    full = full_vocab_kl(ctx["teacher"], ctx["stores"]["test"], model, 8, "cpu")
+    return {"reverse_kl": on_own["reverse_kl"], "reverse_kl_ci95": on_own["reverse_kl_ci95"],
+            "teacher_nll": on_own["teacher_nll"], "student_nll": on_own["ce"], "rollouts": on_own["rollouts"],
+            "reverse_kl_by_domain": {d: r["reverse_kl"] for d, r in on_own.get("domains", {}).items()},
+            "rouge_l": greedy["rouge_l"], "rouge_l_ci95": greedy["rouge_l_ci95"], "full_kl": full["full_kl"],
+            "full_kl_by_domain": full["full_kl_by_domain"], "eval_rollouts": own}
+
+
+def one(ctx: dict, student: str, arm: str, seed: int) -> dict:
+    path = os.path.join(RESULTS, f"{student}_{arm}_s{seed}.json")
+    cached = _read(path)
+    if cached:
+        return cached
+    runs = ctx["out"] / "runs"
+    offline = ctx["stores"]["train"]
+    name = f"{student}_{arm}_s{seed}"
+    record = {"student": student, "arm": arm, "seed": seed, "lr": LR, "phases": []}
+    if arm == "offline":
+        record["phases"].append(train_run(ctx, student, seed, STEPS, str(runs / name), [offline]))
+    else:
+        policy = str(runs / f"{name}_r0")
+        record["phases"].append(train_run(ctx, student, seed, OFFLINE_HALF, policy, [offline]))
+        for r in range(1, ROUNDS + 1):
+            scored = rollouts(policy, ctx["train_prompts"][r - 1], ctx["out"] / "rounds" / f"{name}_r{r}",
+                              seed * 10 + r, r, ctx["teacher"].path)
+            nxt = str(runs / f"{name}_r{r}")
+            phase = train_run(ctx, student, seed, ROUND_STEPS, nxt, [offline, f"{scored['store']}:{ROLLOUT_SHARE}"],
+                              init_from=policy)
+            record["phases"].append(phase | {"rollouts": scored})
+            policy = nxt
+    final = record["phases"][-1]["run"]
+    record["eval"] = measure(ctx, final, name)
+    _write_json_atomic(path, record)
+    print(f"{name}: reverse_kl {record['eval']['reverse_kl']:.4f} full_kl {record['eval']['full_kl']:.4f} "
+          f"rouge_l {record['eval']['rouge_l']:.3f}", flush=True)
+    return record
+
+
+def setup(out: Path) -> dict:
+    from assets.smollm2 import prepared_teacher_dir
+
+    teacher = prepared_teacher_dir()
+    if not os.path.exists(os.path.join(teacher, "config.json")):
+        raise SystemExit("the teacher is not prepared: run `make teacher` first")
+    scale = SCALES["cpu"]
+    out.mkdir(parents=True, exist_ok=True)
+    stores = _stores(str(out), teacher, scale)
+    shape, counts = matched_shapes(stores, teacher, scale)
+    train_prompts = [write_prompts(stores["train"], out / f"train-prompts-r{r}.jsonl", PROMPTS, PROMPT_TOKENS,
+                                   skip=(r - 1) * PROMPTS) for r in range(1, ROUNDS + 1)]
+    test_prompts = write_prompts(stores["test"], out / "test-prompts.jsonl", TEST_PROMPTS, PROMPT_TOKENS)
+    responses = out / "teacher-greedy-test"
+    if not complete_store(responses):  # the teacher's greedy responses to the test prompts, for ROUGE-L
+        cli(["cli.kdstore", "build", "--teacher", teacher, "--data", str(test_prompts), "--input-ids-field",
+             "prompt_ids", "--domain-field", "domain", "--generate", "--temperature", "0", "--max-new-tokens",
+             str(NEW_TOKENS), "--max-seq-len", "256", "--top-k", "64", "--out", str(responses), "--progress", "false",
+             *(["--resume"] if responses.exists() else [])], {}, "teacher_greedy_s")
+    return dict(out=out, stores=stores, scale=scale, shape=shape, counts=counts, teacher=Teacher(teacher, "cpu"),
+                train_prompts=train_prompts, test_prompts=test_prompts, teacher_responses=str(responses))
+
+
+def report(json_path: str) -> dict:
+    """Per student: each arm's per-seed metrics, the paired differences with t(2) intervals, Holm over students."""
+    from benchmarks.common import write_json
+
+    out: dict = {"protocol": "docs/RESULTS.md, 'On-policy rounds: protocol'", "students": {}}
+    tests = {}
+    for student in STUDENTS:
+        runs = {arm: {s: _read(os.path.join(RESULTS, f"{student}_{arm}_s{s}.json")) for s in SEEDS} for arm in ARMS}
+        seeds = [s for s in SEEDS if all(runs[a][s] for a in ARMS)]
+        entry = {"seeds": seeds, "per_seed": {a: {s: runs[a][s]["eval"] | {
+            "loss_positions": sum(p["loss_positions"] for p in runs[a][s]["phases"]),
+            "train_s": sum(p["train_s"] for p in runs[a][s]["phases"]),
+            "rollout_s": sum(p.get("rollouts", {}).get("generate_s", 0) for p in runs[a][s]["phases"]),
+            "score_s": sum(p.get("rollouts", {}).get("score_s", 0) for p in runs[a][s]["phases"]),
+            "scored_tokens": sum(p.get("rollouts", {}).get("scored_tokens", 0) for p in runs[a][s]["phases"])}
+            for s in seeds} for a in ARMS}}
+        if len(seeds) >= 2:
+            for metric in ("reverse_kl", "full_kl", "rouge_l"):
+                d = [runs["on-policy"][s]["eval"][metric] - runs["offline"][s]["eval"][metric] for s in seeds]
+                mean, sd = statistics.mean(d), statistics.stdev(d)
+                half = (_T95_2 if len(d) == 3 else 1.96) * sd / len(d) ** 0.5
+                entry[f"{metric}_difference"] = {"mean": mean, "std": sd, "ci95": [mean - half, mean + half],
+                                                 "per_seed": d}
+            if len(seeds) == 3:
+                d = entry["reverse_kl_difference"]
+                t = d["mean"] / (d["std"] / math.sqrt(3)) if d["std"] > 0 else math.inf
+                tests[student] = 1 - abs(t) / math.sqrt(2 + t * t)  # two-sided p of a t(2) statistic
+        out["students"][student] = entry
+    if len(tests) == len(STUDENTS):  # Holm over the primary comparisons
+        order = sorted(tests, key=tests.get)
+        adjusted, running = {}, 0.0
+        for i, student in enumerate(order):
+            running = max(running, min(1.0, (len(order) - i) * tests[student]))
+            adjusted[student] = running
+        for student in STUDENTS:
+            d = out["students"][student]["reverse_kl_difference"]["mean"]
+            out["students"][student] |= {"p": tests[student], "p_holm": adjusted[student], "verdict": (
+                ("on-policy rounds lower the reverse KL" if d < 0 else "on-policy rounds raise the reverse KL")
+                if adjusted[student] < 0.05 else "no finding")}
+    write_json(json_path, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--student", choices=STUDENTS, action="append", help="default: both")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    p.add_argument("--report", action="store_true")
+    p.add_argument("--out", default=os.path.expanduser("~/.cache/moekd/onpolicy-study"))
+    p.add_argument("--json", default=f"{RESULTS}.json")
+    args = p.parse_args(argv)
+    if args.report:
+        print(json.dumps(report(args.json), indent=1))
+        return 0
+    ctx = setup(Path(args.out))
+    for student in args.student or STUDENTS:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for arm in ARMS:
+                one(ctx, student, arm, seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
