@@ -260,3 +260,31 @@ def test_vllm_rollouts_scored_by_vllm_end_to_end(setup, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["rows"] == 10 and set(result["domains"]) == {"even", "odd"}
     assert result["reverse_kl"] == pytest.approx(result["teacher_nll"] - result["ce"], abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_dense_students_generate_and_export_merged(setup, tmp_path, kind, capsys):
+    """A dense LoRA or full run samples on the hf backend, and the checkpoint vLLM would serve for it (LoRA merged
+    into the base's own architecture) computes what the student computes."""
+    from transformers import AutoModelForCausalLM
+
+    from student.export import export_merged
+    from student.train import load_trained
+    from tests.store_fixtures import write_teacher_store
+
+    teacher_dir, _, prompts = setup
+    store = write_teacher_store(str(tmp_path / "store"), teacher_dir, rows=8, seq=16)
+    run = tmp_path / "run"
+    assert kdstudent(["train", "--store", store, "--base", teacher_dir, "--out", str(run), "--student", kind,
+                      "--rank", "4", "--batch-size", "4", "--max-steps", "2", "--lr", "1e-2", "--progress",
+                      "false"]) == 0
+    assert _generate(run, prompts, tmp_path / "r") == 0
+    manifest = json.loads((tmp_path / "r" / "_rollouts.w00000.json").read_text())
+    assert manifest["policy"]["kind"] == kind and manifest["counts"]["rollouts"] == 10
+    student = load_trained(run)
+    merged = AutoModelForCausalLM.from_pretrained(export_merged(student, tmp_path / "x", teacher_dir)).eval()
+    ids = torch.arange(3, 30)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, student(input_ids=ids).logits, rtol=1e-4,
+                                   atol=1e-4)
+    assert not any("lora" in name for name in merged.state_dict())
