@@ -136,12 +136,11 @@ def policy_fingerprint(snapshot: Path) -> str:
 
 @dataclass
 class Policy:
-    """A loaded student that samples: its model (hf) or engine (vllm), tokenizer and provenance."""
+    """A loaded student that samples: its model, tokenizer and what identifies it (recorded with its rollouts)."""
 
     model: torch.nn.Module
     tokenizer: object
     describe: dict
-    engine: object = None
 
 
 def load_policy(cfg: GenerateConfig) -> Policy:
@@ -242,10 +241,10 @@ def generate(cfg: GenerateConfig) -> dict:
     manifest = {"worker_index": cfg.worker_index, "num_workers": cfg.num_workers, "status": "in_progress",
                 "round": cfg.round, "policy": policy.describe, "sampling": cfg.sampling(),
                 "chunk_prompts": cfg.chunk_prompts}
-    _check_resume(cfg, manifest)
     dataset = source.load()
     manifest["prompts"] = {"source": cfg.data, "fingerprint": source.fingerprint(dataset), "split": cfg.split,
                            "examples": len(dataset), "limit": cfg.limit, "fields": cfg.fields().used()}
+    _check_resume(cfg, manifest)
     write_manifest(cfg.out, cfg.worker_index, manifest)
     example_tokenizer = ExampleTokenizer(policy.tokenizer, cfg.fields(), cfg.max_seq_len, generate=True)
     n = len(dataset) if cfg.limit is None else min(cfg.limit, len(dataset))
@@ -321,7 +320,7 @@ def _check_resume(cfg: GenerateConfig, manifest: dict) -> None:
     settings and split into workers: the folder would otherwise mix two distributions."""
     existing = read_manifests(cfg.out)
     for m in existing:
-        differ = [key for key in ("round", "policy", "sampling", "chunk_prompts", "num_workers")
+        differ = [key for key in ("round", "policy", "sampling", "prompts", "chunk_prompts", "num_workers")
                   if m.get(key) != manifest[key]]
         if differ:
             raise RolloutsError(f"{cfg.out}: worker {m['worker_index']} wrote rollouts here with another "
