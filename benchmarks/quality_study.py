@@ -87,7 +87,8 @@ def _stores(out: str, teacher: str, scale: dict) -> dict[str, str]:
 # ================================================================ arms
 def arm_config(arm: str, stores: dict[str, str], teacher: str, scale: dict, lr: float, seed: int, run: str,
                shape: dict) -> TrainConfig:
-    """The TrainConfig of one run. `shape` holds the matched ranks (`dense_rank`, `shared_rank`)."""
+    """The TrainConfig of one run. `shape` holds the matched ranks (`dense_rank`, `shared_rank`). Study v3's arms
+    (`dense-split`, `moe-fair-fixed`) are here too; its long runs are `v3_config`'s."""
     steps = scale["steps"]
     common = dict(base=teacher, out=run, store=stores["train"], keep_layers=scale["keep"], batch_size=scale["batch"],
                   max_steps=steps, warmup_steps=max(steps // 20, 1), lr=lr, seed=seed, loss="fkl",
@@ -98,7 +99,10 @@ def arm_config(arm: str, stores: dict[str, str], teacher: str, scale: dict, lr: 
                 shared_expert_rank=shape["shared_rank"], shared_expert_alpha=LORA_RULE["alpha"])
     arms = {"dense": dict(student="lora", rank=shape["dense_rank"]), "moe-v1": moe_v1, "moe-fair": fair,
             "moe-fair-soft": dict(fair, experts_per_token=8), "full": dict(student="full"),
-            "full-moe": dict(moe_v1, train_base=True)}
+            "full-moe": dict(moe_v1, train_base=True),
+            # study v3's controls: moe-fair's adapters all on with weight 1 (no router), or routed by token-id hash
+            "dense-split": dict(fair, experts_per_token=8, routing="all"),
+            "moe-fair-fixed": dict(fair, routing="hash")}
     base_arm, _, variant = arm.partition("+")  # stage 3: "<arm>+bias" / "+nobalance" / "+mixtral"
     options = dict(common, **arms[base_arm])
     if variant == "bias":
@@ -140,11 +144,33 @@ def run_key(cfg: TrainConfig, stores: dict[str, str]) -> str:
 
     from logit_store import LogitStore
 
-    # where it runs and how fast (keeping logits is bitwise the same) do not change what a run computes
-    ignored = ("out", "store", "base", "progress", "resume", "loss_keep_logits")
-    d = {k: v for k, v in cfg.to_dict().items() if k not in ignored}
+    d = key_config(cfg)
     d["stores"] = {s: LogitStore.open(p).manifest.fingerprint() for s, p in stores.items()}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# where it runs and how fast (keeping logits is bitwise the same) do not change what a run computes
+_KEY_IGNORED = ("out", "store", "base", "progress", "resume", "loss_keep_logits")
+# the TrainConfig fields study v2's runs were keyed by (their JSONs' "config"); a field added to TrainConfig since
+# enters a key only when set away from its default, so v2's committed runs keep their keys as options are added
+_V2_FIELDS = frozenset((
+    "alpha", "attn_alpha", "attn_rank", "balance_coef", "base", "base_dtype", "batch_size", "bf16", "ce_weight",
+    "eval_every", "eval_rows", "eval_store", "expert_impl", "experts", "experts_per_token", "fsdp_frozen",
+    "fsdp_replicas", "grad_accum", "gradient_checkpointing", "jsd_beta", "kd_weight", "keep_checkpoints",
+    "keep_layers", "layer_experts", "log_every", "lora_dropout", "lora_scaling", "loss", "loss_chunk", "lr",
+    "max_grad_norm", "max_steps", "moe_layers", "num_workers", "out", "progress", "rank", "resume",
+    "router_bias_update", "router_init_std", "router_lr_scale", "save_every", "seed", "sharding",
+    "shared_expert_alpha", "shared_expert_rank", "shuffle", "shuffle_buffer", "skew_alpha", "store", "student",
+    "temperature", "train_base", "warmup_steps", "weight_decay", "z_coef"))
+
+
+def key_config(cfg: TrainConfig) -> dict:
+    """The settings a run's key hashes: the config less where it runs, less fields newer than v2 at their default."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+                for f in dataclasses.fields(cfg)}
+    return {k: v for k, v in cfg.to_dict().items()
+            if k not in _KEY_IGNORED and (k in _V2_FIELDS or v != defaults[k])}
 
 
 def result_path(results: str, arm: str, lr: float, seed: int) -> str:
@@ -280,7 +306,10 @@ def run_one(arm: str, lr: float, seed: int, split: str, ctx: dict, train_missing
 
     path = result_path(ctx["results"], arm, lr, seed)
     run = os.path.join(ctx["out"], "runs", f"{arm}_lr{lr:g}_s{seed}")
-    cfg = arm_config(arm, ctx["stores"], ctx["teacher"].path, ctx["scale"], lr, seed, run, ctx["shape"])
+    if ctx.get("study") == "v3":
+        cfg = v3_config(arm, ctx["stores"], ctx["teacher"].path, ctx["scale"], lr, seed, run, ctx["shape"])
+    else:
+        cfg = arm_config(arm, ctx["stores"], ctx["teacher"].path, ctx["scale"], lr, seed, run, ctx["shape"])
     key = run_key(cfg, ctx["stores"])
     cached = _read(path)
     if cached and cached["key"] == key and split in cached["eval"]:
@@ -370,13 +399,29 @@ def chosen_lrs(arms: list[str], ctx: dict) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["lr", "seeds", "balance", "routing", "report"], default="report")
+    p.add_argument("--study", choices=["v2", "v3"], default="v2")
+    p.add_argument("--stage", choices=["lr", "seeds", "balance", "routing", "long", "generate", "report"],
+                   default="report",
+                   help="v2: lr, seeds, balance, routing, report; v3: lr, seeds, long, generate, report")
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    p.add_argument("--arms", default=",".join(ARMS))
-    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="stage 2 seeds (a comma list)")
-    p.add_argument("--out", default=os.path.expanduser("~/.cache/moekd/quality-study-v2"))
-    p.add_argument("--json", default=f"{RESULTS}.json", help="report of the cpu scale (other scales write to --out)")
+    p.add_argument("--arms", default=None, help=f"a comma list (v2 default: {','.join(ARMS)}; v3: "
+                   f"{','.join(V3_ARMS)}, and for --stage long {','.join(V3_LONG_ARMS)})")
+    p.add_argument("--seeds", default=None, help=f"the seeds stage (v2: 2, v3: B) or long runs (a comma list; "
+                   f"v2 default {','.join(map(str, SEEDS))}; v3 {','.join(map(str, V3_SEEDS))}, long "
+                   f"{','.join(map(str, V3_LONG_SEEDS))})")
+    p.add_argument("--no-recheck", action="store_true", help="v3 --stage long: skip the LR re-check at 4x")
+    p.add_argument("--out", default=None, help="runs and stores (default ~/.cache/moekd/quality-study-<study>)")
+    p.add_argument("--json", default=None, help="report of the cpu scale (other scales write to --out; default "
+                   f"{RESULTS}.json, v3 {V3_RESULTS}.json)")
     args = p.parse_args(argv)
+    if args.study == "v3":
+        return main_v3(args)
+    if args.stage in ("long", "generate"):
+        p.error(f"--stage {args.stage} is study v3's: add --study v3")
+    args.arms = args.arms or ",".join(ARMS)
+    args.seeds = args.seeds or ",".join(map(str, SEEDS))
+    args.out = args.out or os.path.expanduser("~/.cache/moekd/quality-study-v2")
+    args.json = args.json or f"{RESULTS}.json"
     from assets.smollm2 import prepared_teacher_dir
 
     teacher = prepared_teacher_dir()
@@ -419,6 +464,52 @@ def main(argv: list[str] | None = None) -> int:
                 run_one(f"{best}+{variant}", lrs[best], seed, "test", ctx)
         return 0
     report(arms, ctx, counts, args.json if args.scale == "cpu" else os.path.join(out, "quality_study_v2.json"))
+    return 0
+
+
+def main_v3(args: argparse.Namespace) -> int:
+    """Study v3's stages (docs/RESULTS.md, 'Study v3: protocol'); same stores, shapes and run machinery as v2's."""
+    if args.stage in ("balance", "routing"):
+        raise SystemExit(f"--stage {args.stage} is study v2's; v3 has lr, seeds, long, generate, report")
+    from assets.smollm2 import prepared_teacher_dir
+
+    teacher = prepared_teacher_dir()
+    if not os.path.exists(os.path.join(teacher, "config.json")):
+        raise SystemExit("the teacher is not prepared: run `make teacher` first")
+    scale = SCALES[args.scale]
+    out = os.path.join(args.out or os.path.expanduser("~/.cache/moekd/quality-study-v3"), args.scale)
+    os.makedirs(out, exist_ok=True)
+    stores = _stores(out, teacher, scale)
+    shape, counts = matched_shapes(stores, teacher, scale)  # v2's shapes (dense rank, shared rank)
+    counts |= v3_counts(stores, teacher, scale, shape)
+    print(f"shapes {shape}; trainable " + ", ".join(f"{a} {counts[a]:,}" for a in V3_ARMS)
+          + " (off dense: " + ", ".join(f"{a} {counts[a] / counts['dense'] - 1:+.2%}" for a in V3_ARMS) + ")",
+          flush=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = V3_RESULTS if args.scale == "cpu" else os.path.join(out, "results")
+    ctx = dict(study="v3", out=out, results=results, stores=stores, scale=scale, shape=shape, device=device,
+               teacher=Teacher(teacher, device))
+    long_stage = args.stage == "long"
+    arms = args.arms.split(",") if args.arms else list(V3_LONG_ARMS if long_stage else V3_ARMS)
+    allowed = V3_LONG_ARMS if long_stage else V3_ARMS
+    if args.stage in ("lr", "seeds", "long") and not set(arms) <= set(allowed):
+        raise SystemExit(f"--arms {args.arms}: study v3's --stage {args.stage} takes {', '.join(allowed)}")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(V3_LONG_SEEDS if long_stage else V3_SEEDS)
+    if args.stage == "lr":
+        for arm in arms:
+            lr, _ = v3_stage_lr(arm, ctx)
+            print(f"stage A {arm}: " + (f"LR {lr:g}" if lr else "runs held by other processes"), flush=True)
+    elif args.stage == "seeds":
+        for arm, lr in v3_chosen(arms, ctx).items():
+            for seed in seeds:
+                run_one(arm, lr, seed, "test", ctx)
+    elif args.stage == "long":
+        v3_stage_long(arms, seeds, ctx, recheck=not args.no_recheck)
+    elif args.stage == "generate":
+        v3_stage_generate(ctx)
+    else:
+        v3_report(ctx, counts, args.json or (f"{V3_RESULTS}.json" if args.scale == "cpu"
+                                             else os.path.join(out, "quality_study_v3.json")))
     return 0
 
 
@@ -585,6 +676,468 @@ def _plot(summary: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# ================================================================ study v3
+# docs/RESULTS.md, "Study v3: protocol (pre-registered 2026-12-07, before any v3 run)": what each constant below
+# encodes is quoted from there; a change to any of them is a change to the protocol
+V3_RESULTS = "benchmarks/results/quality_study_v3"
+V3_ARMS = ("dense", "moe-fair", "dense-split", "moe-fair-fixed")
+V3_LR_CENTRE = 3e-3  # v2's choice, around which stage A's grid is laid in √2 steps
+V3_LR_STEPS = (-2, -1, 0, 1, 2)  # 1.5e-3, 2.1e-3, 3e-3, 4.2e-3, 6e-3; a best on an edge adds one step beyond it
+V3_MAX_EXTENSIONS = 6  # a guard, not a rule: a best still on an edge after 6 extensions stops the stage to be looked at
+V3_SEEDS = (0, 1, 2, 3, 4)
+# the four primary comparisons (arm, baseline), test full KL paired by seed, Holm over the four at family-wise α
+V3_PRIMARY = (("moe-fair", "dense"), ("dense-split", "dense"), ("moe-fair", "dense-split"),
+              ("moe-fair", "moe-fair-fixed"))
+V3_ALPHA = 0.05
+V3_LONG = "-4x"  # stage C's runs are arms named '<arm>-4x': 4× the steps, the rest of the run unchanged
+V3_LONG_FACTOR = 4
+V3_LONG_ARMS = ("dense", "moe-fair")
+V3_LONG_SEEDS = (0, 1, 2)
+V3_FULL = {"full": 3e-3, "full-moe": 3e-3}  # stage D: v2's chosen LR of the full pair, 3 seeds
+V3_FULL_SEEDS = (0, 1, 2)
+# stage D: test prompts = the first 64 tokens of each test row; 4 samples of 128 tokens at temperature 1 per prompt
+# (reverse KL); the student's and the teacher's greedy responses of 128 tokens (ROUGE-L). The quick scale shrinks it.
+V3_GENERATE = {"cpu": dict(prompt_tokens=64, new_tokens=128, samples=4, temperature=1.0, seed=12345, max_seq_len=256),
+               "quick": dict(prompt_tokens=16, new_tokens=8, samples=2, temperature=1.0, seed=12345, max_seq_len=64)}
+GEN_METRICS = ("reverse_kl", "rouge_l")
+
+
+def v3_lr(step: int) -> float:
+    """Stage A's grid: v2's choice times √2^step, at two significant figures (2.1e-3 for 2.12e-3)."""
+    return float(f"{V3_LR_CENTRE * 2 ** (step / 2):.2g}")
+
+
+def v3_step(lr: float) -> int:
+    step = round(2 * math.log2(lr / V3_LR_CENTRE))
+    if v3_lr(step) != lr:
+        raise ValueError(f"LR {lr:g} is not on study v3's √2 grid")
+    return step
+
+
+def v3_config(arm: str, stores: dict[str, str], teacher: str, scale: dict, lr: float, seed: int, run: str,
+              shape: dict) -> TrainConfig:
+    """A v3 run's TrainConfig: `arm_config`'s, and for stage C's '<arm>-4x' the same run with 4× the steps (warmup
+    stays 10 steps at the cpu scale: the protocol keeps "warmup 10 then cosine" and changes only the length)."""
+    if not arm.endswith(V3_LONG):
+        return arm_config(arm, stores, teacher, scale, lr, seed, run, shape)
+    steps = scale["steps"]
+    cfg = arm_config(arm.removesuffix(V3_LONG), stores, teacher, dict(scale, steps=steps * V3_LONG_FACTOR), lr,
+                     seed, run, shape)
+    return dataclasses.replace(cfg, warmup_steps=max(steps // 20, 1))
+
+
+def v3_counts(stores: dict[str, str], teacher: str, scale: dict, shape: dict) -> dict[str, int]:
+    """Each v3 arm's trainable count; refuses counts more than 1 % from `dense`'s (the protocol's matching)."""
+    from student.baselines import count_parameters
+    from student.train import build_model
+
+    counts = {arm: count_parameters(build_model(arm_config(arm, stores, teacher, scale, 1e-3, 0, "", shape))).trainable
+              for arm in V3_ARMS}
+    off = {arm: counts[arm] / counts["dense"] - 1 for arm in V3_ARMS}
+    if any(abs(v) > 0.01 for v in off.values()):
+        raise SystemExit(f"study v3's arms are not matched within 1 % of dense: {off}")
+    return counts
+
+
+def v3_stage_lr(arm: str, ctx: dict, train_missing: bool = True) -> tuple[float | None, dict[float, float]]:
+    """Stage A: seed 0 at every LR of the grid (the middle first, then outwards; the order changes no number), chosen
+    by the lowest validation full KL; a best on an edge adds one √2 step beyond it and the stage repeats for it.
+    Returns (the choice, or None while a run is missing or held by another process; {lr: validation full KL})."""
+    steps, kl = list(V3_LR_STEPS), {}
+    for _ in range(V3_MAX_EXTENSIONS + 1):
+        missing = False
+        for step in sorted(steps, key=abs):
+            lr = v3_lr(step)
+            if lr in kl:
+                continue
+            result = run_one(arm, lr, 0, "validation", ctx, train_missing)
+            if result is None:
+                missing = True
+                continue
+            kl[lr] = result["eval"]["validation"]["full_kl"]
+        if missing:
+            return None, kl
+        best = min(kl, key=kl.get)
+        if best == v3_lr(steps[0]):
+            steps.insert(0, steps[0] - 1)
+        elif best == v3_lr(steps[-1]):
+            steps.append(steps[-1] + 1)
+        else:
+            return best, kl
+    raise SystemExit(f"stage A {arm}: the best LR is still on the grid's edge after {V3_MAX_EXTENSIONS} extensions "
+                     f"({ {f'{k:g}': v for k, v in sorted(kl.items())} }); look at the curve before going on")
+
+
+def v3_chosen(arms: list[str], ctx: dict) -> dict[str, float]:
+    """Each arm's stage-A choice, for the stages that follow (trains nothing)."""
+    chosen = {}
+    for arm in arms:
+        lr, _ = v3_stage_lr(arm, ctx, train_missing=False)
+        if lr is None:
+            raise SystemExit(f"stage A is not finished for {arm}: run --study v3 --stage lr")
+        chosen[arm] = lr
+    return chosen
+
+
+def v3_recheck_lrs(lr: float) -> tuple[float, float, float]:
+    """Stage C's LR re-check at 4× the tokens: the stage-A choice and one √2 step each side."""
+    step = v3_step(lr)
+    return v3_lr(step - 1), lr, v3_lr(step + 1)
+
+
+def v3_stage_long(arms: list[str], seeds: list[int], ctx: dict, recheck: bool) -> None:
+    """Stage C: each arm at 4× the steps, at its stage-A LR, on test; then (if `recheck`) the LR re-check on
+    validation, seed 0 (the seed-0 run at the chosen LR is measured on validation too)."""
+    chosen = v3_chosen(arms, ctx)
+    for arm in arms:
+        for seed in seeds:
+            run_one(arm + V3_LONG, chosen[arm], seed, "test", ctx)
+    if recheck:
+        for arm in arms:
+            for lr in v3_recheck_lrs(chosen[arm]):
+                run_one(arm + V3_LONG, lr, 0, "validation", ctx)
+
+
+def v3_generation_runs(ctx: dict, train_missing: bool) -> list[tuple[str, float, int]]:
+    """Stage D's runs as (arm, LR, seed): the four arms' stage-B runs, the full pair at v2's LR, stage C's runs."""
+    runs = []
+    for arm in V3_ARMS:
+        lr, _ = v3_stage_lr(arm, ctx, train_missing=False)
+        if lr is None:
+            if train_missing:
+                raise SystemExit(f"stage A is not finished for {arm}: run --study v3 --stage lr")
+            continue
+        runs += [(arm, lr, s) for s in V3_SEEDS]
+        if arm in V3_LONG_ARMS:
+            runs += [(arm + V3_LONG, lr, s) for s in V3_LONG_SEEDS]
+    runs += [(arm, lr, s) for arm, lr in V3_FULL.items() for s in V3_FULL_SEEDS]
+    return runs
+
+
+def _checkpoint(arm: str, lr: float, seed: int, ctx: dict) -> tuple[str, dict] | None:
+    """The run's folder, with its final checkpoint, and its result (trained and measured on test where missing;
+    retrained under the same config where the result is here but its checkpoint is gone, e.g. another machine's).
+    None while another process holds the run."""
+    from student.run import RunLock, RunLockedError, is_run
+    from student.train import train
+
+    record = run_one(arm, lr, seed, "test", ctx)
+    if record is None:
+        return None
+    run = os.path.join(ctx["out"], "runs", f"{arm}_lr{lr:g}_s{seed}")
+    if not os.path.isdir(os.path.join(run, "final")):
+        try:
+            claim = RunLock(os.path.join(run, "study-claim"))
+        except RunLockedError:
+            return None
+        with claim:
+            if not os.path.isdir(os.path.join(run, "final")):
+                print(f"{arm} lr {lr:g} seed {seed}: checkpoint gone, retraining it for stage D", flush=True)
+                cfg = v3_config(arm, ctx["stores"], ctx["teacher"].path, ctx["scale"], lr, seed, run, ctx["shape"])
+                train(dataclasses.replace(cfg, resume=is_run(run)))
+    return run, record
+
+
+def v3_generate_setup(ctx: dict) -> dict:
+    """The test prompts and the teacher's greedy responses to them (a store, for ROUGE-L); built once."""
+    from pathlib import Path
+
+    from benchmarks.onpolicy_rounds import complete_store, write_prompts
+    from benchmarks.onpolicy_study import cli
+
+    g = V3_GENERATE["quick" if ctx["scale"] is SCALES["quick"] else "cpu"]
+    folder = Path(ctx["out"]) / "generate"
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts = write_prompts(ctx["stores"]["test"], folder / "test-prompts.jsonl", ctx["scale"]["test_rows"],
+                            g["prompt_tokens"])
+    responses = folder / "teacher-greedy-test"
+    if not complete_store(responses):
+        cli(["cli.kdstore", "build", "--teacher", ctx["teacher"].path, "--data", str(prompts), "--input-ids-field",
+             "prompt_ids", "--domain-field", "domain", "--generate", "--temperature", "0", "--max-new-tokens",
+             str(g["new_tokens"]), "--max-seq-len", str(g["max_seq_len"]), "--top-k", "64", "--out", str(responses),
+             "--progress", "false", *(["--resume"] if responses.exists() else [])], {}, "teacher_greedy_s")
+    return dict(settings=g, folder=folder, prompts=prompts, responses=str(responses))
+
+
+def v3_generations(arm: str, lr: float, seed: int, ctx: dict, gen: dict) -> dict | None:
+    """Stage D for one run: its samples on the test prompts (hf backend, which serves every arm, hash and
+    always-on routing included), scored by the teacher (`kdstudent generate` -> `kdstore build`, the rollout
+    issue's path), then `kdstudent eval`'s reverse_kl on them and rouge_l against the teacher's greedy responses.
+    Cached under <results>/generate/, keyed by the run's key. None while another process holds the run."""
+    from benchmarks.onpolicy_rounds import complete_store
+    from benchmarks.onpolicy_study import cli
+    from student.train import evaluate_trained
+
+    path = os.path.join(ctx["results"], "generate", f"{arm}_lr{lr:g}_s{seed}.json")
+    found = _checkpoint(arm, lr, seed, ctx)
+    if found is None:
+        return None
+    run, record = found
+    cached = _read(path)
+    if cached and cached["key"] == record["key"]:
+        return cached
+    g, name = gen["settings"], f"{arm}_lr{lr:g}_s{seed}"
+    rollouts, store, log = gen["folder"] / f"{name}-rollouts", gen["folder"] / f"{name}-store", {}
+    if not complete_store(store):
+        cli(["cli.kdstudent", "generate", "--model", run, "--data", str(gen["prompts"]), "--input-ids-field",
+             "prompt_ids", "--domain-field", "domain", "--out", str(rollouts), "--samples-per-prompt",
+             str(g["samples"]), "--max-new-tokens", str(g["new_tokens"]), "--max-seq-len", str(g["max_seq_len"]),
+             "--temperature", str(g["temperature"]), "--seed", str(g["seed"]), "--backend", "hf", "--progress",
+             "false", *(["--resume"] if rollouts.exists() else [])], log, "generate_s")
+        cli(["cli.kdstore", "build", "--teacher", ctx["teacher"].path, "--data", str(rollouts), "--input-ids-field",
+             "prompt_ids", "--response-ids-field", "response_ids", "--domain-field", "domain", "--top-k", "64",
+             "--max-seq-len", str(g["max_seq_len"]), "--out", str(store), "--progress", "false",
+             *(["--resume"] if store.exists() else [])], log, "score_s")
+    t = time.time()
+    result = evaluate_trained(run, [str(store), gen["responses"]], batch_size=ctx["scale"]["batch"],
+                              device=ctx["device"])
+    own, greedy = result["stores"][str(store)], result["stores"][gen["responses"]]
+    domains = sorted(set(own.get("domains", {})) | set(greedy.get("domains", {})))
+    out = dict(arm=arm, lr=lr, seed=seed, key=record["key"], settings=g, reverse_kl=own["reverse_kl"],
+               reverse_kl_ci95=own["reverse_kl_ci95"], teacher_nll=own["teacher_nll"], student_nll=own["ce"],
+               rouge_l=greedy["rouge_l"], rouge_l_ci95=greedy["rouge_l_ci95"],
+               by_domain={d: {m: r[m] for r in (own.get("domains", {}).get(d, {}), greedy.get("domains", {}).get(d, {}))
+                              for m in GEN_METRICS if m in r} for d in domains},
+               rollouts=own.get("rollouts"), eval_s=round(time.time() - t, 1), **log)
+    _write_json_atomic(path, out)
+    print(f"{name}: reverse_kl {out['reverse_kl']:.4f} rouge_l {out['rouge_l']:.4f}", flush=True)
+    return out
+
+
+def v3_stage_generate(ctx: dict) -> None:
+    gen = v3_generate_setup(ctx)
+    for arm, lr, seed in v3_generation_runs(ctx, train_missing=True):
+        v3_generations(arm, lr, seed, ctx, gen)
+
+
+# ---------------------------------------------------------------- v3 statistics (no scipy here)
+def t_two_sided_p(t: float, df: int) -> float:
+    """P(|T| ≥ |t|) for Student's t with `df` degrees of freedom (Abramowitz & Stegun 26.7.3-4, exact for
+    integer df)."""
+    if math.isinf(t):
+        return 0.0
+    if math.isnan(t):
+        return float("nan")
+    theta = math.atan(abs(t) / math.sqrt(df))
+    s, c = math.sin(theta), math.cos(theta)
+    if df % 2 == 0:
+        term = total = 1.0
+        for j in range(1, (df - 2) // 2 + 1):
+            term *= c * c * (2 * j - 1) / (2 * j)
+            total += term
+        a = s * total
+    elif df == 1:
+        a = 2 * theta / math.pi
+    else:
+        term = total = c
+        for j in range(1, (df - 3) // 2 + 1):
+            term *= c * c * (2 * j) / (2 * j + 1)
+            total += term
+        a = 2 / math.pi * (theta + s * total)
+    return min(max(1.0 - a, 0.0), 1.0)
+
+
+def t_quantile(level: float, df: int) -> float:
+    """The half-width multiplier of a two-sided `level` Student-t interval (4.303 for 95 % at 2 df)."""
+    lo, hi = 0.0, 1e4
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > 1 - level else (lo, mid)
+    return (lo + hi) / 2
+
+
+def holm(p: dict[str, float]) -> dict[str, float]:
+    """Holm–Bonferroni adjusted p-values: sorted ascending, the i-th (from 0) of m times (m - i), made monotone."""
+    adjusted, running = {}, 0.0
+    for i, name in enumerate(sorted(p, key=p.get)):
+        running = max(running, min(1.0, (len(p) - i) * p[name]))
+        adjusted[name] = running
+    return {name: adjusted[name] for name in p}
+
+
+def paired_test(differences: list[float], levels: tuple[float, ...] = (0.95,)) -> dict:
+    """Mean of per-seed paired differences, its std, a two-sided paired t test and t intervals at `levels`."""
+    n = len(differences)
+    mean, sd = statistics.mean(differences), statistics.stdev(differences)
+    se = sd / math.sqrt(n)
+    t = mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
+    out = {"n": n, "df": n - 1, "mean": mean, "std": sd, "t": t, "p": t_two_sided_p(t, n - 1),
+           "per_seed": list(differences)}
+    for level in levels:
+        half = t_quantile(level, n - 1) * se
+        out[f"ci{level * 100:g}"] = [mean - half, mean + half]
+    return out
+
+
+def _metric_pairs(a: dict[int, dict], b: dict[int, dict], metrics: tuple[str, ...]) -> dict:
+    """v2's form of a paired difference, per metric [mean, std, 95 % t half-width], and full KL per domain."""
+    seeds = sorted(set(a) & set(b))
+    out = {}
+    for m in metrics:
+        d = [a[s][m] - b[s][m] for s in seeds if m in a[s] and m in b[s]]
+        if len(d) >= 2:
+            test = paired_test(d)
+            out[m] = [test["mean"], test["std"], test["ci95"][1] - test["mean"]]
+    domains = sorted(set.intersection(*(set(a[s].get("full_kl_by_domain", {})) for s in seeds))) if seeds else []
+    out["full_kl_by_domain"] = {}
+    for dom in domains:
+        d = [a[s]["full_kl_by_domain"][dom] - b[s]["full_kl_by_domain"][dom] for s in seeds
+             if dom in b[s].get("full_kl_by_domain", {})]
+        if len(d) >= 2:
+            test = paired_test(d)
+            out["full_kl_by_domain"][dom] = [test["mean"], test["std"], test["ci95"][1] - test["mean"]]
+    return out
+
+
+def v3_primary(tests: dict[str, dict[int, dict]], pairs=V3_PRIMARY, alpha: float = V3_ALPHA) -> dict:
+    """The primary comparisons: per pair 'arm - baseline', v2's per-metric rows plus `test`: the paired t test of
+    test full KL over the common seeds, its 95 % interval and the Bonferroni interval (1 - α/m), the Holm-adjusted
+    p over the pairs present, and the verdict. `tests` maps arm -> {seed: test eval}."""
+    m = len(pairs)
+    bonferroni = 1 - alpha / m
+    out, ps = {}, {}
+    for arm, base in pairs:
+        a, b = tests.get(arm, {}), tests.get(base, {})
+        seeds = sorted(set(a) & set(b))
+        if len(seeds) < 2:
+            continue
+        name = f"{arm} - {base}"
+        row = _metric_pairs(a, b, METRICS)
+        row["test"] = paired_test([a[s]["full_kl"] - b[s]["full_kl"] for s in seeds], (0.95, bonferroni))
+        row["test"] |= {"seeds": seeds, "bonferroni_level": bonferroni}
+        out[name], ps[name] = row, row["test"]["p"]
+    complete = len(out) == m and all(r["test"]["n"] == len(V3_SEEDS) for r in out.values())
+    for name, p in holm(ps).items():
+        test = out[name]["test"]
+        test["p_holm"] = p
+        test["holm_over"] = len(ps)
+        test["verdict"] = ("no difference shown" if p >= alpha else
+                           "lower full KL (arm better)" if test["mean"] < 0 else "higher full KL (arm worse)")
+        test["final"] = complete  # False: the family or the seeds are incomplete; the numbers are provisional
+    return out
+
+
+V3_READINGS = (  # the protocol's "how the answers read", over "comparison i shows arm better" (Holm p < α, mean < 0)
+    (lambda h: h[2] and not h[3], "the gain is the step size / split, not routing"),
+    (lambda h: h[3] and h[4], "learned routing carries it"),
+    (lambda h: h[3] and not h[4], "sparsity carries it, learning where does not"),
+)
+
+
+def v3_reading(primary: dict) -> dict:
+    """Which of the protocol's readings the four verdicts match (mechanically; the write-up says what it means)."""
+    names = [f"{a} - {b}" for a, b in V3_PRIMARY]
+    if not all(n in primary and primary[n]["test"].get("final") for n in names):
+        return {"reading": None, "why": "the four comparisons are not all final (5 seeds each)"}
+    shown = {i + 1: primary[n]["test"]["p_holm"] < V3_ALPHA for i, n in enumerate(names)}
+    helps = {i + 1: shown[i + 1] and primary[n]["test"]["mean"] < 0 for i, n in enumerate(names)}
+    if not any(shown.values()):
+        return {"shown": shown, "helps": helps, "reading": "v2's win is not reproduced"}
+    found = [text for rule, text in V3_READINGS if rule(helps)]
+    return {"shown": shown, "helps": helps, "reading": "; ".join(found) if found else None}
+
+
+def _tests_of(results: str, arm: str, lr: float | None, seeds: tuple[int, ...]) -> list[dict]:
+    if lr is None:
+        return []
+    return [r for s in seeds if (r := _read(result_path(results, arm, lr, s))) and "test" in r["eval"]]
+
+
+def _v3_arm(arm: str, lr: float, trainable: int | None, runs: list[dict]) -> dict:
+    """`_arm_summary` (per-seed test metrics, mean ± std) with each metric's mean per domain beside it."""
+    out = _arm_summary(arm, lr, trainable, runs)
+    tests = [r["eval"]["test"] for r in runs]
+    domains = sorted(set.intersection(*(set(t.get("full_kl_by_domain", {})) for t in tests)))
+    out["per_domain"] = {d: {m: statistics.mean(t["domains"][d][m] for t in tests) for m in METRICS
+                             if all(m in t.get("domains", {}).get(d, {}) for t in tests)} for d in domains}
+    for d in domains:
+        out["per_domain"][d]["full_kl"] = statistics.mean(t["full_kl_by_domain"][d] for t in tests)
+    return out
+
+
+def v3_report(ctx: dict, counts: dict[str, int], json_path: str) -> dict:
+    """Stages A-D from the run JSONs (trains nothing): the JSON the RESULTS.md tables are checked against."""
+    from benchmarks.common import write_json
+
+    results = ctx["results"]
+    grid, chosen = {}, {}
+    for arm in V3_ARMS:
+        chosen[arm], grid[arm] = v3_stage_lr(arm, ctx, train_missing=False)
+    pre = [v3_lr(s) for s in V3_LR_STEPS]
+    stage_a = {arm: {"chosen": chosen[arm], "extended": sorted(lr for lr in grid[arm] if lr not in pre),
+                     "on_edge_of_run_grid": chosen[arm] is not None and chosen[arm] in (min(grid[arm]), max(grid[arm]))}
+               for arm in V3_ARMS}
+    runs = {arm: _tests_of(results, arm, chosen[arm], V3_SEEDS) for arm in V3_ARMS}
+    summary = {arm: _v3_arm(arm, chosen[arm], counts.get(arm), rs) for arm, rs in runs.items() if rs}
+    tests = {arm: {r["seed"]: r["eval"]["test"] for r in rs} for arm, rs in runs.items()}
+    primary = v3_primary(tests)
+    # stage C: its own family (comparison 5), 95 % t interval
+    long_runs = {arm + V3_LONG: _tests_of(results, arm + V3_LONG, chosen.get(arm), V3_LONG_SEEDS)
+                 for arm in V3_LONG_ARMS}
+    long_summary = {arm: _v3_arm(arm, chosen[arm.removesuffix(V3_LONG)], counts.get(arm.removesuffix(V3_LONG)), rs)
+                    for arm, rs in long_runs.items() if rs}
+    long_tests = {arm: {r["seed"]: r["eval"]["test"] for r in rs} for arm, rs in long_runs.items()}
+    comparison5 = v3_primary(long_tests, pairs=(("moe-fair" + V3_LONG, "dense" + V3_LONG),))
+    for row in comparison5.values():
+        row["test"]["final"] = row["test"]["n"] == len(V3_LONG_SEEDS)
+    recheck = {}
+    for arm in V3_LONG_ARMS:
+        if chosen.get(arm) is None:
+            continue
+        found = {lr: r["eval"]["validation"]["full_kl"] for lr in v3_recheck_lrs(chosen[arm])
+                 if (r := _read(result_path(results, arm + V3_LONG, lr, 0))) and "validation" in r["eval"]}
+        recheck[arm + V3_LONG] = {"validation_full_kl": found, "ran": len(found) == 3,
+                                  "best": min(found, key=found.get) if len(found) == 3 else None}
+    # stage D: exploratory, unadjusted 95 % intervals
+    generated: dict[str, dict[int, dict]] = {}
+    folder = os.path.join(results, "generate")
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        g = _read(os.path.join(folder, name))
+        generated.setdefault(g["arm"], {})[g["seed"]] = g
+    gen_pairs = {}
+    for arm, base in (*V3_PRIMARY, ("moe-fair" + V3_LONG, "dense" + V3_LONG)):
+        a, b = generated.get(arm, {}), generated.get(base, {})
+        seeds = sorted(set(a) & set(b))
+        if len(seeds) >= 2:
+            gen_pairs[f"{arm} - {base}"] = {m: paired_test([a[s][m] - b[s][m] for s in seeds]) for m in GEN_METRICS}
+    gen_summary = {arm: {"seeds": sorted(by_seed), **{m: [statistics.mean(g[m] for g in by_seed.values()),
+                                                          statistics.stdev(g[m] for g in by_seed.values())
+                                                          if len(by_seed) > 1 else 0.0] for m in GEN_METRICS},
+                         "per_seed": {s: {m: g[m] for m in (*GEN_METRICS, "by_domain")} for s, g in by_seed.items()}}
+                   for arm, by_seed in generated.items()}
+    report = {
+        "protocol": "docs/RESULTS.md, 'Study v3: protocol (pre-registered 2026-12-07, before any v3 run)'",
+        "settings": ctx["scale"], "shape": ctx["shape"], "trainable": counts,
+        "lr_grid_validation_full_kl": grid, "stage_a": stage_a, "arms": summary,
+        "paired_differences": primary, "reading": v3_reading(primary),
+        "stage_c": {"arms": long_summary, "paired_differences": comparison5, "lr_recheck": recheck},
+        "stage_d": {"settings": V3_GENERATE["quick" if ctx["scale"] is SCALES["quick"] else "cpu"],
+                    "arms": gen_summary, "paired_differences_exploratory": gen_pairs},
+    }
+    print(_format_v3(report))
+    write_json(json_path, report)
+    return report
+
+
+def _format_v3(report: dict) -> str:
+    lines = ["\nstage A (validation full-vocabulary KL, seed 0):"]
+    for arm, g in report["lr_grid_validation_full_kl"].items():
+        chosen = report["stage_a"][arm]["chosen"]
+        lines.append(f"  {arm:16s} " + "  ".join(f"{lr:g}: {v:.4f}" for lr, v in sorted(g.items()))
+                     + (f"   chosen {chosen:g}" if chosen else "   (unfinished)"))
+    lines.append("stage B (test, mean ± std over seeds):")
+    for arm, row in {**report["arms"], **report["stage_c"]["arms"]}.items():
+        lines.append(f"  {arm:16s} lr {row['lr']:g} trainable {row['trainable'] or 0:,d} seeds {row['seeds']} "
+                     + " ".join(f"{m} {row[m][0]:.4g} ± {row[m][1]:.2g}" for m in METRICS))
+    lines.append("paired test full KL differences (mean, 95 % interval, p, Holm-adjusted p):")
+    for name, row in {**report["paired_differences"], **report["stage_c"]["paired_differences"]}.items():
+        t = row["test"]
+        lines.append(f"  {name:32s} {t['mean']:+.4f} [{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}] p {t['p']:.3g} "
+                     f"holm {t['p_holm']:.3g} (n {t['n']}{'' if t['final'] else ', provisional'}) {t['verdict']}")
+    lines.append(f"reading: {report['reading'].get('reading')}")
+    return "\n".join(lines)
 
 
 # ================================================================ small helpers
