@@ -253,6 +253,14 @@ def test_vllm_rollouts_scored_by_vllm_end_to_end(setup, tmp_path, capsys):
     assert kdstore(["build", "--teacher", teacher_dir, "--data", str(tmp_path / "r"), "--input-ids-field",
                     "prompt_ids", "--response-ids-field", "response_ids", "--domain-field", "domain", "--top-k", "4",
                     "--max-seq-len", "256", "--out", str(tmp_path / "s"), "--progress", "false"]) == 0
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    for row in LogitStore.open(str(tmp_path / "s")):  # vLLM's label log-probs are the teacher's own
+        with torch.no_grad():
+            lp = teacher(input_ids=torch.as_tensor(row.input_ids)[None]).logits[0].log_softmax(-1)
+        want = lp[row.positions - 1, torch.as_tensor(row.input_ids[row.positions])].numpy()
+        np.testing.assert_allclose(row.label_logprobs, want, atol=2e-3)
     capsys.readouterr()
     assert kdstore(["info", str(tmp_path / "s")]) == 0
     assert "round 1 rollouts of moe-lora student" in capsys.readouterr().out
