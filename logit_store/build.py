@@ -336,6 +336,10 @@ def build(cfg: BuildConfig, teacher: Teacher | None = None) -> BuildSummary:
         if writer.rows == 0 and cfg.num_workers == 1:
             raise InputError(f"{cfg.data}: no row to store: all {stats.examples:,} input examples were skipped ("
                              + "; ".join(f"{n:,} x {r}" for r, n in stats.skipped.most_common(3)) + ")")
+        if writer.manifest.tokenizer.get("files"):  # the tokenizer the manifest says the store carries
+            from .store_tokenizer import save_tokenizer
+
+            save_tokenizer(writer.fs, writer.root, tokenizer)
         final = writer.close()
     except BaseException:
         if writer.rows == 0:
@@ -465,16 +469,17 @@ def _manifest(cfg: BuildConfig, teacher: Teacher, tokenizer, dataset, fields: Fi
 
 
 def _carry_tokenizer(cfg: BuildConfig, lock: OutputLock, manifest_name: str, manifest: Manifest, tokenizer) -> None:
-    """Save the tokenizer into the store (`store_tokenizer`) and record it as the manifest's `tokenizer.files`, so
-    that a training node reads the rows as text (a student of another tokenizer) without the teacher's folder. A
-    resumed build of a store begun before stores carried their tokenizer keeps its manifest as it was (its
-    settings, and so its fingerprint, must not change mid-build)."""
-    from .store_tokenizer import save_tokenizer
+    """Record the manifest's `tokenizer.files`: the store will carry its tokenizer (`store_tokenizer`, written when
+    the worker closes its part, so a build that stores nothing leaves nothing), and a training node reads the rows
+    as text (a student of another tokenizer) without the teacher's folder. A resumed build of a store begun before
+    stores carried their tokenizer keeps its manifest as it was (its settings, and so its fingerprint, must not
+    change mid-build)."""
+    from .store_tokenizer import TOKENIZER_DIR
 
     if cfg.resume and storefs.exists(lock.fs, storefs.join(lock.root, manifest_name)):
         if "files" not in Manifest.load(lock.fs, lock.root, manifest_name).tokenizer:
             return
-    manifest.tokenizer["files"] = save_tokenizer(lock.fs, lock.root, tokenizer)
+    manifest.tokenizer["files"] = TOKENIZER_DIR
 
 
 def _teacher_options(cfg: BuildConfig) -> dict:
