@@ -47,28 +47,24 @@ class Check:
     mismatches: list[str] = field(default_factory=list)
     unchecked_columns: set[str] = field(default_factory=set)
 
-    def number(self, where: str, row: str, column: str, text: str, want: float | None) -> None:
+    def number(self, where: str, row: str, column: str, text: str, want: float | None, exact: bool = False) -> None:
+        """`text` against `want`: rounded to the digits printed, or (`exact`, a learning rate) equal."""
         if want is None:
             self.mismatches.append(f"{where} | {row} | {column}: {text!r} has no value in the report")
             return
-        printed, decimals = _parse(text)
+        printed, tolerance = _parse(text)
         self.found.append((where, row, column, printed, want))
-        if not _matches(printed, decimals, want):
+        ok = math.isclose(printed, want, rel_tol=1e-9) if exact else abs(want - printed) <= tolerance
+        if not ok:
             self.mismatches.append(f"{where} | {row} | {column}: printed {text!r}, report {want!r}")
 
 
-def _parse(text: str) -> tuple[float, int]:
+def _parse(text: str) -> tuple[float, float]:
+    """The printed number and half a unit of its last printed digit (8.2e-05: 5e-07; 2.810: 5e-4)."""
     t = text.strip().replace("−", "-").replace(",", "").replace("*", "")
-    if "e" in t.lower():
-        return float(t), 99  # an LR: compared exactly (below)
-    decimals = len(t.split(".")[1]) if "." in t else 0
-    return float(t), decimals
-
-
-def _matches(printed: float, decimals: int, want: float) -> bool:
-    if decimals == 99:
-        return math.isclose(printed, want, rel_tol=1e-9)
-    return abs(want - printed) <= 0.5 * 10 ** -decimals * (1 + 1e-9) + 1e-12
+    mantissa, _, exponent = t.lower().partition("e")
+    decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
+    return float(t), 0.5 * 10 ** (int(exponent or 0) - decimals) * (1 + 1e-9) + 1e-15
 
 
 def _numbers(cell: str) -> list[str]:
@@ -193,7 +189,7 @@ def check_table(where: str, table: list[list[str]], report: dict, check: Check) 
                     check.mismatches.append(f"{where} | {label} | {col}: bold, but the chosen LR is "
                                             f"{summary.get('lr')}")
             elif kind == "chosen":
-                check.number(where, label, col, nums[0], summary.get("lr"))
+                check.number(where, label, col, nums[0], summary.get("lr"), exact=True)
             elif kind == "trainable":
                 check.number(where, label, col, nums[0], summary.get("trainable"))
             elif kind == "metric":

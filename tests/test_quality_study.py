@@ -360,3 +360,162 @@ def test_v3_reading_of_the_protocols_patterns():
     assert q.v3_reading(primary([better, no, better, no]))["reading"] == \
         "sparsity carries it, learning where does not"
     assert q.v3_reading(primary([better, (0.01, 0.02), no, no]))["reading"] is None  # split shown to hurt: no rule
+
+
+# ---------------------------------------------------------------- v3 report on fake run JSONs
+V3_FAKE_CHOICE = {"dense": 3e-3, "moe-fair": 1.1e-3, "dense-split": 4.2e-3, "moe-fair-fixed": 2.1e-3}
+
+
+@pytest.fixture(scope="module")
+def v3_fake_study(tiny_teacher_dir, tmp_path_factory):
+    """A v3 results folder of fake run JSONs keyed as run_one keys them (tiny stores, quick scale): stage A curves
+    (moe-fair's best on the lower edge until 7.5e-4 makes 1.1e-3 interior), 5 test seeds per arm, stage C's runs
+    (dense's LR re-check ran, moe-fair's did not) and stage D's generations of dense and moe-fair; then the report."""
+    import json
+    import os
+
+    from benchmarks import quality_study as q
+
+    tmp = tmp_path_factory.mktemp("v3")
+    store = write_teacher_store(str(tmp / "store"), tiny_teacher_dir, rows=6, seq=16, domains=["bible", "python"])
+    ctx = dict(study="v3", out=str(tmp / "out"), results=str(tmp / "results"),
+               stores={"train": store, "validation": store, "test": store}, scale=q.SCALES["quick"],
+               shape=dict(dense_rank=12, shared_rank=3), device="cpu", teacher=q.Teacher(tiny_teacher_dir, "cpu"))
+
+    def write(arm, lr, seed, split, result):
+        run = os.path.join(ctx["out"], "runs", f"{arm}_lr{lr:g}_s{seed}")
+        cfg = q.v3_config(arm, ctx["stores"], tiny_teacher_dir, ctx["scale"], lr, seed, run, ctx["shape"])
+        path = q.result_path(ctx["results"], arm, lr, seed)
+        cached = q._read(path) or dict(arm=arm, lr=lr, seed=seed, key=q.run_key(cfg, ctx["stores"]), train_s=1.0,
+                                       eval={}, config=cfg.to_dict())
+        cached["eval"][split] = result
+        q._write_json_atomic(path, cached)
+
+    offsets = {"dense": 0.0, "moe-fair": -0.02, "dense-split": -0.015, "moe-fair-fixed": -0.01}
+    for arm, best in V3_FAKE_CHOICE.items():
+        for step in range(-4, 3):
+            lr = q.v3_lr(step)
+            if step < -2 and arm != "moe-fair":
+                continue
+            write(arm, lr, 0, "validation", _eval(3.0 + abs(step - q.v3_step(best)) * 0.1 + offsets[arm]))
+        for seed in q.V3_SEEDS:
+            noise = 0.001 * ((seed * 7 + len(arm)) % 5)
+            write(arm, best, seed, "test", _eval(2.83 + 0.01 * seed + offsets[arm] + noise))
+    for arm in q.V3_LONG_ARMS:
+        for seed in q.V3_LONG_SEEDS:
+            write(arm + q.V3_LONG, V3_FAKE_CHOICE[arm], seed, "test", _eval(2.6 + 0.01 * seed + offsets[arm]))
+    for lr in q.v3_recheck_lrs(V3_FAKE_CHOICE["dense"]):
+        write("dense" + q.V3_LONG, lr, 0, "validation", _eval(2.7 + abs(q.v3_step(lr) - q.v3_step(3e-3)) * 0.05))
+    os.makedirs(os.path.join(ctx["results"], "generate"))
+    for arm in ("dense", "moe-fair"):
+        for seed in q.V3_SEEDS:
+            with open(os.path.join(ctx["results"], "generate", f"{arm}_lr{V3_FAKE_CHOICE[arm]:g}_s{seed}.json"),
+                      "w") as f:
+                json.dump(dict(arm=arm, lr=V3_FAKE_CHOICE[arm], seed=seed, key="k", reverse_kl=0.5 + 0.01 * seed
+                               + (0.02 if arm == "dense" else 0), rouge_l=0.3 - 0.01 * seed, by_domain={}), f)
+    counts = {"dense": 1000, "moe-fair": 998, "dense-split": 990, "moe-fair-fixed": 990}
+    path = str(tmp / "quality_study_v3.json")
+    q.v3_report(ctx, counts, path)
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_v3_report_from_run_jsons(v3_fake_study):
+    from benchmarks import quality_study as q
+
+    report = v3_fake_study
+    assert {a: s["chosen"] for a, s in report["stage_a"].items()} == V3_FAKE_CHOICE
+    assert report["stage_a"]["moe-fair"]["extended"] == [7.5e-4, 1.1e-3]  # the edge rule: two steps below
+    assert report["stage_a"]["dense"]["extended"] == [] and not report["stage_a"]["dense"]["on_edge_of_run_grid"]
+    assert set(report["lr_grid_validation_full_kl"]["moe-fair"]) == {str(q.v3_lr(s)) for s in range(-4, 3)}
+    for arm in q.V3_ARMS:
+        row = report["arms"][arm]
+        assert row["lr"] == V3_FAKE_CHOICE[arm] and row["seeds"] == list(q.V3_SEEDS)
+        assert row["trainable"] == {"dense": 1000, "moe-fair": 998, "dense-split": 990, "moe-fair-fixed": 990}[arm]
+        assert len(row["per_seed"]) == 5 and set(row["per_domain"]) == {"bible", "python"}
+        assert row["full_kl"][0] == pytest.approx(statistics.mean(s["full_kl"] for s in row["per_seed"]))
+        assert row["per_domain"]["python"]["full_kl"] == pytest.approx(row["full_kl"][0] + 0.2)
+    primary = report["paired_differences"]
+    assert list(primary) == [f"{a} - {b}" for a, b in q.V3_PRIMARY]
+    assert all(r["test"]["final"] and r["test"]["holm_over"] == 4 for r in primary.values())
+    assert {n: r["test"]["p_holm"] for n, r in primary.items()} == \
+        pytest.approx(q.holm({n: r["test"]["p"] for n, r in primary.items()}))
+    assert primary["moe-fair - dense"]["test"]["mean"] == pytest.approx(-0.02 + 0.001 * (
+        statistics.mean((s * 7 + 8) % 5 for s in range(5)) - statistics.mean((s * 7 + 5) % 5 for s in range(5))))
+    assert report["reading"]["reading"] is not None or report["reading"]["shown"]
+    c = report["stage_c"]
+    assert set(c["arms"]) == {"dense-4x", "moe-fair-4x"} and c["arms"]["dense-4x"]["seeds"] == [0, 1, 2]
+    five = c["paired_differences"]["moe-fair-4x - dense-4x"]["test"]
+    assert five["n"] == 3 and five["final"] and five["mean"] == pytest.approx(-0.02)
+    assert c["lr_recheck"]["dense-4x"]["ran"] and c["lr_recheck"]["dense-4x"]["best"] == 3e-3
+    assert not c["lr_recheck"]["moe-fair-4x"]["ran"]
+    d = report["stage_d"]
+    assert set(d["arms"]) == {"dense", "moe-fair"}
+    assert d["paired_differences_exploratory"]["moe-fair - dense"]["reverse_kl"]["mean"] == pytest.approx(-0.02)
+    assert "p_holm" not in d["paired_differences_exploratory"]["moe-fair - dense"]["reverse_kl"]  # no verdict
+
+
+def test_v3_report_trains_nothing(v3_fake_study, monkeypatch):
+    """The report reads run JSONs only: no run of stage A is missing here, and none would be trained."""
+    import student.train
+
+    monkeypatch.setattr(student.train, "train", lambda *a, **k: pytest.fail("the report trained"))
+    assert v3_fake_study["stage_a"]["dense"]["chosen"] == 3e-3
+
+
+def test_main_keeps_v2_the_default_and_its_stages():
+    from benchmarks.quality_study import main
+
+    for stage in ("long", "generate"):
+        with pytest.raises(SystemExit) as e:
+            main(["--stage", stage])
+        assert e.value.code == 2  # argparse's refusal: v3's stages need --study v3
+    with pytest.raises(SystemExit, match="v2's"):
+        main(["--study", "v3", "--stage", "balance"])
+
+
+def test_v3_tables_are_checked_against_the_report_like_v2s(v3_fake_study):
+    """RESULTS.md tables in v2's layout, written from a v3 report (stage A, stage B with trainable counts, the
+    primary comparisons with p, Holm p and both intervals, stage C's arms and comparison 5), pass the checker;
+    one changed digit does not."""
+    from benchmarks import quality_study as q
+    from benchmarks.check_results_tables import check_study
+
+    r = v3_fake_study
+    grid = [q.v3_lr(s) for s in range(-4, 3)]
+
+    def f(x, d=3):
+        return f"{x:.{d}f}".replace("-", "−")
+
+    lines = ["## Study v3: results", "", "| arm | " + " | ".join(f"{lr:.1e}".replace("e-0", "e-") for lr in grid)
+             + " | chosen |", "|---" * (len(grid) + 2) + "|"]
+    for arm in q.V3_ARMS:
+        kl = {float(k): v for k, v in r["lr_grid_validation_full_kl"][arm].items()}
+        cells = [("**" + f(kl[lr]) + "**" if lr == r["stage_a"][arm]["chosen"] else f(kl[lr])) if lr in kl else ""
+                 for lr in grid]
+        lines.append(f"| `{arm}` | " + " | ".join(cells) + f" | {r['stage_a'][arm]['chosen']:.1e} |")
+    lines += ["", "| arm | trainable | full_kl | teacher_kl | ppl | p | Holm p | 95 % interval | 98.75 % interval |",
+              "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for arm, row in {**r["arms"], **r["stage_c"]["arms"]}.items():
+        lines.append(f"| `{arm}` | {row['trainable']:,} | {f(row['full_kl'][0])} ± {f(row['full_kl'][1])} | "
+                     f"{f(row['teacher_kl'][0])} ± {f(row['teacher_kl'][1])} | "
+                     f"{row['ppl'][0]:.0f} ± {row['ppl'][1]:.2f} | | | | |")
+    for name, row in {**r["paired_differences"], **r["stage_c"]["paired_differences"]}.items():
+        t = row["test"]
+        a, b = name.split(" - ")
+        bonf = t.get("ci98.75")  # comparison 5 is a family of its own: no Bonferroni interval
+        lines.append(f"| `{a}` − `{b}`, per seed | | {f(t['mean'], 4)} ± {f(row['full_kl'][2], 4)} | "
+                     f"{f(row['teacher_kl'][0], 4)} ± {f(row['teacher_kl'][2], 4)} | | {t['p']:.2g} | "
+                     f"{t['p_holm']:.2g} | [{f(t['ci95'][0], 4)}, {f(t['ci95'][1], 4)}] | "
+                     + (f"[{f(bonf[0], 4)}, {f(bonf[1], 4)}] |" if bonf else " |"))
+    text = "\n".join(lines) + "\n"
+    check = check_study(text, "Study v3", r)
+    assert check.mismatches == [] and not check.unchecked_columns
+    assert len(check.found) == 26 + 6 * 7 + 4 * 10 + 8  # stage A (LRs + chosen), arms, comparisons 1-4, 5
+    columns = {c for _, _, c, _, _ in check.found}
+    assert {"Holm p", "p", "95 % interval", "98.75 % interval", "trainable", "chosen"} <= columns
+    rows = {row for _, row, _, _, _ in check.found}
+    assert {"`dense-4x`", "`moe-fair-4x` − `dense-4x`, per seed"} <= rows
+    moe = f(r["arms"]["moe-fair"]["full_kl"][0])
+    changed = text.replace(f"| {moe} ±", f"| {moe[:-1]}{(int(moe[-1]) + 1) % 10} ±", 1)
+    assert len(check_study(changed, "Study v3", r).mismatches) == 1
