@@ -95,8 +95,11 @@ def arm_config(arm: str, stores: dict[str, str], teacher: str, scale: dict, lr: 
                   log_every=max(steps // 10, 1), save_every=max(steps // 4, 1), progress=False, loss_keep_logits=True,
                   bf16=scale.get("bf16", False), **LORA_RULE)
     moe_v1 = dict(experts=8, experts_per_token=2, rank=16, attn_rank=16)
+    # (no shared-expert alpha without a shared expert: matched_shapes counts the shape at shared rank 0 too, and
+    # the config refuses an alpha for a LoRA that is not there; the alpha changes no count)
     fair = dict(experts=8, experts_per_token=2, rank=8, attn_rank=shape["dense_rank"],
-                shared_expert_rank=shape["shared_rank"], shared_expert_alpha=LORA_RULE["alpha"])
+                shared_expert_rank=shape["shared_rank"],
+                shared_expert_alpha=LORA_RULE["alpha"] if shape["shared_rank"] else None)
     arms = {"dense": dict(student="lora", rank=shape["dense_rank"]), "moe-v1": moe_v1, "moe-fair": fair,
             "moe-fair-soft": dict(fair, experts_per_token=8), "full": dict(student="full"),
             "full-moe": dict(moe_v1, train_base=True),
@@ -506,7 +509,7 @@ def main_v3(args: argparse.Namespace) -> int:
     elif args.stage == "long":
         v3_stage_long(arms, seeds, ctx, recheck=not args.no_recheck)
     elif args.stage == "generate":
-        v3_stage_generate(ctx)
+        v3_stage_generate(ctx, args.arms.split(",") if args.arms else None)
     else:
         v3_report(ctx, counts, args.json or (f"{V3_RESULTS}.json" if args.scale == "cpu"
                                              else os.path.join(out, "quality_study_v3.json")))
@@ -800,10 +803,13 @@ def v3_stage_long(arms: list[str], seeds: list[int], ctx: dict, recheck: bool) -
                 run_one(arm + V3_LONG, lr, 0, "validation", ctx)
 
 
-def v3_generation_runs(ctx: dict, train_missing: bool) -> list[tuple[str, float, int]]:
-    """Stage D's runs as (arm, LR, seed): the four arms' stage-B runs, the full pair at v2's LR, stage C's runs."""
+def v3_generation_runs(ctx: dict, train_missing: bool, arms: list[str] | None = None) -> list[tuple[str, float, int]]:
+    """Stage D's runs as (arm, LR, seed): the four arms' stage-B runs, the full pair at v2's LR, stage C's runs
+    (of `arms` only, when given: processes may share the stage by arm)."""
     runs = []
     for arm in V3_ARMS:
+        if arms is not None and arm not in arms:
+            continue
         lr, _ = v3_stage_lr(arm, ctx, train_missing=False)
         if lr is None:
             if train_missing:
@@ -812,7 +818,7 @@ def v3_generation_runs(ctx: dict, train_missing: bool) -> list[tuple[str, float,
         runs += [(arm, lr, s) for s in V3_SEEDS]
         if arm in V3_LONG_ARMS:
             runs += [(arm + V3_LONG, lr, s) for s in V3_LONG_SEEDS]
-    runs += [(arm, lr, s) for arm, lr in V3_FULL.items() for s in V3_FULL_SEEDS]
+    runs += [(arm, lr, s) for arm, lr in V3_FULL.items() for s in V3_FULL_SEEDS if arms is None or arm in arms]
     return runs
 
 
@@ -906,9 +912,9 @@ def v3_generations(arm: str, lr: float, seed: int, ctx: dict, gen: dict) -> dict
     return out
 
 
-def v3_stage_generate(ctx: dict) -> None:
+def v3_stage_generate(ctx: dict, arms: list[str] | None = None) -> None:
     gen = v3_generate_setup(ctx)
-    for arm, lr, seed in v3_generation_runs(ctx, train_missing=True):
+    for arm, lr, seed in v3_generation_runs(ctx, train_missing=True, arms=arms):
         v3_generations(arm, lr, seed, ctx, gen)
 
 

@@ -125,6 +125,9 @@ def test_v2_committed_runs_keep_their_keys():
         cfg = q.arm_config(run["arm"], {"train": "s"}, "t", q.SCALES["cpu"], run["lr"], run["seed"], "o", shape)
         want = {k: v for k, v in run["config"].items() if k not in q._KEY_IGNORED}
         assert json.loads(json.dumps(q.key_config(cfg))) == want, path
+    for arm in ("moe-fair", "dense-split", "moe-fair-fixed"):  # matched_shapes counts moe-fair without a shared expert
+        cfg = q.arm_config(arm, {"train": "s"}, "t", q.SCALES["cpu"], 3e-3, 0, "o", dict(shape, shared_rank=0))
+        assert cfg.shared_expert_rank == 0
     fixed = q.arm_config("moe-fair-fixed", {"train": "s"}, "t", q.SCALES["cpu"], 3e-3, 0, "o", shape)
     assert q.key_config(fixed)["routing"] == "hash"  # a v3 control's routing is part of its key
 
