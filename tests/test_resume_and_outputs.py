@@ -66,7 +66,8 @@ def _files(folder: Path) -> dict[str, str]:
 # values for the settings an automatic choice cannot make (paths, layer specs, choices that need others)
 OTHER = {"store": "elsewhere", "base": "/elsewhere/base", "eval_store": "elsewhere", "keep_layers": "0,1",
          "moe_layers": "0", "layer_experts": "0:3", "student": "lora", "loss": "rkl", "base_dtype": "bfloat16",
-         "sharding": "fsdp", "fsdp_frozen": "replicate", "lora_scaling": "rslora", "cross_tokenizer": "gold"}
+         "sharding": "fsdp", "fsdp_frozen": "replicate", "lora_scaling": "rslora", "cross_tokenizer": "gold",
+         "init_from": "/elsewhere/run"}
 INVALID_ALONE = {"shared_expert_alpha"}  # an alpha without its LoRA (shared_expert_rank 0) is refused by itself
 
 
