@@ -78,7 +78,8 @@ def read_manifests(folder: str) -> list[dict[str, Any]]:
     out = []
     for path in paths:
         try:
-            out.append(json.loads(open(path, encoding="utf-8").read()))
+            with open(path, encoding="utf-8") as f:
+                out.append(json.load(f))
         except (OSError, json.JSONDecodeError) as e:
             raise RolloutsError(f"{path}: not a readable rollouts manifest ({e})") from e
     return out
