@@ -705,6 +705,8 @@ V3_FULL_SEEDS = (0, 1, 2)
 V3_GENERATE = {"cpu": dict(prompt_tokens=64, new_tokens=128, samples=4, temperature=1.0, seed=12345, max_seq_len=256),
                "quick": dict(prompt_tokens=16, new_tokens=8, samples=2, temperature=1.0, seed=12345, max_seq_len=64)}
 GEN_METRICS = ("reverse_kl", "rouge_l")
+# the teacher in stage D as in every capture of the study: hf, fp32 (kdstore build's default for top-k is vllm)
+TEACHER_BACKEND = ("--backend", "hf", "--dtype", "float32")
 
 
 def v3_lr(step: int) -> float:
@@ -863,7 +865,8 @@ def v3_generate_setup(ctx: dict) -> dict:
         cli(["cli.kdstore", "build", "--teacher", ctx["teacher"].path, "--data", str(prompts), "--input-ids-field",
              "prompt_ids", "--domain-field", "domain", "--generate", "--temperature", "0", "--max-new-tokens",
              str(g["new_tokens"]), "--max-seq-len", str(g["max_seq_len"]), "--top-k", "64", "--out", str(responses),
-             "--progress", "false", *(["--resume"] if responses.exists() else [])], {}, "teacher_greedy_s")
+             *TEACHER_BACKEND, "--progress", "false", *(["--resume"] if responses.exists() else [])], {},
+            "teacher_greedy_s")
     return dict(settings=g, folder=folder, prompts=prompts, responses=str(responses))
 
 
@@ -894,7 +897,7 @@ def v3_generations(arm: str, lr: float, seed: int, ctx: dict, gen: dict) -> dict
              "false", *(["--resume"] if rollouts.exists() else [])], log, "generate_s")
         cli(["cli.kdstore", "build", "--teacher", ctx["teacher"].path, "--data", str(rollouts), "--input-ids-field",
              "prompt_ids", "--response-ids-field", "response_ids", "--domain-field", "domain", "--top-k", "64",
-             "--max-seq-len", str(g["max_seq_len"]), "--out", str(store), "--progress", "false",
+             "--max-seq-len", str(g["max_seq_len"]), "--out", str(store), *TEACHER_BACKEND, "--progress", "false",
              *(["--resume"] if store.exists() else [])], log, "score_s")
     t = time.time()
     result = evaluate_trained(run, [str(store), gen["responses"]], batch_size=ctx["scale"]["batch"],
