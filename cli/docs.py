@@ -79,7 +79,10 @@ def github_slug(heading: str) -> str:
 
 def _type_name(f: dataclasses.Field) -> str:
     """The value type a flag takes: `str | None` is shown as `str` (None is the 'unset' default)."""
-    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type).replace("typing.", ""))
+    # a string annotation, or the type itself once HfArgumentParser has resolved the field in place (it assigns
+    # `field.type`): a generic (`list[str]`) or a union then prints whole, a plain class by its name
+    t = f.type if isinstance(f.type, str) else (
+        f.type.__name__ if not getattr(f.type, "__args__", None) else str(f.type).replace("typing.", ""))
     t = re.sub(r"^Optional\[(.*)\]$", r"\1", t)
     parts = [p.strip() for p in t.split("|") if p.strip() != "None"]
     return " | ".join(parts)
@@ -201,7 +204,7 @@ class Registry:
         out = _BLOCK.sub(replace, text)
         if len(_ANY_MARKER.findall(text)) != len(_BLOCK.findall(text)):
             raise DocsError(f"{doc}: an <!-- options: ... --> marker has no <!-- /options --> after it")
-        for name in wanted.keys() - found:
+        for name in (name for name in wanted if name not in found):  # the first missing, in DOCS order
             raise DocsError(f"{doc}: no <!-- options: {name} --> ... <!-- /options --> block (cli/docs.py DOCS "
                             "lists one)")
         return out
