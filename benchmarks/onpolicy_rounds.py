@@ -28,12 +28,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(step: str, node: str, argv: list[str], log: list[dict], capture: bool = False) -> str | None:
-    """Run one CLI command (as its node would), echo it, and record its time; `capture`: return its stdout."""
-    print(f"[{node}] {step}: python -m {' '.join(shlex.quote(a) for a in argv)}", flush=True)
+def cli(argv: list[str], log: dict, key: str, capture: bool = False) -> str | None:
+    """Run one CLI command as its node would (a fresh process, so each vLLM engine is freed with it), echoed under
+    `key` (which step, on which node); log[key] = its seconds. `capture`: return its stdout."""
+    print(f"[{key}] python -m {' '.join(shlex.quote(a) for a in argv)}", flush=True)
     start = time.time()
     done = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, check=True, capture_output=capture, text=True)
-    log.append({"step": step, "node": node, "seconds": round(time.time() - start, 1)})
+    log[key] = round(time.time() - start, 1)
     return done.stdout if capture else None
 
 
@@ -61,7 +62,7 @@ def complete_store(path: Path) -> bool:
     return manifest.is_file() and json.loads(manifest.read_text()).get("status") == "complete"
 
 
-def rollouts_and_store(name: str, policy: str, prompts: Path, out: Path, args, round_: int, log: list[dict],
+def rollouts_and_store(name: str, policy: str, prompts: Path, out: Path, args, round_: int, log: dict,
                        samples: int) -> tuple[Path, dict]:
     """generate (inference node) then build (inference node): the teacher's scores of the policy's samples."""
     from logit_store.rollouts import provenance
@@ -69,17 +70,17 @@ def rollouts_and_store(name: str, policy: str, prompts: Path, out: Path, args, r
     rollouts, store = out / f"{name}-rollouts", out / f"{name}-store"
     if not complete_store(store):
         resume = ["--resume"] if rollouts.exists() else []
-        run(f"{name}: generate", "inference", [
+        cli([
             "cli.kdstudent", "generate", "--model", policy, "--data", str(prompts), "--input-ids-field", "prompt_ids",
             "--domain-field", "domain", "--out", str(rollouts), "--samples-per-prompt", str(samples),
             "--max-new-tokens", str(args.max_new_tokens), "--max-seq-len", str(args.max_seq_len),
             "--round", str(round_), "--seed", str(args.seed + round_), "--backend", args.generate_backend,
-            "--progress", "false", *resume], log)
-        run(f"{name}: score", "inference", [
+            "--progress", "false", *resume], log, f"{name}: generate (inference node)")
+        cli([
             "cli.kdstore", "build", "--teacher", args.teacher, "--data", str(rollouts),
             "--input-ids-field", "prompt_ids", "--response-ids-field", "response_ids", "--domain-field", "domain",
             "--max-seq-len", str(args.max_seq_len), "--top-k", str(args.top_k), "--out", str(store),
-            "--progress", "false", *(["--resume"] if store.exists() else [])], log)
+            "--progress", "false", *(["--resume"] if store.exists() else [])], log, f"{name}: score (inference node)")
     return store, provenance(str(rollouts))
 
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log: list[dict] = []
+    log: dict[str, float] = {}
     start_cfg = json.loads((Path(args.start_run) / "train_config.json").read_text())
     eval_prompts = write_prompts(args.heldout_store, out / "eval-prompts.jsonl", args.eval_prompts, args.prompt_tokens)
     results = {"settings": vars(args), "rounds": []}
@@ -126,15 +127,15 @@ def main(argv: list[str] | None = None) -> int:
                         "save_every": 0, "seed": args.seed + r}
                 config = out / f"r{r}-train.json"
                 config.write_text(json.dumps(cfg, indent=1))
-                run(f"r{r}: train", "training", ["cli.kdstudent", "train", str(config)], log)
+                cli(["cli.kdstudent", "train", str(config)], log, f"r{r}: train (training node)")
             entry |= {"rollouts": prov["counts"], "run": str(run_dir)}
             policy = str(run_dir)
         eval_store, _ = rollouts_and_store(f"eval{r}", policy, eval_prompts, out, args, r, log, samples=1)
         result_file = out / f"eval{r}.json"
         if not result_file.exists():
-            result_file.write_text(run(f"eval {r}", "training", [
+            result_file.write_text(cli([
                 "cli.kdstudent", "eval", "--model", policy, "--store", str(eval_store), "--store", args.heldout_store,
-                "--json"], log, capture=True))
+                "--json"], log, f"eval {r} (training node)", capture=True))
         ev = json.loads(result_file.read_text())
         own, heldout = ev["stores"][str(eval_store)], ev["stores"][args.heldout_store]
         entry |= {"reverse_kl": own["reverse_kl"], "reverse_kl_ci95": own["reverse_kl_ci95"],
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                   "heldout_teacher_kl": heldout["teacher_kl"], "heldout_ce": heldout["ce"]}
         results["rounds"].append(entry)
         print(json.dumps(entry), flush=True)
-    results["steps"] = log
+    results["seconds"] = log  # of the steps this invocation ran
     for path in [out / "rounds.json", *([Path(args.json)] if args.json else [])]:
         path.write_text(json.dumps(results, indent=1))
     return 0

@@ -20,12 +20,11 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.onpolicy_rounds import complete_store, write_prompts
+from benchmarks.onpolicy_rounds import cli, complete_store, write_prompts
 from benchmarks.quality_study import SCALES, Teacher, _read, _stores, _write_json_atomic, arm_config, matched_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,14 +37,6 @@ PROMPTS, PROMPT_TOKENS, NEW_TOKENS, TEST_PROMPTS, EVAL_SEED = 100, 64, 128, 100,
 ROLLOUT_SHARE = 0.5
 RESULTS = "benchmarks/results/onpolicy_study"
 _T95_2 = 4.303  # two-sided 95 % Student-t quantile, 2 degrees of freedom
-
-
-def cli(argv: list[str], log: dict, key: str) -> None:
-    """A CLI step as its node runs it (a fresh process: each vLLM engine is freed with it); its time is logged."""
-    print("python -m " + " ".join(argv), flush=True)
-    start = time.time()
-    subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, check=True)
-    log[key] = round(time.time() - start, 1)
 
 
 def rollouts(policy: str, prompts: Path, out: Path, seed: int, round_: int, teacher: str) -> dict:

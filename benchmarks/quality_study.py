@@ -852,8 +852,7 @@ def v3_generate_setup(ctx: dict) -> dict:
     """The test prompts and the teacher's greedy responses to them (a store, for ROUGE-L); built once."""
     from pathlib import Path
 
-    from benchmarks.onpolicy_rounds import complete_store, write_prompts
-    from benchmarks.onpolicy_study import cli
+    from benchmarks.onpolicy_rounds import cli, complete_store, write_prompts
 
     g = V3_GENERATE["quick" if ctx["scale"] is SCALES["quick"] else "cpu"]
     folder = Path(ctx["out"]) / "generate"
@@ -875,8 +874,7 @@ def v3_generations(arm: str, lr: float, seed: int, ctx: dict, gen: dict) -> dict
     always-on routing included), scored by the teacher (`kdstudent generate` -> `kdstore build`, the rollout
     issue's path), then `kdstudent eval`'s reverse_kl on them and rouge_l against the teacher's greedy responses.
     Cached under <results>/generate/, keyed by the run's key. None while another process holds the run."""
-    from benchmarks.onpolicy_rounds import complete_store
-    from benchmarks.onpolicy_study import cli
+    from benchmarks.onpolicy_rounds import cli, complete_store
     from student.train import evaluate_trained
 
     path = os.path.join(ctx["results"], "generate", f"{arm}_lr{lr:g}_s{seed}.json")

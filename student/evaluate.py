@@ -313,7 +313,7 @@ def rouge_l(model: nn.Module, tokenizer, store: str | LogitStore, max_rows: int 
     rows with a 95 % normal interval, and per domain."""
     from rouge_score import rouge_scorer
 
-    from student.generate import eos_ids, sample_hf
+    from student.sampling import eos_ids, sample_hf
 
     store = store if isinstance(store, LogitStore) else LogitStore.open(store)
     generate = store.manifest.sequence.get("generate")

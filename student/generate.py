@@ -36,6 +36,7 @@ from logit_store.rollouts import (
     write_manifest,
 )
 from logit_store.teachers.vllm import VLLMOptions
+from student.sampling import eos_ids, sample_hf
 
 
 @dataclass(kw_only=True)
@@ -122,18 +123,6 @@ def prompt_seed(seed: int, prompt_index: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def policy_fingerprint(snapshot: Path) -> str:
-    """sha256 (16 hex digits) of every file of the state the policy was loaded from (names and bytes)."""
-    h = hashlib.sha256()
-    files = [snapshot] if snapshot.is_file() else sorted(p for p in snapshot.rglob("*") if p.is_file())
-    for path in files:
-        h.update(str(path.relative_to(snapshot.parent if snapshot.is_file() else snapshot)).encode() + b"\0")
-        with open(path, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-    return h.hexdigest()[:16]
-
-
 @dataclass
 class Policy:
     """A loaded student that samples: its model, tokenizer and what identifies it (recorded with its rollouts)."""
@@ -148,7 +137,7 @@ def load_policy(cfg: GenerateConfig) -> Policy:
     from transformers import AutoTokenizer
 
     from student.config import student_spec
-    from student.run import is_run, load_config, student_snapshot
+    from student.run import is_run, load_config, state_fingerprint, student_snapshot
     from student.train import load_trained
 
     path = Path(cfg.model)
@@ -159,38 +148,8 @@ def load_policy(cfg: GenerateConfig) -> Policy:
     else:
         kind, base, snapshot = "moe-lora", student_spec(model).base_path, path
     tokenizer = AutoTokenizer.from_pretrained(base)
-    describe = {"path": str(cfg.model), "kind": kind, "base": str(base), "fingerprint": policy_fingerprint(snapshot)}
+    describe = {"path": str(cfg.model), "kind": kind, "base": str(base), "fingerprint": state_fingerprint(snapshot)}
     return Policy(model, tokenizer, describe)
-
-
-def eos_ids(model: torch.nn.Module, tokenizer) -> list[int]:
-    """Every id that ends a response: the model's generation config's and the tokenizer's EOS."""
-    eos = model.generation_config.eos_token_id
-    eos = eos if isinstance(eos, list) else [eos]
-    return sorted({int(e) for e in eos if e is not None} | ({tokenizer.eos_token_id} - {None}))
-
-
-@torch.no_grad()
-def sample_hf(model: torch.nn.Module, eos: list[int], prompt: np.ndarray, samples: int, max_new_tokens: int,
-              temperature: float, top_p: float, seed: int) -> list[dict]:
-    """The samples of one prompt (transformers `generate` on this prompt alone, under its own seed; temperature 0
-    is greedy): response ids up to and including the first EOS, the model's log-prob of each sampled token (its
-    own distribution at temperature 1, before temperature and top-p), and why it stopped."""
-    device = next(model.parameters()).device
-    ids = torch.as_tensor(prompt, device=device)[None]
-    torch.manual_seed(seed)
-    greedy = temperature == 0
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=not greedy, temperature=None if greedy else temperature,
-                         top_p=None if greedy else top_p, top_k=None, num_return_sequences=samples,
-                         eos_token_id=eos, pad_token_id=eos[0], output_logits=True, return_dict_in_generate=True)
-    new = out.sequences[:, ids.shape[1]:]
-    logprobs = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, new[..., None])[..., 0]
-    result = []
-    for row, lp in zip(new.tolist(), logprobs.tolist(), strict=True):
-        end = next((t + 1 for t, token in enumerate(row) if token in eos), None)
-        result.append({"response_ids": row[:end], "logprobs": lp[:end], "finish_reason": "stop" if end else "length"})
-    return result
 
 
 class VLLMSampler:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -157,6 +158,19 @@ def student_snapshot(run: str | os.PathLike) -> Path:
         return Path(run) / FINAL
     raise FileNotFoundError(f"{run} has no checkpoint yet (nor final/): nothing to read until its first "
                             "checkpoint (--save-every) or its end")
+
+
+def state_fingerprint(snapshot: Path) -> str:
+    """sha256 (16 hex digits) of every file of a student's state (`student_snapshot`, or a saved student directory):
+    names and bytes. What identifies the policy a rollouts folder came from."""
+    h = hashlib.sha256()
+    files = [snapshot] if snapshot.is_file() else sorted(p for p in snapshot.rglob("*") if p.is_file())
+    for path in files:
+        h.update(str(path.relative_to(snapshot.parent if snapshot.is_file() else snapshot)).encode() + b"\0")
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 def check_output(output: str | os.PathLike, inputs: list[tuple[str, str | os.PathLike | None]],

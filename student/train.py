@@ -61,6 +61,7 @@ from student.run import (
     is_run,
     load_config,
     remove_temp_checkpoints,
+    state_fingerprint,
     student_snapshot,
     temp_checkpoint_dir,
     truncate_metrics,
@@ -683,11 +684,9 @@ def rollouts_policy(rollouts: dict, model_path: str) -> dict:
     """Whether a store's rollouts are the evaluated student's own samples at temperature 1 and top-p 1, the case
     in which `reverse_kl` estimates KL(student || teacher) (else it is E_q[log p_s - log p_t] under the policy and
     sampling that drew them)."""
-    from student.generate import policy_fingerprint
-
     snapshot = student_snapshot(model_path) if is_run(model_path) else Path(model_path)
     sampling = rollouts["sampling"]
-    own = rollouts["policy"]["fingerprint"] == policy_fingerprint(snapshot)
+    own = rollouts["policy"]["fingerprint"] == state_fingerprint(snapshot)
     exact = sampling["temperature"] == 1 and sampling["top_p"] == 1
     return {"policy": rollouts["policy"]["fingerprint"], "own_samples": own, "untempered": exact,
             "estimates": "KL(student || teacher)" if own and exact else
