@@ -54,32 +54,20 @@ def gemma_teacher(cache: str) -> str:
 
 
 def capture(out: str, teacher: str, scale: dict) -> dict:
-    """The train/validation/test stores (top-64, three domains) and what capturing them cost."""
-    from assets.corpora import write_domain_splits
-    from logit_store import LogitStore
-    from logit_store.build import BuildConfig, build
-    from logit_store.teachers import load_teacher
+    """The train/validation/test stores (top-64, three domains; quality_study's captures, with this teacher) and
+    what capturing them cost."""
+    from benchmarks.quality_study import _stores
 
-    data = write_domain_splits(os.path.join(out, "data"))
     cost_path = os.path.join(out, "capture.json")
     cost = json.load(open(cost_path)) if os.path.exists(cost_path) else {}
-    stores, engine = {}, None
-    for split, rows in (("train", scale["train_rows"]), ("validation", scale["val_rows"]),
-                        ("test", scale["test_rows"])):
-        path = stores[split] = os.path.join(out, f"store-{split}")
-        if os.path.exists(os.path.join(path, "manifest.json")) and LogitStore.open(path).manifest.status == "complete":
-            continue
-        engine = engine or load_teacher("hf", teacher, dtype="float32")
-        cfg = BuildConfig(teacher=teacher, data=data[split], out=path, backend="hf", text_field="text",
-                          domain_field="domain", max_seq_len=scale["seq_len"], limit=rows, resume=True,
-                          dtype="float32", top_k=64, progress=False)
-        summary = build(cfg, teacher=engine)
-        print(summary.format(), flush=True)
+
+    def record(split: str, summary) -> None:
         cost[split] = {"tokens": summary.tokens, "bytes": summary.bytes, "seconds": summary.seconds,
                        "load_seconds": summary.load_seconds, "tokens_per_s": summary.tokens_per_s,
                        "bytes_per_token": summary.bytes / max(summary.tokens, 1)}
         _write(cost_path, cost)
-    return {"stores": stores, "capture": cost}
+
+    return {"stores": _stores(out, teacher, scale, on_built=record), "capture": cost}
 
 
 def arm_config(arm: str, stores: dict, student: str, scale: dict, lr: float, seed: int, run: str):

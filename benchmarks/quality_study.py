@@ -62,8 +62,9 @@ LORA_RULE = dict(lora_scaling="rslora", alpha=8.0, attn_alpha=8.0)
 
 
 # ================================================================ data and stores
-def _stores(out: str, teacher: str, scale: dict) -> dict[str, str]:
-    """The store of each split: one top-64 capture per split, rows tagged with their domain."""
+def _stores(out: str, teacher: str, scale: dict, on_built=None) -> dict[str, str]:
+    """The store of each split: one top-64 capture per split, rows tagged with their domain. `on_built(split,
+    summary)` is called with each build's `BuildSummary` (what capturing it cost)."""
     from assets.corpora import write_domain_splits
     from logit_store import LogitStore
     from logit_store.build import BuildConfig, build
@@ -80,7 +81,10 @@ def _stores(out: str, teacher: str, scale: dict) -> dict[str, str]:
         cfg = BuildConfig(teacher=teacher, data=data[split], out=path, backend="hf", text_field="text",
                           domain_field="domain", max_seq_len=scale["seq_len"], limit=rows, resume=True,
                           dtype="float32", top_k=64, progress=False)
-        print(build(cfg, teacher=engine).format(), flush=True)
+        summary = build(cfg, teacher=engine)
+        print(summary.format(), flush=True)
+        if on_built is not None:
+            on_built(split, summary)
     return stores
 
 
