@@ -117,22 +117,8 @@ def _segment_starts(sizes: np.ndarray) -> np.ndarray:
 
 def _encode_sorted_ranks(ranks: np.ndarray, sizes: np.ndarray, width: int) -> tuple[bytes, np.ndarray]:
     """Sort ranks within each segment, delta-code from 0 at each segment start. Returns (planes, sort order)."""
-    seg = np.repeat(np.arange(sizes.size), sizes)
-    if sizes.size and (sizes == sizes[0]).all():  # fixed width (topk): many small row sorts, much faster
-        k = int(sizes[0])
-        order = (np.argsort(ranks.reshape(-1, k), axis=1) + np.arange(0, ranks.size, max(k, 1))[:, None]).ravel()
-    else:  # one sort on (segment, rank)
-        order = np.argsort(seg * (int(ranks.max(initial=0)) + 1) + ranks)
-    r = ranks[order]
-    deltas = np.diff(r, prepend=0)
-    starts = _segment_starts(sizes)
-    nonempty = sizes > 0
-    deltas[starts[nonempty]] = r[starts[nonempty]]
-    dup = deltas == 0
-    dup[starts[nonempty]] = False
-    if dup.any():
-        pos = int(seg[np.flatnonzero(dup)[0]])
-        raise TargetError(f"target position {pos} lists the same token id twice")
+    k = int(sizes[0]) if sizes.size and sizes[0] > 0 and (sizes == sizes[0]).all() else None  # topk: row sorts
+    deltas, order = _sorted_rank_deltas(ranks, sizes, k)
     return _to_planes(deltas, width), order
 
 
