@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -57,9 +58,14 @@ def write_prompts(store: str, out: Path, rows: int, tokens: int, skip: int = 0) 
     return out
 
 
-def complete_store(path: Path) -> bool:
-    manifest = path / "manifest.json"
-    return manifest.is_file() and json.loads(manifest.read_text()).get("status") == "complete"
+def complete_store(path: str | Path) -> bool:
+    """Whether `path` holds a store whose build finished (a step to skip on a re-run)."""
+    from logit_store import LogitStore
+    from logit_store.format import MANIFEST_NAME
+
+    if not os.path.exists(os.path.join(path, MANIFEST_NAME)):
+        return False
+    return LogitStore.open(str(path)).manifest.status == "complete"
 
 
 def rollouts_and_store(name: str, policy: str, prompts: Path, out: Path, args, round_: int, log: dict,

@@ -66,7 +66,7 @@ def _stores(out: str, teacher: str, scale: dict, on_built=None) -> dict[str, str
     """The store of each split: one top-64 capture per split, rows tagged with their domain. `on_built(split,
     summary)` is called with each build's `BuildSummary` (what capturing it cost)."""
     from assets.corpora import write_domain_splits
-    from logit_store import LogitStore
+    from benchmarks.onpolicy_rounds import complete_store
     from logit_store.build import BuildConfig, build
     from logit_store.teachers import load_teacher
 
@@ -75,7 +75,7 @@ def _stores(out: str, teacher: str, scale: dict, on_built=None) -> dict[str, str
     for split, rows in (("train", scale["train_rows"]), ("validation", scale["val_rows"]),
                         ("test", scale["test_rows"])):
         path = stores[split] = os.path.join(out, f"store-{split}")
-        if os.path.exists(os.path.join(path, "manifest.json")) and LogitStore.open(path).manifest.status == "complete":
+        if complete_store(path):
             continue
         engine = engine or load_teacher("hf", teacher, dtype="float32")
         cfg = BuildConfig(teacher=teacher, data=data[split], out=path, backend="hf", text_field="text",

@@ -655,8 +655,6 @@ def evaluate_trained(model_path: str, stores: list[str], batch_size: int = 8, ma
     """`kdstudent eval`: a run's student (or a saved student) on each store and pooled (`evaluate_stores`), after
     the check training makes, that the student speaks every store's token ids (its base's tokenizer, a vocabulary
     that holds every stored id)."""
-    from transformers import AutoTokenizer
-
     from student.config import student_spec
     from student.evaluate import evaluate_stores, rouge_l
     from student.run import is_run, load_config
@@ -668,25 +666,27 @@ def evaluate_trained(model_path: str, stores: list[str], batch_size: int = 8, ma
         tokenizer = check_tokenizer(base, store, model, cross_tokenizer="gold")
     result = evaluate_stores(model, list(stores), batch_size=batch_size, max_rows=max_rows, device=device,
                              tokenizer=tokenizer)
+    fingerprint = None  # of the evaluated student's state: hashed once, when a store holds rollouts
     for name, store in zip(stores, opened, strict=True):
         report = result["stores"][name]
         if "rollouts" in store.manifest.input:
-            report["rollouts"] = rollouts_policy(store.manifest.input["rollouts"], model_path)
+            fingerprint = fingerprint or state_fingerprint(
+                student_snapshot(model_path) if is_run(model_path) else Path(model_path))
+            report["rollouts"] = rollouts_policy(store.manifest.input["rollouts"], fingerprint)
         if store.manifest.sequence.get("generate"):  # the teacher's own responses: the student's, compared
-            rouge = rouge_l(model, AutoTokenizer.from_pretrained(base), store, max_rows, device)
+            rouge = rouge_l(model, tokenizer, store, max_rows, device)
             for domain, metrics in rouge.pop("domains", {}).items():
                 report["domains"][domain] |= metrics
             report |= rouge
     return result
 
 
-def rollouts_policy(rollouts: dict, model_path: str) -> dict:
-    """Whether a store's rollouts are the evaluated student's own samples at temperature 1 and top-p 1, the case
-    in which `reverse_kl` estimates KL(student || teacher) (else it is E_q[log p_s - log p_t] under the policy and
-    sampling that drew them)."""
-    snapshot = student_snapshot(model_path) if is_run(model_path) else Path(model_path)
+def rollouts_policy(rollouts: dict, fingerprint: str) -> dict:
+    """Whether a store's rollouts are the samples of the evaluated student (its `state_fingerprint`) at temperature
+    1 and top-p 1, the case in which `reverse_kl` estimates KL(student || teacher) (else it is
+    E_q[log p_s - log p_t] under the policy and sampling that drew them)."""
     sampling = rollouts["sampling"]
-    own = rollouts["policy"]["fingerprint"] == state_fingerprint(snapshot)
+    own = rollouts["policy"]["fingerprint"] == fingerprint
     exact = sampling["temperature"] == 1 and sampling["top_p"] == 1
     return {"policy": rollouts["policy"]["fingerprint"], "own_samples": own, "untempered": exact,
             "estimates": "KL(student || teacher)" if own and exact else
