@@ -10,6 +10,12 @@ vocabulary KL). Per student and seed: `offline` trains 100 steps on the offline 
 test split's full-vocabulary KL, ROUGE-L of greedy responses against the teacher's. Rollouts and scoring run the
 CLI (`kdstudent generate`, `kdstore build`) as an inference node would; every step is skipped when its output is
 complete, and each finished (student, arm, seed) leaves a JSON under benchmarks/results/onpolicy_study/.
+
+    python -m benchmarks.onpolicy_study --student moe-fair --arm restarts   # the exploratory control (below)
+
+`restarts` (added after the pre-registered runs, so exploratory, never a finding): the on-policy arm's three phases
+(50 + 25 + 25 steps, each `--init-from` the last with a fresh optimizer and warmup) on the offline store alone.
+It differs from `on-policy` only in the rollouts, and from `offline` only in the restarts.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from benchmarks.quality_study import SCALES, Teacher, _read, _stores, _write_jso
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENTS = ("moe-fair", "dense")
-ARMS = ("offline", "on-policy")
+ARMS = ("offline", "on-policy")  # pre-registered
+CONTROL = "restarts"  # exploratory
 SEEDS = (0, 1, 2)
 LR = 3e-3  # study v2's choice for both students
 STEPS, OFFLINE_HALF, ROUND_STEPS, ROUNDS = 100, 50, 25, 2
@@ -107,12 +114,15 @@ def one(ctx: dict, student: str, arm: str, seed: int) -> dict:
         policy = str(runs / f"{name}_r0")
         record["phases"].append(train_run(ctx, student, seed, OFFLINE_HALF, policy, [offline]))
         for r in range(1, ROUNDS + 1):
-            scored = rollouts(policy, ctx["train_prompts"][r - 1], ctx["out"] / "rounds" / f"{name}_r{r}",
-                              seed * 10 + r, r, ctx["teacher"].path)
             nxt = str(runs / f"{name}_r{r}")
-            phase = train_run(ctx, student, seed, ROUND_STEPS, nxt, [offline, f"{scored['store']}:{ROLLOUT_SHARE}"],
-                              init_from=policy)
-            record["phases"].append(phase | {"rollouts": scored})
+            if arm == CONTROL:
+                record["phases"].append(train_run(ctx, student, seed, ROUND_STEPS, nxt, [offline], init_from=policy))
+            else:
+                scored = rollouts(policy, ctx["train_prompts"][r - 1], ctx["out"] / "rounds" / f"{name}_r{r}",
+                                  seed * 10 + r, r, ctx["teacher"].path)
+                phase = train_run(ctx, student, seed, ROUND_STEPS, nxt,
+                                  [offline, f"{scored['store']}:{ROLLOUT_SHARE}"], init_from=policy)
+                record["phases"].append(phase | {"rollouts": scored})
             policy = nxt
     final = record["phases"][-1]["run"]
     record["eval"] = measure(ctx, final, name)
@@ -145,33 +155,50 @@ def setup(out: Path) -> dict:
                 train_prompts=train_prompts, test_prompts=test_prompts, teacher_responses=str(responses))
 
 
+def paired(runs: dict, a: str, b: str, metric: str, seeds: list[int]) -> dict:
+    """Arm a − arm b on `metric`, per seed, with its mean, sd and t(2) (or normal) 95 % interval."""
+    d = [runs[a][s]["eval"][metric] - runs[b][s]["eval"][metric] for s in seeds]
+    mean, sd = statistics.mean(d), statistics.stdev(d)
+    half = (_T95_2 if len(d) == 3 else 1.96) * sd / len(d) ** 0.5
+    return {"mean": mean, "std": sd, "ci95": [mean - half, mean + half], "per_seed": d}
+
+
+def costs(run: dict) -> dict:
+    """What one run trained on and spent: loss positions, training, rollout and scoring time, scored tokens."""
+    phases = run["phases"]
+    return {"loss_positions": sum(p["loss_positions"] for p in phases), "train_s": sum(p["train_s"] for p in phases),
+            **{k: sum(p.get("rollouts", {}).get(src, 0) for p in phases) for k, src in
+               (("rollout_s", "generate_s"), ("score_s", "score_s"), ("scored_tokens", "scored_tokens"))}}
+
+
 def report(json_path: str) -> dict:
-    """Per student: each arm's per-seed metrics, the paired differences with t(2) intervals, Holm over students."""
+    """Per student: each arm's per-seed metrics, the paired differences with t(2) intervals, Holm over students;
+    the `restarts` control's differences apart, as exploratory."""
     from benchmarks.common import write_json
 
     out: dict = {"protocol": "docs/RESULTS.md, 'On-policy rounds: protocol'", "students": {}}
     tests = {}
+    metrics = ("reverse_kl", "full_kl", "rouge_l")
     for student in STUDENTS:
-        runs = {arm: {s: _read(os.path.join(RESULTS, f"{student}_{arm}_s{s}.json")) for s in SEEDS} for arm in ARMS}
+        runs = {arm: {s: _read(os.path.join(RESULTS, f"{student}_{arm}_s{s}.json")) for s in SEEDS}
+                for arm in (*ARMS, CONTROL)}
         seeds = [s for s in SEEDS if all(runs[a][s] for a in ARMS)]
-        entry = {"seeds": seeds, "per_seed": {a: {s: runs[a][s]["eval"] | {
-            "loss_positions": sum(p["loss_positions"] for p in runs[a][s]["phases"]),
-            "train_s": sum(p["train_s"] for p in runs[a][s]["phases"]),
-            "rollout_s": sum(p.get("rollouts", {}).get("generate_s", 0) for p in runs[a][s]["phases"]),
-            "score_s": sum(p.get("rollouts", {}).get("score_s", 0) for p in runs[a][s]["phases"]),
-            "scored_tokens": sum(p.get("rollouts", {}).get("scored_tokens", 0) for p in runs[a][s]["phases"])}
-            for s in seeds} for a in ARMS}}
+        entry = {"seeds": seeds, "per_seed": {a: {s: runs[a][s]["eval"] | costs(runs[a][s]) for s in seeds}
+                                              for a in ARMS}}
         if len(seeds) >= 2:
-            for metric in ("reverse_kl", "full_kl", "rouge_l"):
-                d = [runs["on-policy"][s]["eval"][metric] - runs["offline"][s]["eval"][metric] for s in seeds]
-                mean, sd = statistics.mean(d), statistics.stdev(d)
-                half = (_T95_2 if len(d) == 3 else 1.96) * sd / len(d) ** 0.5
-                entry[f"{metric}_difference"] = {"mean": mean, "std": sd, "ci95": [mean - half, mean + half],
-                                                 "per_seed": d}
+            entry |= {f"{m}_difference": paired(runs, "on-policy", "offline", m, seeds) for m in metrics}
             if len(seeds) == 3:
                 d = entry["reverse_kl_difference"]
                 t = d["mean"] / (d["std"] / math.sqrt(3)) if d["std"] > 0 else math.inf
                 tests[student] = 1 - abs(t) / math.sqrt(2 + t * t)  # two-sided p of a t(2) statistic
+        control = [s for s in seeds if runs[CONTROL][s]]
+        if len(control) >= 2:
+            entry["exploratory"] = {
+                "note": "not pre-registered: no correction, no decision",
+                "seeds": control,
+                "per_seed": {s: runs[CONTROL][s]["eval"] | costs(runs[CONTROL][s]) for s in control},
+                **{f"{m}_{a}_minus_{b}": paired(runs, a, b, m, control) for m in metrics
+                   for a, b in (("on-policy", CONTROL), (CONTROL, "offline"))}}
         out["students"][student] = entry
     if len(tests) == len(STUDENTS):  # Holm over the primary comparisons
         order = sorted(tests, key=tests.get)
@@ -192,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", choices=STUDENTS, action="append", help="default: both")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    p.add_argument("--arm", choices=(*ARMS, CONTROL), action="append", help="default: the pre-registered two")
     p.add_argument("--report", action="store_true")
     p.add_argument("--out", default=os.path.expanduser("~/.cache/moekd/onpolicy-study"))
     p.add_argument("--json", default=f"{RESULTS}.json")
@@ -202,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = setup(Path(args.out))
     for student in args.student or STUDENTS:
         for seed in (int(s) for s in args.seeds.split(",")):
-            for arm in ARMS:
+            for arm in args.arm or ARMS:
                 one(ctx, student, arm, seed)
     return 0
 

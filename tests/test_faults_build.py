@@ -78,18 +78,18 @@ def _manifest(store: str) -> dict:
         return json.load(f)
 
 
-def crash(tiny_teacher_dir: str, data: str, out: str, fault: str) -> None:
+def crash(tiny_teacher_dir: str, data: str, out: str, fault: str, options: dict = OPTIONS) -> None:
     """Run `kdstore build` until the crash point kills it."""
     args = [sys.executable, "-m", "cli.kdstore", "build", "--teacher", tiny_teacher_dir, "--data", data, "--out", out,
-            *_flags(OPTIONS)]
+            *_flags(options)]
     env = dict(os.environ, OMP_NUM_THREADS="1", MOEKD_FAULT=fault)
     run = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == -9, f"expected a SIGKILL at {fault}, got exit {run.returncode}: {run.stderr[-2000:]}"
 
 
-def resume(tiny_teacher_dir: str, teacher: HFTeacher, data: str, out: str):
+def resume(tiny_teacher_dir: str, teacher: HFTeacher, data: str, out: str, options: dict = OPTIONS):
     with one_thread():
-        return build(BuildConfig(teacher=tiny_teacher_dir, data=data, out=out, resume=True, **OPTIONS),
+        return build(BuildConfig(teacher=tiny_teacher_dir, data=data, out=out, resume=True, **options),
                      teacher=teacher)
 
 
@@ -139,6 +139,24 @@ def test_killed_between_shard_rename_and_manifest_update(tiny_teacher_dir, teach
     summary = resume(tiny_teacher_dir, teacher, data, out)
     assert summary.resumed_rows == _manifest(reference)["shards"][0]["rows"]
     assert any("removed shard-00001.arrow" in note for note in summary.notes)
+    assert_identical(reference, out)
+
+
+def test_a_codec_v2_build_killed_mid_shard_resumes_to_the_same_bytes(tiny_teacher_dir, teacher, data, tmp_path):
+    """Codec v2 learns each shard's id model from the shard's first record batch; the resumed shard, rewritten from
+    its first row, must learn the same model and so write the same bytes as a build that was never killed."""
+    options = OPTIONS | {"codec": "v2"}
+    reference = str(tmp_path / "ref")
+    with one_thread():
+        build(BuildConfig(teacher=tiny_teacher_dir, data=data, out=reference, **options), teacher=teacher)
+    assert LogitStore.open(reference).manifest.codec.name == "ctxrank-v2"
+    ends = np.cumsum([s["rows"] for s in _manifest(reference)["shards"]])
+    split = next(int(e) for e in ends[:-1] if e % BATCH_ROWS)
+    out = str(tmp_path / "s")
+    crash(tiny_teacher_dir, data, out, f"row-written:{split + 2}", options)  # inside the next shard's first batch
+    assert sum(s["rows"] for s in _manifest(out)["shards"]) == split
+    summary = resume(tiny_teacher_dir, teacher, data, out, options)
+    assert summary.resumed_rows == split
     assert_identical(reference, out)
 
 
