@@ -349,3 +349,115 @@ def test_bits_per_byte_by_hand(tiny_teacher_dir, tmp_path):
     assert result["bpb"] == pytest.approx(nll / np.log(2) / nbytes, rel=1e-5)
     assert "aligned" not in result  # the student's own tokenizer: no alignment to report
     assert "bpb" not in evaluate(model, store)  # without the student's tokenizer, no bytes
+
+
+# ================================================================ mixing, two processes and resume, across tokenizers
+def _cross_store(tiny_teacher_dir: str, out, texts: list[str]) -> str:
+    """A `kdstore build` store of the tiny teacher with record batches of about 2 rows (the unit dealt to ranks)."""
+    from cli import kdstore
+
+    data = out.parent / f"{out.name}.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert kdstore.main(["build", "--teacher", tiny_teacher_dir, "--data", str(data), "--text-field", "text",
+                         "--out", str(out), "--backend", "hf", "--top-k", "8", "--max-seq-len", "40",
+                         "--record-batch-tokens", "80", "--no-progress"]) == 0
+    return str(out)
+
+
+def _cross_train(stores: list[str], base: str, out, processes: int, *extra: str) -> None:
+    """`kdstudent train --cross-tokenizer gold` on a mixture, in `processes` processes (torchrun for 2)."""
+    import os
+    import subprocess
+    import sys
+
+    launch = (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+              if processes > 1 else [])
+    argv = [sys.executable, *launch, "-m", "cli.kdstudent", "train", "--store", stores[0], "--store",
+            f"{stores[1]}:0.4", "--base", base, "--out", str(out), "--cross-tokenizer", "gold", "--ce-weight", "0.5",
+            "--experts", "4", "--rank", "4", "--attn-rank", "4", "--balance-coef", "0", "--batch-size",
+            str(4 // processes), "--max-steps", "6", "--save-every", "2", "--keep-checkpoints", "5", "--lr", "3e-3",
+            "--warmup-steps", "0", "--log-every", "1", "--seed", "2", "--no-progress", *extra]
+    run = subprocess.run(argv, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+
+def test_a_cross_tokenizer_mixture_in_two_processes_equals_one_and_resumes_exactly(tiny_teacher_dir, tmp_path):
+    """Mixing, DDP and --resume with --cross-tokenizer: the student's own tokenization happens per rank in the
+    DataLoader, so the KD loss's normaliser (aligned positions) must be the global one for 2 processes to equal 1."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from assets.synthetic import synthetic_corpus
+    from student.run import read_metrics
+
+    stores = [_cross_store(tiny_teacher_dir, tmp_path / "a", synthetic_corpus(16, seed=7) + TEXTS),
+              _cross_store(tiny_teacher_dir, tmp_path / "b", synthetic_corpus(12, seed=8))]
+    base = _student_dir(tmp_path / "student", sentencepiece_bpe())
+    one, two = tmp_path / "one", tmp_path / "two"
+    _cross_train(stores, base, one, 1)
+    _cross_train(stores, base, two, 2)
+    losses = {r: [(m["step"], m["loss"], m["aligned"]) for m in read_metrics(r) if "loss" in m] for r in (one, two)}
+    assert [s for s, _, _ in losses[one]] == [s for s, _, _ in losses[two]] == list(range(1, 7))
+    assert all(0 < a < 1 for _, _, a in losses[one])
+    np.testing.assert_allclose([x for _, x, _ in losses[two]], [x for _, x, _ in losses[one]], rtol=1e-4)
+    np.testing.assert_allclose([a for _, _, a in losses[two]], [a for _, _, a in losses[one]], rtol=1e-6)
+
+    # killed after step 3 (newest checkpoint 2, mid-epoch), resumed in two processes: bit for bit
+    crashed = tmp_path / "crashed"
+    shutil.copytree(two, crashed)
+    for name in ("checkpoint-4", "checkpoint-6", "final"):
+        shutil.rmtree(crashed / name)
+    kept = [m for m in read_metrics(crashed) if m["step"] <= 3]
+    (crashed / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in kept))
+    _cross_train(stores, base, crashed, 2, "--resume")
+    assert [(m["step"], m["loss"]) for m in read_metrics(crashed) if "loss" in m] == \
+        [(s, x) for s, x, _ in losses[two]]
+    a, b = (load_file(str(r / "checkpoint-6" / "trainable.safetensors")) for r in (two, crashed))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+def test_kd_trainer_distils_a_student_of_another_tokenizer(cross_store, tmp_path):
+    """The transformers.Trainer path: StoreDataset + KDCollator(cross=...) + KDTrainer(kd_config with
+    cross_tokenizer) computes the loss `kdstudent train` computes on the same batch, and the student learns."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from logit_store import LogitStore
+    from student.cross_tokenizer import collator_for
+    from student.hf_trainer import KDCollator, KDTrainer, StoreDataset, sparse_kd_loss
+    from student.losses import DistillLossConfig, distill_loss
+
+    base = _student_dir(tmp_path / "student", sentencepiece_bpe())
+    tok = AutoTokenizer.from_pretrained(base)
+    ds = StoreDataset(cross_store)
+    cross = collator_for(LogitStore.open(cross_store), tok)
+    collator = KDCollator(ds.domain_names, cross=cross)
+    cfg = DistillLossConfig(cross_tokenizer="gold", ce_weight=0.5)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    rows = [ds[i] for i in range(len(ds))]
+
+    def store_loss() -> tuple[float, dict]:
+        with torch.no_grad():
+            loss, metrics = sparse_kd_loss(model, collator(rows), cfg)
+        return loss.item(), metrics
+
+    before, metrics = store_loss()
+    # what `kdstudent train` computes: distill_loss on CrossTokenizerCollator's batch (no label round trip)
+    batch = cross(rows, 0, ds.domain_names)
+    with torch.no_grad():
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       output_hidden_states=True).hidden_states[-1]
+        direct, direct_metrics = distill_loss(hidden, model.get_output_embeddings().weight, batch, cfg)
+    assert before == pytest.approx(direct.item(), rel=1e-5)
+    assert 0 < metrics["aligned"] < direct_metrics["tokens"]
+
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=4, learning_rate=3e-3,
+                             report_to=[], remove_unused_columns=False, save_strategy="no", use_cpu=True,
+                             logging_steps=1, seed=0)
+    with pytest.raises(ValueError, match="not the one the store"):  # without cross_tokenizer: refused, as before
+        KDTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, data_collator=collator)
+    KDTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, data_collator=collator,
+              kd_config=cfg).train()
+    after = store_loss()[0]
+    assert after < before - 0.1
