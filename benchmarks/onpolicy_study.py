@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -215,6 +214,54 @@ def report(json_path: str) -> dict:
     return out
 
 
+def _mean_sd(values: list[float], digits: int) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+def _interval(d: dict, digits: int) -> str:
+    lo, hi = d["ci95"]
+    return f"{d['mean']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+_DIGITS = {"reverse_kl": 3, "full_kl": 3, "rouge_l": 3}
+
+
+def markdown(report: dict) -> str:
+    """RESULTS.md's tables, rendered from the report (tests/test_results_tables.py checks they are there verbatim)."""
+    lines = ["| student | arm | seeds | reverse KL, own samples | full KL, test | ROUGE-L | loss positions | "
+             "train s | rollout s | scoring s | teacher-scored tokens |", "|" + "---|" * 11]
+    for student, e in report["students"].items():
+        arms = dict(e["per_seed"])
+        if "exploratory" in e:
+            arms[f"{CONTROL} (exploratory)"] = e["exploratory"]["per_seed"]
+        for arm, per_seed in arms.items():
+            runs = list(per_seed.values())
+            if not runs:
+                continue
+            cells = [_mean_sd([r[m] for r in runs], _DIGITS[m]) for m in _DIGITS]
+            cells += [f"{statistics.mean(r[k] for r in runs):,.0f}" for k in
+                      ("loss_positions", "train_s", "rollout_s", "score_s", "scored_tokens")]
+            lines.append(f"| `{student}` | {arm} | {len(runs)} | " + " | ".join(cells) + " |")
+    lines += ["", "| student | on-policy − offline: reverse KL [95 % interval] | p | Holm p | verdict | "
+              "full KL [95 %] | ROUGE-L [95 %] |", "|" + "---|" * 7]
+    for student, e in report["students"].items():
+        if "reverse_kl_difference" in e:
+            lines.append(f"| `{student}` | {_interval(e['reverse_kl_difference'], 3)} | "
+                         f"{e.get('p', float('nan')):.3f} | {e.get('p_holm', float('nan')):.3f} | "
+                         f"{e.get('verdict', 'not all seeds')} | {_interval(e['full_kl_difference'], 3)} | "
+                         f"{_interval(e['rouge_l_difference'], 3)} |")
+    explored = {s: e["exploratory"] for s, e in report["students"].items() if "exploratory" in e}
+    if explored:
+        lines += ["", "| student (exploratory) | comparison | reverse KL [95 %] | full KL [95 %] | ROUGE-L [95 %] |",
+                  "|" + "---|" * 5]
+        for student, x in explored.items():
+            for a, b in (("on-policy", CONTROL), (CONTROL, "offline")):
+                cells = [_interval(x[f"{m}_{a}_minus_{b}"], _DIGITS[m]) for m in _DIGITS]
+                lines.append(f"| `{student}` | {a} − {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", choices=STUDENTS, action="append", help="default: both")
@@ -225,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=f"{RESULTS}.json")
     args = p.parse_args(argv)
     if args.report:
-        print(json.dumps(report(args.json), indent=1))
+        print(markdown(report(args.json)), end="")
         return 0
     ctx = setup(Path(args.out))
     for student in args.student or STUDENTS:

@@ -63,3 +63,16 @@ def test_script_reports_and_fails_on_a_mismatch(tmp_path, capsys):
     bad.write_text(text.replace("| 2.810 ± 0.007 |", "| 2.812 ± 0.007 |", 1))
     assert main(["--results-md", str(bad)]) == 1
     assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_onpolicy_study_tables_are_rendered_from_the_committed_runs(tmp_path):
+    """The on-policy section's tables are what `onpolicy_study --report` renders from the per-run JSONs, and the
+    committed report is that report (none of its numbers typed by hand)."""
+    from benchmarks.onpolicy_study import RESULTS, markdown, report
+
+    with open(f"{RESULTS}.json") as f:
+        committed = json.load(f)
+    fresh = report(str(tmp_path / "report.json"))
+    assert json.loads((tmp_path / "report.json").read_text()) == committed
+    with open(RESULTS_MD) as f:
+        assert markdown(fresh) in f.read()
