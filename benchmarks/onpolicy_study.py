@@ -163,11 +163,15 @@ def paired(runs: dict, a: str, b: str, metric: str, seeds: list[int]) -> dict:
 
 
 def costs(run: dict) -> dict:
-    """What one run trained on and spent: loss positions, training, rollout and scoring time, scored tokens."""
+    """What one run trained on and had scored: loss positions, teacher-scored tokens, and the wall seconds of each
+    round's rollout and scoring step that ran in this study's processes (a step found complete on a re-run was
+    skipped and has none; one resumed mid-way counts only its last part, so the report quotes medians)."""
     phases = run["phases"]
-    return {"loss_positions": sum(p["loss_positions"] for p in phases), "train_s": sum(p["train_s"] for p in phases),
-            **{k: sum(p.get("rollouts", {}).get(src, 0) for p in phases) for k, src in
-               (("rollout_s", "generate_s"), ("score_s", "score_s"), ("scored_tokens", "scored_tokens"))}}
+    rounds = [p["rollouts"] for p in phases if "rollouts" in p]
+    return {"loss_positions": sum(p["loss_positions"] for p in phases),
+            "scored_tokens": sum(r["scored_tokens"] for r in rounds),
+            "rollout_s": [r["generate_s"] for r in rounds if "generate_s" in r],
+            "score_s": [r["score_s"] for r in rounds if "score_s" in r]}
 
 
 def report(json_path: str) -> dict:
@@ -225,12 +229,14 @@ def _interval(d: dict, digits: int) -> str:
 
 
 _DIGITS = {"reverse_kl": 3, "full_kl": 3, "rouge_l": 3}
+_SAMPLES = ("teacher_nll", "student_nll")  # the reverse KL's two halves: NLL of the student's own samples
 
 
 def markdown(report: dict) -> str:
     """RESULTS.md's tables, rendered from the report (tests/test_results_tables.py checks they are there verbatim)."""
-    lines = ["| student | arm | seeds | reverse KL, own samples | full KL, test | ROUGE-L | loss positions | "
-             "train s | rollout s | scoring s | teacher-scored tokens |", "|" + "---|" * 11]
+    lines = ["| student | arm | seeds | reverse KL, own samples | full KL, test | ROUGE-L | teacher NLL, own samples | "
+             "student NLL, own samples | loss positions | teacher-scored tokens | rollout s per round | "
+             "scoring s per round |", "|" + "---|" * 12]
     for student, e in report["students"].items():
         arms = dict(e["per_seed"])
         if "exploratory" in e:
@@ -239,9 +245,11 @@ def markdown(report: dict) -> str:
             runs = list(per_seed.values())
             if not runs:
                 continue
-            cells = [_mean_sd([r[m] for r in runs], _DIGITS[m]) for m in _DIGITS]
-            cells += [f"{statistics.mean(r[k] for r in runs):,.0f}" for k in
-                      ("loss_positions", "train_s", "rollout_s", "score_s", "scored_tokens")]
+            cells = [_mean_sd([r[m] for r in runs], 3) for m in (*_DIGITS, *_SAMPLES)]
+            cells += [f"{statistics.mean(r[k] for r in runs):,.0f}" for k in ("loss_positions", "scored_tokens")]
+            for k in ("rollout_s", "score_s"):  # median over the rounds timed in one go, and how many
+                times = [t for r in runs for t in r[k]]
+                cells.append(f"{statistics.median(times):.0f} (n = {len(times)})" if times else "—")
             lines.append(f"| `{student}` | {arm} | {len(runs)} | " + " | ".join(cells) + " |")
     lines += ["", "| student | on-policy − offline: reverse KL [95 % interval] | p | Holm p | verdict | "
               "full KL [95 %] | ROUGE-L [95 %] |", "|" + "---|" * 7]
