@@ -111,6 +111,8 @@ def one(ctx: dict, student: str, arm: str, seed: int) -> dict:
         record["phases"].append(train_run(ctx, student, seed, STEPS, str(runs / name), [offline]))
     else:
         policy = str(runs / f"{name}_r0")
+        if arm == CONTROL:  # its first phase is the on-policy arm's: the same 50 steps (bit-identical at seed 0)
+            policy = str(runs / f"{student}_on-policy_s{seed}_r0")
         record["phases"].append(train_run(ctx, student, seed, OFFLINE_HALF, policy, [offline]))
         for r in range(1, ROUNDS + 1):
             nxt = str(runs / f"{name}_r{r}")
