@@ -42,7 +42,7 @@ STEPS, OFFLINE_HALF, ROUND_STEPS, ROUNDS = 100, 50, 25, 2
 PROMPTS, PROMPT_TOKENS, NEW_TOKENS, TEST_PROMPTS, EVAL_SEED = 100, 64, 128, 100, 12345
 ROLLOUT_SHARE = 0.5
 RESULTS = "benchmarks/results/onpolicy_study"
-_T95_2 = 4.303  # two-sided 95 % Student-t quantile, 2 degrees of freedom
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # two-sided 95 % Student-t quantiles by degrees of freedom
 
 
 def rollouts(policy: str, prompts: Path, out: Path, seed: int, round_: int, teacher: str) -> dict:
@@ -157,10 +157,10 @@ def setup(out: Path) -> dict:
 
 
 def paired(runs: dict, a: str, b: str, metric: str, seeds: list[int]) -> dict:
-    """Arm a − arm b on `metric`, per seed, with its mean, sd and t(2) (or normal) 95 % interval."""
+    """Arm a − arm b on `metric`, per seed, with its mean, sd and 95 % Student-t interval."""
     d = [runs[a][s]["eval"][metric] - runs[b][s]["eval"][metric] for s in seeds]
     mean, sd = statistics.mean(d), statistics.stdev(d)
-    half = (_T95_2 if len(d) == 3 else 1.96) * sd / len(d) ** 0.5
+    half = _T95[len(d) - 1] * sd / len(d) ** 0.5
     return {"mean": mean, "std": sd, "ci95": [mean - half, mean + half], "per_seed": d}
 
 
