@@ -131,3 +131,20 @@ def loop_and_fast_layers(impl: str, **layer) -> tuple[torch.nn.Module, torch.nn.
 def sample_ids(batch: int = 2, seq: int = 24, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=g)
+
+
+def as_if_killed_after(run: Path, copy: Path, step: int) -> Path:
+    """`copy` of a finished `run` as a kill right after logging `step` would leave it: only the checkpoints up to
+    `step` and the metrics up to it (the multi-process resume tests make this state without killing torchrun)."""
+    import json
+    import shutil
+
+    from student.run import read_metrics
+
+    shutil.copytree(run, copy)
+    for path in copy.iterdir():
+        if path.name == "final" or (path.name.startswith("checkpoint-") and int(path.name.split("-")[1]) > step):
+            shutil.rmtree(path)
+    kept = [m for m in read_metrics(copy) if m["step"] <= step]
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in kept))
+    return copy

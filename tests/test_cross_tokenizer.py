@@ -384,9 +384,8 @@ def _cross_train(stores: list[str], base: str, out, processes: int, *extra: str)
 def test_a_cross_tokenizer_mixture_in_two_processes_equals_one_and_resumes_exactly(tiny_teacher_dir, tmp_path):
     """Mixing, DDP and --resume with --cross-tokenizer: the student's own tokenization happens per rank in the
     DataLoader, so the KD loss's normaliser (aligned positions) must be the global one for 2 processes to equal 1."""
-    import shutil
-
     from safetensors.torch import load_file
+    from student_fixtures import as_if_killed_after
 
     from assets.synthetic import synthetic_corpus
     from student.run import read_metrics
@@ -404,12 +403,7 @@ def test_a_cross_tokenizer_mixture_in_two_processes_equals_one_and_resumes_exact
     np.testing.assert_allclose([a for _, _, a in losses[two]], [a for _, _, a in losses[one]], rtol=1e-6)
 
     # killed after step 3 (newest checkpoint 2, mid-epoch), resumed in two processes: bit for bit
-    crashed = tmp_path / "crashed"
-    shutil.copytree(two, crashed)
-    for name in ("checkpoint-4", "checkpoint-6", "final"):
-        shutil.rmtree(crashed / name)
-    kept = [m for m in read_metrics(crashed) if m["step"] <= 3]
-    (crashed / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in kept))
+    crashed = as_if_killed_after(two, tmp_path / "crashed", 3)
     _cross_train(stores, base, crashed, 2, "--resume")
     assert [(m["step"], m["loss"]) for m in read_metrics(crashed) if "loss" in m] == \
         [(s, x) for s, x, _ in losses[two]]

@@ -1,8 +1,6 @@
 """`kdstudent train --sharding fsdp` under torchrun (gloo, 2 CPU processes): equal to one process, exact resume."""
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -10,6 +8,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 from store_fixtures import write_teacher_store
+from student_fixtures import as_if_killed_after
 
 from student.distributed import load_sharded_into_plain
 from student.run import read_metrics
@@ -95,12 +94,7 @@ def test_fsdp_two_processes_equal_one_and_resume_exactly(store, tiny_teacher_dir
             np.testing.assert_array_equal(p.detach().numpy(), final[name].numpy(), err_msg=name)
 
     # killed after step 3: the newest checkpoint is step 2 (mid-epoch), step 3 was logged
-    crashed = tmp_path / "crashed"
-    shutil.copytree(full, crashed)
-    for name in ("checkpoint-4", "checkpoint-6", "final"):
-        shutil.rmtree(crashed / name)
-    kept = [r for r in read_metrics(crashed) if r["step"] <= 3]
-    (crashed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    crashed = as_if_killed_after(full, tmp_path / "crashed", 3)
     _torchrun(store, tiny_teacher_dir, crashed, save_every=2, keep_checkpoints=5, resume=True)
     assert _losses(crashed) == _losses(full)  # bit for bit: sharded weights, optimizer, RNG, reader restored
     assert _evals(crashed) == _evals(full)
