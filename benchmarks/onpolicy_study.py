@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STUDENTS = ("moe-fair", "dense")
 ARMS = ("offline", "on-policy")  # pre-registered
 CONTROL = "restarts"  # exploratory
+METRICS = ("reverse_kl", "full_kl", "rouge_l")  # primary, then the two secondary
+SAMPLE_NLLS = ("teacher_nll", "student_nll")  # the reverse KL's two halves: NLLs of the student's own samples
 SEEDS = (0, 1, 2)
 LR = 3e-3  # study v2's choice for both students
 STEPS, OFFLINE_HALF, ROUND_STEPS, ROUNDS = 100, 50, 25, 2
@@ -177,13 +179,12 @@ def costs(run: dict) -> dict:
 
 
 def report(json_path: str) -> dict:
-    """Per student: each arm's per-seed metrics, the paired differences with t(2) intervals, Holm over students;
+    """Per student: each arm's per-seed metrics, the paired differences with t intervals, Holm over students;
     the `restarts` control's differences apart, as exploratory."""
     from benchmarks.common import write_json
 
     out: dict = {"protocol": "docs/RESULTS.md, 'On-policy rounds: protocol'", "students": {}}
     tests = {}
-    metrics = ("reverse_kl", "full_kl", "rouge_l")
     for student in STUDENTS:
         runs = {arm: {s: _read(os.path.join(RESULTS, f"{student}_{arm}_s{s}.json")) for s in SEEDS}
                 for arm in (*ARMS, CONTROL)}
@@ -191,7 +192,7 @@ def report(json_path: str) -> dict:
         entry = {"seeds": seeds, "per_seed": {a: {s: runs[a][s]["eval"] | costs(runs[a][s]) for s in seeds}
                                               for a in ARMS}}
         if len(seeds) >= 2:
-            entry |= {f"{m}_difference": paired(runs, "on-policy", "offline", m, seeds) for m in metrics}
+            entry |= {f"{m}_difference": paired(runs, "on-policy", "offline", m, seeds) for m in METRICS}
             if len(seeds) == 3:
                 d = entry["reverse_kl_difference"]
                 t = d["mean"] / (d["std"] / math.sqrt(3)) if d["std"] > 0 else math.inf
@@ -202,7 +203,7 @@ def report(json_path: str) -> dict:
                 "note": "not pre-registered: no correction, no decision",
                 "seeds": control,
                 "per_seed": {s: runs[CONTROL][s]["eval"] | costs(runs[CONTROL][s]) for s in control},
-                **{f"{m}_{a}_minus_{b}": paired(runs, a, b, m, control) for m in metrics
+                **{f"{m}_{a}_minus_{b}": paired(runs, a, b, m, control) for m in METRICS
                    for a, b in (("on-policy", CONTROL), (CONTROL, "offline"))}}
         out["students"][student] = entry
     if len(tests) == len(STUDENTS):  # Holm over the primary comparisons
@@ -230,10 +231,6 @@ def _interval(d: dict, digits: int) -> str:
     return f"{d['mean']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
-_DIGITS = {"reverse_kl": 3, "full_kl": 3, "rouge_l": 3}
-_SAMPLES = ("teacher_nll", "student_nll")  # the reverse KL's two halves: NLL of the student's own samples
-
-
 def markdown(report: dict) -> str:
     """RESULTS.md's tables, rendered from the report (tests/test_results_tables.py checks they are there verbatim)."""
     lines = ["| student | arm | seeds | reverse KL, own samples | full KL, test | ROUGE-L | teacher NLL, own samples | "
@@ -247,7 +244,7 @@ def markdown(report: dict) -> str:
             runs = list(per_seed.values())
             if not runs:
                 continue
-            cells = [_mean_sd([r[m] for r in runs], 3) for m in (*_DIGITS, *_SAMPLES)]
+            cells = [_mean_sd([r[m] for r in runs], 3) for m in (*METRICS, *SAMPLE_NLLS)]
             cells += [f"{statistics.mean(r[k] for r in runs):,.0f}" for k in ("loss_positions", "scored_tokens")]
             for k in ("rollout_s", "score_s"):  # median over the rounds timed in one go, and how many
                 times = [t for r in runs for t in r[k]]
@@ -267,7 +264,7 @@ def markdown(report: dict) -> str:
                   "|" + "---|" * 5]
         for student, x in explored.items():
             for a, b in (("on-policy", CONTROL), (CONTROL, "offline")):
-                cells = [_interval(x[f"{m}_{a}_minus_{b}"], _DIGITS[m]) for m in _DIGITS]
+                cells = [_interval(x[f"{m}_{a}_minus_{b}"], 3) for m in METRICS]
                 lines.append(f"| `{student}` | {a} − {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
