@@ -19,24 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(argv: list[str], log: dict, key: str, capture: bool = False) -> str | None:
-    """Run one CLI command as its node would (a fresh process, so each vLLM engine is freed with it), echoed under
-    `key` (which step, on which node); log[key] = its seconds. `capture`: return its stdout."""
-    print(f"[{key}] python -m {' '.join(shlex.quote(a) for a in argv)}", flush=True)
-    start = time.time()
-    done = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, check=True, capture_output=capture, text=True)
-    log[key] = round(time.time() - start, 1)
-    return done.stdout if capture else None
+from benchmarks.common import cli, complete_store
 
 
 def write_prompts(store: str, out: Path, rows: int, tokens: int, skip: int = 0) -> Path:
@@ -56,16 +42,6 @@ def write_prompts(store: str, out: Path, rows: int, tokens: int, skip: int = 0) 
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(out)
     return out
-
-
-def complete_store(path: str | Path) -> bool:
-    """Whether `path` holds a store whose build finished (a step to skip on a re-run)."""
-    from logit_store import LogitStore
-    from logit_store.format import MANIFEST_NAME
-
-    if not os.path.exists(os.path.join(path, MANIFEST_NAME)):
-        return False
-    return LogitStore.open(str(path)).manifest.status == "complete"
 
 
 def rollouts_and_store(name: str, policy: str, prompts: Path, out: Path, args, round_: int, log: dict,

@@ -29,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.onpolicy_rounds import cli, complete_store, write_prompts
+from benchmarks.common import cli, complete_store
+from benchmarks.onpolicy_rounds import write_prompts
 from benchmarks.quality_study import SCALES, Teacher, _read, _stores, _write_json_atomic, arm_config, matched_shapes
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -66,7 +66,7 @@ def _stores(out: str, teacher: str, scale: dict, on_built=None) -> dict[str, str
     """The store of each split: one top-64 capture per split, rows tagged with their domain. `on_built(split,
     summary)` is called with each build's `BuildSummary` (what capturing it cost)."""
     from assets.corpora import write_domain_splits
-    from benchmarks.onpolicy_rounds import complete_store
+    from benchmarks.common import complete_store
     from logit_store.build import BuildConfig, build
     from logit_store.teachers import load_teacher
 
@@ -856,7 +856,8 @@ def v3_generate_setup(ctx: dict) -> dict:
     """The test prompts and the teacher's greedy responses to them (a store, for ROUGE-L); built once."""
     from pathlib import Path
 
-    from benchmarks.onpolicy_rounds import cli, complete_store, write_prompts
+    from benchmarks.common import cli, complete_store
+    from benchmarks.onpolicy_rounds import write_prompts
 
     g = V3_GENERATE["quick" if ctx["scale"] is SCALES["quick"] else "cpu"]
     folder = Path(ctx["out"]) / "generate"
@@ -878,7 +879,7 @@ def v3_generations(arm: str, lr: float, seed: int, ctx: dict, gen: dict) -> dict
     always-on routing included), scored by the teacher (`kdstudent generate` -> `kdstore build`, the rollout
     issue's path), then `kdstudent eval`'s reverse_kl on them and rouge_l against the teacher's greedy responses.
     Cached under <results>/generate/, keyed by the run's key. None while another process holds the run."""
-    from benchmarks.onpolicy_rounds import cli, complete_store
+    from benchmarks.common import cli, complete_store
     from student.train import evaluate_trained
 
     path = os.path.join(ctx["results"], "generate", f"{arm}_lr{lr:g}_s{seed}.json")

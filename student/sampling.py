@@ -35,5 +35,3 @@ def sample_hf(model: torch.nn.Module, eos: list[int], prompt: np.ndarray, sample
         end = next((t + 1 for t, token in enumerate(row) if token in eos), None)
         result.append({"response_ids": row[:end], "logprobs": lp[:end], "finish_reason": "stop" if end else "length"})
     return result
-
-
